@@ -1,0 +1,48 @@
+"""The eager PyTorch path: torch's own losses, computed in float32 for half inputs.
+
+This is the fallback for every non-CUDA tensor (and for float64, and for the corner cases the
+kernels hand back, such as empty inputs). It calls ``torch.nn.functional`` on upcast copies, so
+its semantics are torch's by construction, and its rounding matches the kernels' (float32 math
+inside, output in the caller's dtype). Gradients flow through the upcasts back to the
+original dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any operand is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, prob_target):
+    if prob_target:
+        # torch promotes input, target and weight together for probability targets.
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+        dtype = compute_dtype(out_dtype)
+        target = target.to(dtype)
+    else:
+        out_dtype = input.dtype
+        dtype = compute_dtype(out_dtype)
+        if input.dim() == 1 and target.dim() == 1:
+            # (C,) input with a (1,) target: torch's backward raises "size mismatch" for it;
+            # the 0-d target means the same and has a working backward (same output shape).
+            target = target.reshape(())
+    loss = F.cross_entropy(
+        input.to(dtype),
+        target,
+        _up(weight, dtype),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.to(out_dtype)

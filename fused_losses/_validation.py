@@ -1,0 +1,227 @@
+"""Argument checks with PyTorch's exception types and wording.
+
+Both backends run these before any work, so bad input fails the same way on the CPU, under
+the Triton interpreter and on CUDA. The order of the checks follows PyTorch's (which error
+wins when an input is wrong in two ways); ``tests/test_errors.py`` compares every message
+with the installed torch.
+
+Nothing here reads a CUDA tensor's values: the one data-dependent check, the range of
+class-index targets, runs only for CPU targets (no host sync on the GPU hot path). On CUDA an
+out-of-range target yields NaN for its row instead (see ``kernels/cross_entropy.py``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.nn import _reduction
+
+# The names PyTorch's C++ messages use for dtypes ("expected ... but got Int").
+_SCALAR_TYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _type_name(value) -> str:
+    return type(value).__name__ if value is not None else "NoneType"
+
+
+def check_tensor(fn: str, name: str, position: int, value, optional: bool = False) -> None:
+    """``TypeError`` in the words of torch's argument parser for a non-tensor argument."""
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    raise TypeError(
+        f"{fn}(): argument '{name}' (position {position}) must be Tensor, "
+        f"not {_type_name(value)}"
+    )
+
+
+def check_int(fn: str, name: str, position: int, value) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{fn}(): argument '{name}' (position {position}) must be int, not {_type_name(value)}"
+    )
+
+
+def check_float(fn: str, name: str, position: int, value) -> float:
+    if not isinstance(value, (bool, str)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(
+        f"{fn}(): argument '{name}' (position {position}) must be float, "
+        f"not {_type_name(value)}"
+    )
+
+
+def resolve_reduction(size_average, reduce, reduction: str) -> str:
+    """torch's handling of the legacy ``size_average``/``reduce`` flags, then of ``reduction``.
+
+    ``legacy_get_string`` warns as torch does; ``get_enum`` raises torch's
+    ``ValueError("avg is not a valid value for reduction")`` and maps the deprecated
+    ``"elementwise_mean"`` to ``"mean"`` with torch's warning.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return ("none", "mean", "sum")[_reduction.get_enum(reduction)]
+
+
+# --------------------------------------------------------------------------------------
+# cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrossEntropySpec:
+    """What the checks learned about a valid call: which kind of target, and the sizes."""
+
+    prob_target: bool
+    n_classes: int
+    smoothing: float  # the label smoothing actually applied (0.0 when torch ignores it)
+
+
+def check_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> CrossEntropySpec:
+    """Every check ``torch.nn.functional.cross_entropy`` makes, with its exception and words.
+
+    ``input`` has at least one dimension and a floating dtype (the caller hands 0-d and
+    integer inputs to torch itself, which raises its own errors for them).
+    """
+    class_dim = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[class_dim]
+
+    if input.shape == target.shape:
+        # Same shape: probability targets (torch decides by shape alone).
+        if not target.is_floating_point():
+            raise RuntimeError(
+                "Expected floating point type for target with class probabilities, "
+                f"got {scalar_type_name(target.dtype)}"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        if weight is not None and (weight.dim() != 1 or weight.numel() != n_classes):
+            raise RuntimeError(
+                f"cross_entropy: weight tensor should be defined either for all {n_classes} "
+                f"classes or no classes but got weight tensor of shape: {_shape(weight)}"
+            )
+        if label_smoothing > 0.0 and label_smoothing > 1.0:
+            raise RuntimeError(
+                f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}"
+            )
+        smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+        return CrossEntropySpec(True, n_classes, smoothing)
+
+    # Class-index targets. torch checks the smoothing first, then what nll_loss checks.
+    if label_smoothing > 0.0 and label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
+
+    _check_class_target_shape(input, target)
+    if input.dim() == 1 and target.dim() == 1 and label_smoothing > 0.0:
+        # torch's smoothing path fails on this shape (its masked_fill_ cannot broadcast a
+        # (1,) mask into the 0-d loss); raise as it does rather than answer where it cannot.
+        raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")
+
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}"
+        )
+    if input.dim() == 4 and target.shape != (input.shape[0],) + tuple(input.shape[2:]):
+        # nll_loss2d checks the dtype before the sizes (the other ranks check sizes first).
+        raise RuntimeError(
+            f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}"
+        )
+
+    if weight is not None:
+        if input.dim() <= 2:
+            if weight.dim() != 1 or weight.numel() != n_classes:
+                raise RuntimeError(
+                    f"weight tensor should be defined either for all {n_classes} classes or "
+                    f"no classes but got weight tensor of shape: {_shape(weight)}"
+                )
+        elif weight.numel() != n_classes:
+            raise RuntimeError("weight tensor should be defined either for all or no classes")
+        if weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected scalar type {scalar_type_name(input.dtype)} but found "
+                f"{scalar_type_name(weight.dtype)}"
+            )
+
+    if not target.is_cuda:
+        check_target_range(target, n_classes, ignore_index)
+
+    smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
+    return CrossEntropySpec(False, n_classes, smoothing)
+
+
+def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor) -> None:
+    """Shape checks of ``nll_loss_nd`` for class-index targets, in torch's order."""
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dtype in (torch.int64, torch.uint8) and target.dim() == 1 and target.numel() != 1:
+            raise ValueError(
+                "For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]}"
+            )
+        return
+
+    target_batch = target.shape[0] if target.dim() > 0 else 0
+    if input.shape[0] != target_batch:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target_batch})."
+        )
+    if input.dim() == 2:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    elif input.dim() == 4:
+        if target.dim() != 3:
+            raise RuntimeError(
+                "only batches of spatial targets supported (3D tensors) but got targets of "
+                f"dimension: {target.dim()}"
+            )
+    else:
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise RuntimeError(
+                f"Expected target size [{', '.join(map(str, expected))}], got {_shape(target)}"
+            )
+
+
+def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """``IndexError("Target 7 is out of bounds.")`` for the first bad class index (CPU only)."""
+    t = target.to(torch.int64)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")

@@ -1,0 +1,78 @@
+"""Shared test helpers: float64 references and the tolerance policy.
+
+Tolerance policy (CONTRIBUTING.md): the reference is torch in float64 on the *same rounded*
+inputs. Our result is computed in float32 and rounded once to the output dtype, so it must lie
+within a few units in the last place of that dtype from the float64 value:
+
+    |ours - ref| <= rtol(dtype) * |ref| + atol(dtype) * scale
+
+with ``atol = ATOL_REL * max|ref| + ATOL_ABS(dtype)``: the relative part is float32's
+arithmetic noise where terms cancel (p_y - 1 with p_y near 1), the absolute part float16's
+subnormal spacing (a softmax over 262k classes has elements near 1e-6, subnormal in float16).
+Everything else is relative, so a tiny gradient element that is wrong still fails.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# rtol: 2 ulps of the output dtype (float32: more, for sums over 262k terms).
+RTOL = {torch.float32: 2e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 1e-12}
+ATOL_REL = 2e-6
+ATOL_ABS = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2**-24, torch.float64: 0.0}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 slack: float = 1.0) -> None:
+    """``actual`` (any dtype, any device) against a float64 reference ``expected``."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaNs differ ({nan_a.sum()} vs {nan_e.sum()})"
+    a, e = a[~nan_a], e[~nan_e]
+    if e.numel() == 0:
+        return
+    inf_e = torch.isinf(e)
+    assert torch.equal(a[inf_e], e[inf_e]), f"{what}: infinities differ"
+    a, e = a[~inf_e], e[~inf_e]
+    if e.numel() == 0:
+        return
+    # A reference that is exactly zero everywhere (one class, a zero upstream gradient) leaves
+    # float32's rounding noise of O(1) terms: 1 - 0.9 - 0.1 is 4e-9, not 0.
+    scale = e.abs().max() if bool(e.any()) else torch.tensor(0.05, dtype=torch.float64)
+    tol = slack * (RTOL[dtype] * e.abs() + ATOL_REL * scale + ATOL_ABS[dtype])
+    err = (a - e).abs()
+    worst = int(torch.argmax(err - tol))
+    assert bool((err <= tol).all()), (
+        f"{what}: max error {err.max():.3e} over tolerance; at {worst}: got {a[worst]:.8e}, "
+        f"expected {e[worst]:.8e} (dtype {dtype})"
+    )
+
+
+def random_logits(shape, dtype, device, scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def loss_and_grads(fn, inputs: dict, grad_names, round_to: torch.dtype, grad_out_seed: int = 1,
+                   **kwargs):
+    """Run ``fn(**inputs, **kwargs)``, backward with a random upstream gradient.
+
+    Returns (loss, {name: grad}) with the gradients of the tensors named in ``grad_names``.
+    The upstream gradient is drawn in float64 and rounded to ``round_to`` (the candidate's
+    output dtype), so a float64 reference and the candidate see the same numbers.
+    """
+    leaves = {}
+    call = {}
+    for name, value in inputs.items():
+        if name in grad_names and value is not None:
+            value = value.detach().clone().requires_grad_(True)
+            leaves[name] = value
+        call[name] = value
+    loss = fn(**call, **kwargs)
+    g = torch.Generator().manual_seed(grad_out_seed)
+    grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5).to(round_to)
+    grad_out = grad_out.to(loss.dtype)
+    loss.backward(grad_out.to(loss.device))
+    return loss.detach(), {name: leaf.grad for name, leaf in leaves.items()}

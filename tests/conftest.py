@@ -1,0 +1,46 @@
+"""Test set-up: which devices and backends the differential tests run on.
+
+Every differential test runs on two backends:
+
+- ``torch``: the eager fallback, on the CPU.
+- ``triton``: the Triton kernels: on CUDA where there is a GPU, else under the Triton
+  interpreter on the CPU (TRITON_INTERPRET=1, set here before anything imports triton). CI has
+  no GPU, so this is how it runs every kernel test; nothing kernel-related is skipped there.
+
+Tests marked ``cuda`` need a real GPU and are the only ones skipped without one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Before triton is imported by anything: the kernels then build for the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Runs the test once per backend; yields the device its tensors should live on."""
+    monkeypatch.setenv("FUSED_LOSSES_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
