@@ -61,6 +61,72 @@ def float32_scratch(n: int, device: torch.device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
+
+# ------------------------------------------------------------------------------------------
+# The backward of a loss whose forward already wrote d loss / d input for an upstream
+# gradient of 1: multiply by the real upstream gradient, decided on the device.
+# ------------------------------------------------------------------------------------------
+
+SCALE_BLOCK = 4096
+
+
+@triton.jit
+def _scale_by_upstream_kernel(
+    # pointers
+    grad_ptr,
+    grad_out_ptr,
+    # sizes
+    n_cols,
+    n_inner,
+    n_col_blocks,
+    # strides
+    stride_outer,
+    stride_inner,
+    # flags
+    BLOCK_SIZE: tl.constexpr,
+):
+    """grad *= upstream gradient (a device scalar), in place, over an (outer, inner, cols) view.
+
+    Decided on the device, with no host sync: when the upstream gradient is 1 (a plain
+    ``loss.backward()``) every lane is masked off and no byte of the gradient moves;
+    otherwise it is read and written once. One program per BLOCK_SIZE columns of a row, on a
+    1-D grid (rows x column blocks may exceed the 65535 limit of the other grid axes).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_col_blocks
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    cols = (pid - row * n_col_blocks) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    g = tl.load(grad_out_ptr).to(tl.float32)
+    mask = cols < tl.where(g != 1.0, n_cols, 0)
+    ptrs = grad_ptr + outer * stride_outer + inner * stride_inner + cols
+    d = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (d.to(tl.float32) * g).to(d.dtype), mask=mask)
+
+
+def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``grad *= grad_out`` in place (``grad_out`` a one-element device tensor); no traffic
+    when ``grad_out`` is 1. ``grad`` is any contiguous tensor, or an (outer, inner, cols)
+    view with unit column stride. Returns ``grad``."""
+    view = grad if grad.dim() == 3 else grad.view(1, 1, -1)
+    n_outer, n_inner, n_cols = view.shape
+    block = min(SCALE_BLOCK, next_power_of_2(n_cols))
+    n_col_blocks = triton.cdiv(n_cols, block)
+    launch(
+        _scale_by_upstream_kernel,
+        (n_outer * n_inner * n_col_blocks,),
+        grad_ptr=view,
+        grad_out_ptr=grad_out,
+        n_cols=n_cols,
+        n_inner=n_inner,
+        n_col_blocks=n_col_blocks,
+        stride_outer=view.stride(0),
+        stride_inner=view.stride(1),
+        BLOCK_SIZE=block,
+        num_warps=num_warps_for(block),
+    )
+    return grad
+
 def match_gpu_rounding_in_interpreter() -> None:
     """Make the Triton interpreter round float32 -> bfloat16 casts to nearest-even, as the GPU.
 

@@ -32,7 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LN2, LOG2E, float32_scratch, launch, next_power_of_2, num_warps_for
+from ._common import (
+    LN2,
+    LOG2E,
+    float32_scratch,
+    launch,
+    next_power_of_2,
+    num_warps_for,
+    scale_by_upstream_,
+)
 
 # Rows up to this many classes are held in registers (32 float32 values per thread at 32
 # warps): one read of the logits, one write of the gradient. Longer rows loop over blocks.
@@ -43,7 +51,6 @@ SINGLE_BLOCK_MAX = 32768
 LOOP_BLOCK = 32768
 LOOP_WARPS = 32
 DENOM_BLOCK = 1024
-SCALE_BLOCK = 4096
 
 
 @triton.jit
@@ -316,36 +323,6 @@ def _ce_kernel(
                                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD)
 
 
-@triton.jit
-def _ce_scale_grad_kernel(
-    # pointers
-    grad_ptr,
-    grad_out_ptr,
-    # sizes
-    n_cols,
-    n_inner,
-    # strides
-    stride_outer,
-    stride_inner,
-    # flags
-    BLOCK_SIZE: tl.constexpr,
-):
-    """grad *= upstream gradient, in place: the backward of the fused forward.
-
-    Decided on the device: when the upstream gradient is 1 (a plain ``loss.backward()``) every
-    lane is masked off and no byte moves; otherwise read and write the gradient once.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row - outer * n_inner
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    g = tl.load(grad_out_ptr).to(tl.float32)
-    mask = cols < tl.where(g != 1.0, n_cols, 0)
-    ptrs = grad_ptr + outer * stride_outer + inner * stride_inner + cols
-    d = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, (d.to(tl.float32) * g).to(d.dtype), mask=mask)
-
-
 # ------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------
@@ -426,24 +403,6 @@ def _launch_ce(
     )
 
 
-def _scale_grad_(grad, grad_out):
-    """grad *= grad_out (a device scalar) in place; no traffic when grad_out is 1."""
-    n_outer, n_inner, n_cols = grad.shape
-    block = min(SCALE_BLOCK, next_power_of_2(n_cols))
-    launch(
-        _ce_scale_grad_kernel,
-        (n_outer * n_inner, triton.cdiv(n_cols, block)),
-        grad_ptr=grad,
-        grad_out_ptr=grad_out,
-        n_cols=n_cols,
-        n_inner=n_inner,
-        stride_outer=grad.stride(0),
-        stride_inner=grad.stride(1),
-        BLOCK_SIZE=block,
-        num_warps=num_warps_for(block),
-    )
-
-
 # ------------------------------------------------------------------------------------------
 # autograd
 # ------------------------------------------------------------------------------------------
@@ -517,7 +476,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.grad is not None:
             # First backward after a fused forward: the gradient is already there.
             grad_x, ctx.grad = ctx.grad, None
-            _scale_grad_(grad_x, grad_out)
+            scale_by_upstream_(grad_x, grad_out)
         elif ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             if ctx.overwritten:
                 raise RuntimeError(
