@@ -34,7 +34,10 @@ def backend_setting() -> str:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -63,7 +66,8 @@ def kernels_for(x: torch.Tensor):
     the GPU, a CPU tensor cannot run them and the error says how to set things up.
     """
     if x.device.type == "cpu" and _KERNELS_MODULE not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+            os.environ["TRITON_INTERPRET"] = "1"
     from fused_losses import kernels
 
     if x.device.type == "cpu" and not kernels.INTERPRETED:

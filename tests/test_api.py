@@ -1,0 +1,144 @@
+"""The public surface: torch's signatures, the package layout, backend selection."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_losses as fl
+
+# name in fused_losses -> torch's counterpart; extras beyond torch must be keyword-only
+FUNCTIONS = {"cross_entropy": F.cross_entropy}
+MODULES = {"CrossEntropyLoss": torch.nn.CrossEntropyLoss}
+for _name, _torch_fn in {
+    "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
+    "huber_loss": F.huber_loss,
+}.items():
+    if hasattr(fl, _name):
+        FUNCTIONS[_name] = _torch_fn
+for _name, _torch_cls in {"BCEWithLogitsLoss": torch.nn.BCEWithLogitsLoss,
+                          "HuberLoss": torch.nn.HuberLoss}.items():
+    if hasattr(fl, _name):
+        MODULES[_name] = _torch_cls
+
+
+def _positional_part(fn):
+    """The parameters up to the first keyword-only one: what must equal torch's."""
+    params = list(inspect.signature(fn).parameters.values())
+    return [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+
+
+def _compare(ours, theirs):
+    mine = _positional_part(ours)
+    torch_params = list(inspect.signature(theirs).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in mine] == [
+        (p.name, p.kind, p.default) for p in torch_params
+    ]
+    extras = [p for p in inspect.signature(ours).parameters.values() if p not in mine]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_function_signatures_match_torch(name):
+    _compare(getattr(fl, name), FUNCTIONS[name])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_constructors_match_torch(name):
+    _compare(getattr(fl, name).__init__, MODULES[name].__init__)
+    assert issubclass(getattr(fl, name), MODULES[name])
+
+
+def test_cross_entropy_has_the_documented_extra():
+    param = inspect.signature(fl.cross_entropy).parameters["inplace_backward"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is False
+
+
+def test_all_exports():
+    for name in fl.__all__:
+        assert hasattr(fl, name)
+    assert set(FUNCTIONS) | set(MODULES) <= set(fl.__all__)
+
+
+def test_kernels_install_inside_the_package():
+    # kernels/ ships as fused_losses.kernels; an installed package has no top-level module
+    # named "kernels" (pytest is run as plain `pytest`, so the checkout is not on sys.path).
+    assert importlib.util.find_spec("kernels") is None
+    assert importlib.util.find_spec("fused_losses.kernels") is not None
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_importing_does_not_import_triton():
+    result = _run("import sys, fused_losses; print('triton' in sys.modules)",
+                  FUSED_LOSSES_BACKEND="auto")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_works_without_triton():
+    # The package imports and runs its eager path where triton is not installed.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fused_losses as fl, torch.nn.functional as F\n"
+        "x = torch.randn(3, 7, requires_grad=True); t = torch.tensor([1, 2, 3])\n"
+        "loss = fl.cross_entropy(x, t); loss.backward()\n"
+        "assert torch.allclose(loss, F.cross_entropy(x, t))\n"
+        "print('ok')\n"
+    )
+    result = _run(code, FUSED_LOSSES_BACKEND="auto")
+    assert result.stdout.strip() == "ok", result.stderr
+    result = _run(code, FUSED_LOSSES_BACKEND="triton")
+    assert "triton is not installed" in result.stderr
+
+
+def test_cpu_tensors_switch_on_the_interpreter():
+    # A fresh process, the triton backend, CPU tensors: the kernels build for the interpreter
+    # without the user setting TRITON_INTERPRET, and match torch.
+    code = (
+        "import os, torch, fused_losses as fl, torch.nn.functional as F\n"
+        "x = torch.randn(3, 7); t = torch.tensor([1, 2, 3])\n"
+        "torch.testing.assert_close(fl.cross_entropy(x, t), F.cross_entropy(x, t))\n"
+        "from fused_losses import kernels\n"
+        "print(kernels.INTERPRETED, os.environ['TRITON_INTERPRET'])\n"
+    )
+    result = _run(code, FUSED_LOSSES_BACKEND="triton", TRITON_INTERPRET="")
+    assert result.stdout.split() == ["True", "1"], result.stderr
+
+
+@pytest.mark.parametrize("setting", ["torch", "auto"])
+def test_cpu_tensors_run_eagerly(monkeypatch, setting):
+    monkeypatch.setenv("FUSED_LOSSES_BACKEND", setting)
+    from fused_losses import _backend
+
+    assert not _backend.use_kernels(torch.randn(2, 3))
+
+
+def test_float64_always_runs_eagerly(monkeypatch):
+    monkeypatch.setenv("FUSED_LOSSES_BACKEND", "triton")
+    from fused_losses import _backend
+
+    assert not _backend.use_kernels(torch.randn(2, 3, dtype=torch.float64))
+    assert _backend.use_kernels(torch.randn(2, 3, dtype=torch.bfloat16))
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    command = 'pip install -e ".[test]" && pytest'
+    assert f"\n{command}\n" in readme
+    assert f"\n{command}\n" in ci
