@@ -56,6 +56,20 @@ def num_warps_for(block_size: int, elems_per_thread: int = 16, max_warps: int = 
     return max(1, min(max_warps, next_power_of_2(warps)))
 
 
+def check_same_device(input: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """torch's RuntimeError for operands on another device than the input.
+
+    A kernel handed a CPU pointer (or another GPU's) would read out of bounds, so this runs
+    before every launch; torch's own ops raise the same way.
+    """
+    for name, t in others.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two "
+                f"devices, {input.device} and {t.device}! ({name} is on {t.device})"
+            )
+
+
 def float32_scratch(n: int, device: torch.device) -> torch.Tensor:
     """Per-row float32 scratch (losses, log-sum-exps, partial sums): O(N) memory."""
     return torch.empty(n, dtype=torch.float32, device=device)

@@ -35,6 +35,7 @@ import triton.language as tl
 from ._common import (
     LN2,
     LOG2E,
+    check_same_device,
     float32_scratch,
     launch,
     next_power_of_2,
@@ -531,6 +532,7 @@ def _fold_rows(x: torch.Tensor) -> torch.Tensor:
 def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, prob_target,
                   inplace_backward):
     """The kernels' cross-entropy for a validated call with at least one row and class."""
+    check_same_device(input, target=target, weight=weight)
     n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     if input.dim() == 1:
         x, loss_shape = input.unsqueeze(0), ()

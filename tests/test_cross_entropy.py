@@ -496,3 +496,21 @@ def test_torch_compile_fullgraph():
     F.cross_entropy(ref_x, t).backward()
     assert_close(loss, F.cross_entropy(x.detach().double(), t), torch.bfloat16, "loss")
     assert_close(x.grad, ref_x.grad, torch.bfloat16, "grad")
+
+
+@pytest.mark.cuda
+def test_operands_on_another_device_raise():
+    x = torch.randn(4, 10, device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        fl.cross_entropy(x, torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(RuntimeError, match="same device"):
+        fl.cross_entropy(x, torch.tensor([1, 2, 3, 4], device="cuda"), weight=torch.ones(10))
+
+
+def test_same_device_check():
+    from fused_losses.kernels._common import check_same_device
+
+    x = torch.randn(2, 3)
+    check_same_device(x, target=torch.zeros(2), weight=None)
+    with pytest.raises(RuntimeError, match="same device.*weight is on meta"):
+        check_same_device(x, weight=torch.empty(3, device="meta"))
