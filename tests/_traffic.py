@@ -11,10 +11,11 @@ import os
 import runpy
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import numpy as np
+import triton.runtime.interpreter as _interp
 
-import numpy as np  # noqa: E402
-import triton.runtime.interpreter as _interp  # noqa: E402
+# Importing this module must not switch the interpreter on: on a GPU machine pytest collects it
+# next to the CUDA tests (tests/conftest.py sets TRITON_INTERPRET=1 only where there is no GPU).
 
 
 class TrafficMeter:
@@ -65,6 +66,7 @@ class TrafficMeter:
 
 
 if __name__ == "__main__":  # python tests/_traffic.py script.py [args]
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     script, sys.argv = sys.argv[1], sys.argv[1:]
