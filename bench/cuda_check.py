@@ -1,0 +1,146 @@
+"""A small forward+backward of each loss on CUDA, checked against torch in float32.
+
+gpu_check.sh runs it twice: plainly (values, and Triton's cache warmed), then under
+``compute-sanitizer --tool memcheck`` with PyTorch's caching allocator off
+(PYTORCH_NO_CUDA_MEMORY_CACHING=1), so that every tensor is its own allocation and an
+out-of-bounds access by any kernel launch is reported. Shapes are tiny: memcheck runs kernels
+~100x slower.
+
+    python -m bench.cuda_check               # exit 0: all match; 1: a mismatch; 2: no CUDA
+    python -m bench.cuda_check --device cpu  # the same checks on the eager fallback
+
+A loss that fused_losses does not have yet is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fused_losses
+
+LOOPED_V = 40000  # over SINGLE_BLOCK_MAX (32768): the looped kernel path
+
+
+def _same(x):
+    return x
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _float(v):
+    return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def _loss_and_grad(fn, base, view, args, kwargs):
+    """Loss, and the gradient of 0.5 * loss.sum() w.r.t. ``base`` (an upstream gradient other
+    than 1 on purpose); the loss sees ``view(base)``, so strided views are tested as views."""
+    leaf = base.detach().clone().requires_grad_(True)
+    loss = fn(view(leaf), *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum() * 0.5, leaf)
+    return loss.detach(), grad
+
+
+def check(name: str, fn_name: str, torch_fn, base: torch.Tensor, *args,
+          view: Callable = _same, **kwargs) -> bool:
+    """fused_losses.<fn_name> against torch's function on float32 copies of the inputs."""
+    fn = getattr(fused_losses, fn_name, None)
+    if fn is None:
+        print(f"skip  {name}: fused_losses.{fn_name} is not in this build yet")
+        return True
+    try:
+        ours = _loss_and_grad(fn, base, view, args, kwargs)
+        ref = _loss_and_grad(torch_fn, base.float(), view, tuple(_float(a) for a in args),
+                             {k: _float(v) for k, v in kwargs.items()})
+    except Exception as e:  # report it and go on: memcheck should see every other launch
+        print(f"FAIL  {name}: {type(e).__name__}: {e}", flush=True)
+        return False
+    errors = [_rel(ours[0], ref[0]), _rel(ours[1], ref[1])]
+    limit = 2e-2 if base.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    ok = all(e <= limit for e in errors)
+    print(f"{'ok   ' if ok else 'FAIL '} {name}: loss rel err {errors[0]:.1e}, "
+          f"grad rel err {errors[1]:.1e}", flush=True)
+    return ok
+
+
+def cross_entropy_checks(dev: str, dtype: torch.dtype) -> list[bool]:
+    d, ce = str(dtype).removeprefix("torch."), F.cross_entropy
+    results = []
+    for n, v in ((4, 1000), (3, LOOPED_V)):
+        x = torch.randn(n, v, device=dev, dtype=dtype)
+        t = torch.randint(0, v, (n,), device=dev)
+        t[1] = -100  # an ignored row: no logits read, zero gradient written
+        results += [
+            check(f"cross_entropy {d} {n}x{v} ignore_index", "cross_entropy", ce, x, t),
+            check(f"cross_entropy {d} {n}x{v} none, smoothing", "cross_entropy", ce, x, t,
+                  reduction="none", label_smoothing=0.1),
+        ]
+    # non-contiguous rows: a slice of wider rows (row stride 1010, class stride 1)
+    x = torch.randn(5, 1010, device=dev, dtype=dtype)
+    t = torch.randint(0, 1000, (5,), device=dev)
+    results.append(check(f"cross_entropy {d} 5x1000 strided rows", "cross_entropy", ce, x, t,
+                         view=lambda b: b[:, :1000]))
+    # the causal-LM shift view with the classes in dim 1: (B, V, T-1), unit class stride
+    x = torch.randn(2, 7, 1000, device=dev, dtype=dtype)
+    t = torch.randint(0, 1000, (2, 6), device=dev)
+    results.append(check(f"cross_entropy {d} shifted (2, 1000, 6) view", "cross_entropy", ce,
+                         x, t, view=lambda b: b[:, :-1, :].transpose(1, 2)))
+    return results
+
+
+def retain_graph_check(dev: str) -> bool:
+    """A second backward (retain_graph) recomputes the gradient in the backward kernel."""
+    x = torch.randn(4, 1000, device=dev, requires_grad=True)
+    t = torch.randint(0, 1000, (4,), device=dev)
+    loss = fused_losses.cross_entropy(x, t)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    ok = _rel(g2, g1) <= 1e-5
+    print(f"{'ok   ' if ok else 'FAIL '} cross_entropy retain_graph second backward", flush=True)
+    return ok
+
+
+def elementwise_checks(dev: str, dtype: torch.dtype) -> list[bool]:
+    d, bce = str(dtype).removeprefix("torch."), F.binary_cross_entropy_with_logits
+    x = torch.randn(8, 100, device=dev, dtype=dtype)
+    y = (torch.rand(8, 100, device=dev) < 0.1).to(dtype)
+    pos_weight = torch.rand(100, device=dev, dtype=dtype) + 0.5
+    weight = torch.rand(8, 1, device=dev, dtype=dtype)
+    a = torch.randn(33, 7, device=dev, dtype=dtype)
+    b = torch.randn(7, 33, device=dev, dtype=dtype)
+    name = "binary_cross_entropy_with_logits"
+    return [
+        check(f"bce {d} 8x100 pos_weight", name, bce, x, y, pos_weight=pos_weight),
+        check(f"bce {d} 8x100 weight, none", name, bce, x, y, weight=weight, reduction="none"),
+        check(f"huber {d} 231", "huber_loss", F.huber_loss, a.reshape(-1), b.reshape(-1)),
+        check(f"huber {d} 7x33 transposed view, delta 0.5, sum", "huber_loss", F.huber_loss,
+              a, b, view=lambda v: v.t(), reduction="sum", delta=0.5),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    dev = parser.parse_args(argv).device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 2
+    torch.manual_seed(0)
+    results = [retain_graph_check(dev)]
+    for dtype in (torch.bfloat16, torch.float32):
+        results += cross_entropy_checks(dev, dtype) + elementwise_checks(dev, dtype)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print(f"{sum(results)} of {len(results)} checks passed")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
