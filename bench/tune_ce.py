@@ -1,0 +1,98 @@
+"""Time the cross-entropy kernel's block configurations on a GPU, in one call.
+
+The table at the top of kernels/cross_entropy.py (``SINGLE_BLOCK_MAX``, ``LOOP_BLOCK``,
+``LOOP_WARPS``) was chosen without a GPU. This times forward+backward (``mean``, bfloat16,
+upstream gradient 1) for each candidate at the shapes that decide it, against the roofline
+(logits read once + gradient written once over a copy bandwidth measured in the same run),
+so one run on a GPU says which values to keep:
+
+    python -m bench.tune_ce                 # about a minute on an H100
+    python -m bench.tune_ce --out tune.json
+
+Rows up to SINGLE_BLOCK_MAX classes are held in registers (one read); longer rows make two
+passes, the second expected to hit L2 — whether it does shows as the fraction of roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+from fused_losses.kernels import cross_entropy as ce
+
+import fused_losses as fl
+
+# (tokens, vocab): register-held rows at the edge, the Llama-3 vocab, the widest
+SHAPES = [(8192, 32000), (8192, 50257), (8192, 128256), (4096, 262144), (1024, 262144)]
+# (SINGLE_BLOCK_MAX, LOOP_BLOCK, LOOP_WARPS)
+CONFIGS = [
+    (32768, 32768, 32),  # the current default
+    (16384, 32768, 32),
+    (32768, 16384, 16),
+    (32768, 16384, 32),
+    (32768, 8192, 8),
+    (32768, 8192, 16),
+    (65536, 32768, 32),
+]
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, quantiles=[0.5])[0]
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def time_config(x, t, config) -> float:
+    ce.SINGLE_BLOCK_MAX, ce.LOOP_BLOCK, ce.LOOP_WARPS = config
+
+    def step():
+        x.grad = None
+        fl.cross_entropy(x, t).backward()
+
+    return triton.testing.do_bench(step, warmup=10, rep=60, quantiles=[0.5])[0]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    default = (ce.SINGLE_BLOCK_MAX, ce.LOOP_BLOCK, ce.LOOP_WARPS)
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rows = []
+    try:
+        for n, v in SHAPES:
+            x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+            t = torch.randint(0, v, (n,), device="cuda")
+            floor_ms = 2 * x.numel() * x.element_size() / bandwidth * 1e3
+            seen = set()
+            for config in CONFIGS:
+                # configs that launch the same kernel at this width time the same thing
+                ce.SINGLE_BLOCK_MAX, ce.LOOP_BLOCK, ce.LOOP_WARPS = config
+                effective = ce.block_config(v)
+                if effective in seen:
+                    continue
+                seen.add(effective)
+                ms = time_config(x, t, config)
+                row = {"tokens": n, "vocab": v, "config": config, "launch": effective,
+                       "ms": ms, "roofline_ms": floor_ms, "x_roofline": ms / floor_ms}
+                rows.append(row)
+                print(f"N={n:5d} V={v:6d} single<={config[0]:5d} loop {config[1]:5d}x"
+                      f"{config[2]:2d}w  block={effective[0]:5d} warps={effective[1]:2d} "
+                      f"single={int(effective[2])}  {ms:7.3f} ms  {ms / floor_ms:5.2f}x roofline",
+                      flush=True)
+            del x, t
+    finally:
+        ce.SINGLE_BLOCK_MAX, ce.LOOP_BLOCK, ce.LOOP_WARPS = default
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
