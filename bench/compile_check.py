@@ -81,12 +81,33 @@ def compile_launch(kernel, kwargs, arch: int = 90):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    sig, constexprs = _signature(kernel, kwargs)
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    target = GPUTarget("cuda", arch, 32)
+    try:
+        src, options = _jit_source(kernel, kwargs, target)
+    except (ImportError, AttributeError, TypeError):  # a Triton without these internals
+        sig, constexprs = _signature(kernel, kwargs)
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=target, options=options)
     regs, spills = _resources(compiled.asm["cubin"])
     return kernel.__name__, regs, spills
+
+
+def _jit_source(kernel, kwargs, target):
+    """The source and options Triton's JIT itself builds for this launch, specialization
+    included: integer arguments equal to 1 become constants and 16-divisible pointers and
+    integers get alignment hints, which is what vectorizes loads (without them every load is
+    scalar, and the registers counted come out 2-3x those of the kernel that runs)."""
+    import triton
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options)
+    return triton.compiler.ASTSource(kernel, signature, constexprs, attrs), options.__dict__
 
 
 def _resources(cubin: bytes):
@@ -118,6 +139,28 @@ def _variants():
                 for smoothing, weighted in ((0.0, False), (0.1, True)):
                     calls.append(("ce", n_cols, dtype, reduction, smoothing, weighted, False))
             calls.append(("ce", n_cols, dtype, "mean", 0.1, True, True))  # probabilities
+    # BCE / Huber: every operand mode (full, per column, per row, scalar) and pass (fused
+    # forward, loss-only forward, backward with a scalar or a full upstream gradient, target
+    # and weight gradients) at the issue's (64, 8192) in bfloat16; float32, and the tile shapes
+    # of the wide (2, 100000) and the narrow (1000, 3), with fewer combinations
+    bce_weights = [(None, None), ("col", "col"), ("row", "full"), (None, "col"),
+                   ("full", None), ("scalar", "scalar"), (None, "row")]
+    for shape, dtype, weights, targets in (
+        ((64, 8192), torch.bfloat16, bce_weights, ("same", "col", "row")),
+        ((64, 8192), torch.float32, bce_weights[:2], ("same",)),
+        ((2, 100000), torch.bfloat16, bce_weights[:3], ("same", "col")),
+        ((1000, 3), torch.bfloat16, bce_weights[:3], ("same", "col")),
+    ):
+        for reduction in ("mean", "none"):
+            for weight, pos_weight in weights:
+                for target_grad in (False, True):
+                    calls.append(("bce", shape, dtype, dtype, reduction, weight, pos_weight,
+                                  target_grad))
+            for target_shape in targets:
+                for weighted, all_grads in ((False, False), (True, False), (True, True)):
+                    calls.append(("huber", shape, dtype, reduction, target_shape, weighted,
+                                  all_grads))
+    calls.append(("bce", (64, 8192), torch.bfloat16, torch.float32, "mean", "full", "col", True))
     return calls
 
 
@@ -135,6 +178,48 @@ def _run_ce(n_cols, dtype, reduction, smoothing, weighted, prob):
     loss.sum().backward()  # the second backward recomputes: the backward-only variant
 
 
+def _weight(kind, shape, dtype):
+    """A weight of ``shape``'s loss laid out as ``kind``: per column, per row, full, 0-d."""
+    sizes = {"col": shape[1:], "row": (shape[0], 1), "full": shape, "scalar": ()}
+    return None if kind is None else torch.rand(sizes[kind], dtype=dtype) + 0.5
+
+
+def _backward_all_ways(loss, per_column):
+    """Backwards with a full upstream gradient (or the fused one's scale), then one that is a
+    scalar (the recomputing backward-only variant); with a per-column operand (rows and
+    columns in the view) and ``none``, also upstream gradients per column and per row."""
+    loss.backward(torch.ones_like(loss), retain_graph=True)
+    if per_column and loss.dim() == 2:
+        rows, cols = loss.shape
+        (loss.sum(0) * torch.arange(cols)).sum().backward(retain_graph=True)
+        (loss.sum(1) * torch.arange(rows)).sum().backward(retain_graph=True)
+    loss.sum().backward()
+
+
+def _run_bce(shape, dtype, t_dtype, reduction, weight, pos_weight, target_grad):
+    from fused_losses.kernels import bce
+
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    t = torch.rand(shape, dtype=t_dtype, requires_grad=target_grad)
+    loss = bce.binary_cross_entropy_with_logits(
+        x, t, _weight(weight, shape, dtype), _weight(pos_weight, shape, dtype), reduction)
+    _backward_all_ways(loss, per_column=weight == "col")
+
+
+def _run_huber(shape, dtype, reduction, target_shape, weighted, all_grads):
+    from fused_losses.kernels import huber
+
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    t = torch.randn({"same": shape, "col": shape[1:], "row": (shape[0], 1)}[target_shape],
+                    dtype=dtype, requires_grad=all_grads)
+    w = torch.rand(shape, dtype=dtype, requires_grad=all_grads) if weighted else None
+    loss = huber.huber_loss(x, t, w, reduction, 0.5, dtype)
+    _backward_all_ways(loss, per_column=target_shape == "col")
+
+
+_RUNNERS = {"ce": _run_ce, "bce": _run_bce, "huber": _run_huber}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90, 80")
@@ -146,7 +231,7 @@ def main(argv=None):
     seen = {}
     for variant in _variants():
         with Capture() as cap:
-            _run_ce(*variant[1:])
+            _RUNNERS[variant[0]](*variant[1:])
         for kernel, _grid, kwargs in cap.launches:
             sig, constexprs = _signature(kernel, kwargs)
             key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),

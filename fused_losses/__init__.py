@@ -1,14 +1,22 @@
 """fused_losses: fused Triton loss kernels that drop in for torch.nn's losses.
 
-``fused_losses.cross_entropy`` / ``fused_losses.CrossEntropyLoss`` take exactly the arguments of
-``torch.nn.functional.cross_entropy`` / ``torch.nn.CrossEntropyLoss``. CUDA tensors run the
+``cross_entropy`` / ``CrossEntropyLoss``, ``binary_cross_entropy_with_logits`` /
+``BCEWithLogitsLoss`` and ``huber_loss`` / ``HuberLoss`` take exactly the arguments of their
+``torch.nn.functional`` / ``torch.nn`` namesakes. CUDA tensors run the
 Triton kernels, everything else eager PyTorch; ``FUSED_LOSSES_BACKEND=auto|triton|torch``
 overrides. Importing this package does not import triton.
 """
 
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import binary_cross_entropy_with_logits, cross_entropy, huber_loss
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEntropyLoss", "cross_entropy"]
+__all__ = [
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "HuberLoss",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "huber_loss",
+]

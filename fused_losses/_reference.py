@@ -19,7 +19,9 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    """``t`` in the compute dtype; integer, bool and complex tensors as they are (torch's
+    promotion decides for them)."""
+    return t.to(dtype) if t is not None and t.is_floating_point() else t
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, prob_target):
@@ -46,3 +48,25 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         label_smoothing=label_smoothing,
     )
     return loss.to(out_dtype)
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+    """For floating input and target (of one shape). The result has the target's dtype, as
+    torch's (which computes the loss in place in ``1 - target``)."""
+    dtypes = [t.dtype for t in (input, target, weight, pos_weight) if t is not None]
+    dtype = compute_dtype(*dtypes)
+    loss = F.binary_cross_entropy_with_logits(
+        input.to(dtype), target.to(dtype), _up(weight, dtype), reduction=reduction,
+        pos_weight=_up(pos_weight, dtype),
+    )
+    return loss.to(target.dtype)
+
+
+def huber_loss(input, target, weight, reduction, delta, out_dtype):
+    """For a floating input. Input and target are broadcast here (the caller gave torch's
+    warning), and the weight with them."""
+    dtypes = [t.dtype for t in (input, target, weight) if t is not None]
+    dtype = compute_dtype(*dtypes)
+    x, t = torch.broadcast_tensors(input.to(dtype), _up(target, dtype))
+    w = None if weight is None else _up(weight, dtype).expand(x.shape)
+    return F.huber_loss(x, t, reduction=reduction, delta=delta, weight=w).to(out_dtype)

@@ -12,7 +12,9 @@ out-of-range target yields NaN for its row instead (see ``kernels/cross_entropy.
 
 from __future__ import annotations
 
+import numbers
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +41,10 @@ def scalar_type_name(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+def _shape(t) -> str:
+    """A tensor's (or a shape's) sizes as torch's C++ messages print them: ``[2, 3]``."""
+    shape = t.shape if isinstance(t, torch.Tensor) else t
+    return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
 def _type_name(value) -> str:
@@ -225,3 +229,124 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if bool(bad.any()):
         raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+
+
+def check_float_argument(fn: str, name: str, position: int, value) -> float:
+    """A ``float`` argument as torch's argument parser takes it: any real number (bool, int
+    and numpy scalars included) or a 0-d real tensor that does not require grad; otherwise
+    its ``TypeError``. (``check_float`` above refuses bools, which the parser takes.)"""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.is_complex():
+            return float(value)
+    elif isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(
+        f"{fn}(): argument '{name}' (position {position}) must be float, "
+        f"not {_type_name(value)}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# broadcasting, in torch's words
+# --------------------------------------------------------------------------------------
+
+
+def broadcast_shape(a, b) -> tuple[int, ...]:
+    """torch's ``infer_size``: shapes ``a`` and ``b`` broadcast together, or its error."""
+    ndim = max(len(a), len(b))
+    out = [0] * ndim
+    for i in range(ndim - 1, -1, -1):  # trailing dimensions first, as torch reports them
+        offset = ndim - 1 - i
+        size_a = a[len(a) - 1 - offset] if offset < len(a) else 1
+        size_b = b[len(b) - 1 - offset] if offset < len(b) else 1
+        if size_a != size_b and size_a != 1 and size_b != 1:
+            raise RuntimeError(
+                f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
+                f"at non-singleton dimension {i}"
+            )
+        out[i] = size_b if size_a == 1 else size_a
+    return tuple(out)
+
+
+def check_inplace_broadcast(out_shape, other_shape) -> None:
+    """torch's checks for ``out.mul_(other)``: ``other`` broadcasts to ``out``'s shape."""
+    shape = broadcast_shape(tuple(out_shape), tuple(other_shape))
+    if shape != tuple(out_shape):
+        raise RuntimeError(
+            f"output with shape {_shape(out_shape)} doesn't match the broadcast shape "
+            f"{_shape(shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# binary cross-entropy with logits
+# --------------------------------------------------------------------------------------
+
+
+def check_binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+) -> None:
+    """Every check ``F.binary_cross_entropy_with_logits`` makes after resolving the reduction,
+    in its order, for floating input and target (others go to torch itself)."""
+    if target.size() != input.size():
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})"
+        )
+    fn = "binary_cross_entropy_with_logits"
+    check_tensor(fn, "weight", 3, weight, optional=True)
+    check_tensor(fn, "pos_weight", 4, pos_weight, optional=True)
+    if torch.is_grad_enabled():
+        for name, value in (("weight", weight), ("pos_weight", pos_weight)):
+            if value is not None and value.requires_grad:
+                raise RuntimeError(
+                    f"The function '{fn}' is not differentiable with respect to argument "
+                    f"'{name}'. This input cannot have requires_grad True."
+                )
+    # torch computes log_sigmoid(input).mul_((pos_weight - 1) * target + 1), then
+    # (1 - target).mul_(input).sub_(...).mul_(weight): both weights must broadcast to the
+    # input's shape, pos_weight through the target's.
+    if pos_weight is not None:
+        check_inplace_broadcast(input.shape, broadcast_shape(pos_weight.shape, target.shape))
+    if weight is not None:
+        check_inplace_broadcast(input.shape, weight.shape)
+
+
+# --------------------------------------------------------------------------------------
+# Huber
+# --------------------------------------------------------------------------------------
+
+
+def check_huber(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction,
+    delta,
+    weight: torch.Tensor | None,
+) -> tuple[tuple[int, ...], str, float]:
+    """Every check ``F.huber_loss`` makes, in its order, for a floating input and a tensor
+    target: its warning for a target of another size, then the broadcast shape, the reduction
+    and ``delta`` as torch applies them. With a weight, torch checks the reduction last and
+    in other words (and does not accept ``'elementwise_mean'``)."""
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to "
+            "broadcasting. Please ensure they have the same size.",
+            stacklevel=3,
+        )
+    shape = broadcast_shape(input.shape, target.shape)
+    if weight is None:
+        reduction = resolve_reduction(None, None, reduction)
+    elif weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+    delta = check_float_argument("huber_loss", "delta", 4, delta)
+    if not delta > 0:  # NaN too
+        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+    if weight is not None and reduction not in ("none", "mean", "sum"):
+        raise ValueError(
+            f"Invalid reduction mode: {reduction}. Expected one of 'none', 'mean', 'sum'."
+        )
+    return shape, reduction, delta

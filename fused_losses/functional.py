@@ -7,19 +7,23 @@ runs the Triton kernels (``fused_losses.kernels``) or the eager path (``_referen
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import _backend, _reference
 from ._validation import (
+    check_binary_cross_entropy_with_logits,
     check_cross_entropy,
     check_float,
+    check_huber,
     check_int,
     check_tensor,
     resolve_reduction,
 )
 
-__all__ = ["cross_entropy"]
+__all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "huber_loss"]
 
 
 def cross_entropy(
@@ -116,3 +120,151 @@ def cross_entropy(
     return _reference.cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, spec.prob_target
     )
+
+
+def _kernel_operands(input: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """True when the kernels can read every operand: kernel dtypes (bool weights too), all on
+    the input's device. Anything else runs eagerly, where torch decides (and raises)."""
+    return all(
+        t is None
+        or (t.device == input.device
+            and (t.dtype in _backend.KERNEL_DTYPES or t.dtype == torch.bool))
+        for t in others
+    )
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Binary cross-entropy between target and input logits, as
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+
+    With :math:`p` the ``pos_weight`` and :math:`w` the ``weight`` (both broadcast to the
+    input),
+
+    .. math::
+        \ell = -w \left[ p\, t \log \sigma(x) + (1 - t) \log (1 - \sigma(x)) \right],
+
+    computed without overflow or cancellation for any logit. ``mean`` divides the sum by the
+    number of elements.
+
+    On CUDA the loss and its gradients (with respect to input and target) come from one fused
+    Triton pass (float32 math inside); elsewhere from eager PyTorch in float32. The result
+    has the target's dtype, as torch's.
+
+    Args:
+        input (Tensor): logits of any shape.
+        target (Tensor): the same shape as the input, values in :math:`[0, 1]` (soft labels
+            allowed).
+        weight (Tensor, optional): a rescaling weight that broadcasts to the input's shape.
+            Default: ``None``
+        size_average (bool, optional): deprecated (see ``reduction``). Default: ``None``
+        reduce (bool, optional): deprecated (see ``reduction``). Default: ``None``
+        reduction (str, optional): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``
+        pos_weight (Tensor, optional): a weight of positive examples, broadcast with the
+            target along its trailing dimensions: :math:`(C)` for an :math:`(N, C)` target,
+            :math:`(C, 1, 1)` for :math:`(N, C, H, W)`. Default: ``None``
+
+    Shape:
+        - Output: scalar, or for ``'none'`` the input's shape.
+
+    Examples::
+
+        >>> logits = torch.randn(64, 100_000, requires_grad=True)
+        >>> labels = torch.randint(0, 2, (64, 100_000)).float()
+        >>> loss = binary_cross_entropy_with_logits(logits, labels,
+        ...                                         pos_weight=torch.full((100_000,), 3.0))
+        >>> loss.backward()
+    """
+    if not (
+        isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+        and input.is_floating_point() and target.is_floating_point()
+    ):
+        # Nothing a kernel runs: torch raises (or answers) for these itself.
+        return F.binary_cross_entropy_with_logits(input, target, weight, size_average, reduce,
+                                                  reduction, pos_weight)
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_binary_cross_entropy_with_logits(input, target, weight, pos_weight)
+
+    if (
+        _backend.use_kernels(input)
+        and input.numel() > 0
+        and _kernel_operands(input, target, weight, pos_weight)
+    ):
+        kernels = _backend.kernels_for(input)
+        return kernels.bce.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                            reduction)
+    return _reference.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                       reduction)
+
+
+def huber_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Huber loss, optionally weighted, as :func:`torch.nn.functional.huber_loss`.
+
+    With :math:`d = x - t`,
+
+    .. math::
+        \ell = w \cdot \begin{cases}
+            0.5\, d^2, & \text{if } |d| < \delta \\
+            \delta (|d| - 0.5\, \delta), & \text{otherwise.}
+        \end{cases}
+
+    A target of another size is broadcast against the input, with torch's warning; ``mean``
+    divides the sum by the number of elements of the broadcast shape.
+
+    On CUDA the loss and its gradients (with respect to input, target and weight) come from
+    one fused Triton pass (float32 math inside); elsewhere from eager PyTorch in float32. The
+    result has the input's dtype (promoted with the weight's, as torch's).
+
+    Args:
+        input (Tensor): predictions of any shape.
+        target (Tensor): ground truth, the input's shape (or broadcastable, with a warning).
+        reduction (str, optional): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``
+        delta (float, optional): the threshold between the quadratic and the linear part;
+            must be positive. Default: ``1.0``
+        weight (Tensor, optional): a weight per element, the input's shape. Default: ``None``
+
+    Shape:
+        - Output: scalar, or for ``'none'`` the broadcast shape of input and target.
+
+    Examples::
+
+        >>> pred = torch.randn(32, 8, requires_grad=True)
+        >>> loss = huber_loss(pred, torch.randn(32, 8), delta=0.5)
+        >>> loss.backward()
+    """
+    if not (
+        isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+        and input.is_floating_point()
+    ):
+        # Nothing a kernel runs: torch raises (or answers) for these itself.
+        return F.huber_loss(input, target, reduction, delta, weight)
+    shape, reduction, delta = check_huber(input, target, reduction, delta, weight)
+
+    out_dtype = input.dtype
+    if weight is not None:
+        # torch multiplies the unweighted loss (the broadcast shape, the input's dtype) by the
+        # weight: its promotion, 0-d rules included
+        unweighted = torch.empty((0,) * min(len(shape), 1), dtype=input.dtype, device="meta")
+        out_dtype = torch.result_type(unweighted, weight)
+    if (
+        _backend.use_kernels(input)
+        and math.prod(shape) > 0
+        and _kernel_operands(input, target, weight)
+        and target.dtype != torch.bool
+    ):
+        kernels = _backend.kernels_for(input)
+        return kernels.huber.huber_loss(input, target, weight, reduction, delta, out_dtype)
+    return _reference.huber_loss(input, target, weight, reduction, delta, out_dtype)

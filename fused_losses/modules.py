@@ -12,7 +12,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss"]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -49,3 +49,29 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
         )
+
+
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """:class:`torch.nn.BCEWithLogitsLoss`, computed by
+    :func:`fused_losses.binary_cross_entropy_with_logits`.
+
+    Args:
+        weight, size_average, reduce, reduction, pos_weight: as
+            :class:`torch.nn.BCEWithLogitsLoss` (``weight`` and ``pos_weight`` are buffers).
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(
+            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+        )
+
+
+class HuberLoss(nn.HuberLoss):
+    """:class:`torch.nn.HuberLoss`, computed by :func:`fused_losses.huber_loss`.
+
+    Args:
+        reduction, delta: as :class:`torch.nn.HuberLoss`.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)

@@ -5,7 +5,7 @@ ties them together. Import this package only through ``fused_losses._backend.ker
 whether Triton compiles or interprets the kernels is fixed when it is first imported.
 """
 
-from . import cross_entropy
+from . import bce, cross_entropy, huber
 from ._common import is_interpreted, match_gpu_rounding_in_interpreter
 
 # True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1): they then
@@ -14,4 +14,4 @@ INTERPRETED = is_interpreted(cross_entropy._ce_kernel)
 if INTERPRETED:
     match_gpu_rounding_in_interpreter()
 
-__all__ = ["INTERPRETED", "cross_entropy"]
+__all__ = ["INTERPRETED", "bce", "cross_entropy", "huber"]
