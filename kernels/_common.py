@@ -141,6 +141,19 @@ def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tens
     )
     return grad
 
+def differentiable_backward(needs_input_grad, grad_out, loss_fn, *inputs):
+    """The gradients of ``loss_fn(*inputs)`` (torch's ops, float32 math) with respect to the
+    inputs that need them, themselves differentiable: the backward for ``create_graph=True``
+    (a double backward), where the kernels' gradients would be constants and make every
+    second derivative silently zero."""
+    wrt = [t for t, need in zip(inputs, needs_input_grad, strict=False) if need]
+    with torch.enable_grad():
+        loss = loss_fn(*inputs).to(grad_out.dtype)
+        grads = iter(torch.autograd.grad(loss, wrt, grad_out, create_graph=True))
+    return tuple(next(grads) if need else None
+                 for need in needs_input_grad[:len(inputs)])
+
+
 def match_gpu_rounding_in_interpreter() -> None:
     """Make the Triton interpreter round float32 -> bfloat16 casts to nearest-even, as the GPU.
 

@@ -1,6 +1,7 @@
 """Huber loss (optionally weighted): the kernel, its launcher and the autograd.Function.
 
-The layout is BCE's (``bce.py``: tile view, operand modes, one pass, partial sums):
+The layout is BCE's (``_elementwise.py``'s tile view and operand modes, one pass, partial
+sums):
 
 - ``mean``/``sum`` with an input that needs its gradient: the forward reads input and target
   once and writes the gradient (upstream gradient 1) and a float32 partial sum per program;
@@ -23,16 +24,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, float32_scratch, scale_by_upstream_
-from .bce import (
-    TilePlan,
-    _load_fixed,
-    _load_tile,
-    _tile_cols,
-    _tile_rows,
+from ._common import (
+    check_same_device,
     differentiable_backward,
-    tile_view,
+    float32_scratch,
+    scale_by_upstream_,
 )
+from ._elementwise import TilePlan, _load_fixed, _load_tile, _tile_cols, _tile_rows, tile_view
 
 
 @triton.jit

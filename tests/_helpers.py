@@ -14,6 +14,10 @@ Everything else is relative, so a tiny gradient element that is wrong still fail
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
+import pytest
 import torch
 
 # rtol: 2 ulps of the output dtype (float32: more, for sums over 262k terms).
@@ -76,3 +80,24 @@ def loss_and_grads(fn, inputs: dict, grad_names, round_to: torch.dtype, grad_out
     grad_out = grad_out.to(loss.dtype)
     loss.backward(grad_out.to(loss.device))
     return loss.detach(), {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def positive(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.1).to(dtype).to(device)
+
+
+def assert_raises_like_torch(ours, theirs):
+    """``ours()`` raises the exception type and message ``theirs()`` (torch) raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as expected:
+            theirs()
+        with pytest.raises(expected.type) as got:
+            ours()
+    assert str(got.value) == str(expected.value)
+
+
+def signature_of(fn):
+    """Names, kinds and defaults (not annotations) of ``fn``'s parameters."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]

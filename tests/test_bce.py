@@ -8,14 +8,19 @@ same rounded inputs.
 
 from __future__ import annotations
 
-import inspect
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, loss_and_grads, random_logits
+from _helpers import (
+    assert_close,
+    assert_raises_like_torch,
+    loss_and_grads,
+    positive,
+    random_logits,
+    signature_of,
+)
 from conftest import KERNEL_DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -55,27 +60,6 @@ def soft_targets(shape, dtype, device, seed=0, hard_frac=0.5):
     hard = torch.rand(shape, generator=g) < hard_frac
     t = torch.where(hard, (t > 0.5).double(), t)
     return t.to(dtype).to(device)
-
-
-def positive(shape, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.1).to(dtype).to(device)
-
-
-def assert_raises_like_torch(ours, theirs):
-    """``ours()`` raises the exception type and message ``theirs()`` (torch) raises."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(Exception) as expected:
-            theirs()
-        with pytest.raises(expected.type) as got:
-            ours()
-    assert str(got.value) == str(expected.value)
-
-
-def _signature(fn):
-    """Names, kinds and defaults (not annotations) of ``fn``'s parameters."""
-    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
 
 # --------------------------------------------------------------------------------------
@@ -178,7 +162,7 @@ def test_non_contiguous(backend, device):
 
 
 def test_tile_view_reads_in_place():
-    from fused_losses.kernels.bce import TileView, tile_view
+    from fused_losses.kernels._elementwise import TileView, tile_view
 
     x = torch.randn(4, 5, 6, 7)
     view = TileView.build(x.shape, [x, torch.ones(5, 1, 1).expand(x.shape)])
@@ -456,7 +440,7 @@ def test_legacy_reduction_arguments(backend, device):
 
 def test_forward_signature_matches_torch():
     # the function's and the constructor's signatures are compared in test_api.py
-    assert _signature(fl.BCEWithLogitsLoss.forward) == _signature(
+    assert signature_of(fl.BCEWithLogitsLoss.forward) == signature_of(
         torch.nn.BCEWithLogitsLoss.forward)
 
 

@@ -15,11 +15,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, loss_and_grads, random_logits
+from _helpers import (
+    assert_close,
+    assert_raises_like_torch,
+    loss_and_grads,
+    positive,
+    random_logits,
+    signature_of,
+)
 from conftest import KERNEL_DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bce import _signature, assert_raises_like_torch, positive
 
 import fused_losses as fl
 
@@ -337,7 +343,7 @@ def test_forward_signature_matches_torch():
     # F.huber_loss has ``weight``, torch.nn.HuberLoss's constructor does not)
     assert "weight" in inspect.signature(fl.huber_loss).parameters
     assert "weight" not in inspect.signature(fl.HuberLoss.__init__).parameters
-    assert _signature(fl.HuberLoss.forward) == _signature(torch.nn.HuberLoss.forward)
+    assert signature_of(fl.HuberLoss.forward) == signature_of(torch.nn.HuberLoss.forward)
 
 
 def test_module_matches_torch(backend, device):
