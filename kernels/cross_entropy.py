@@ -29,6 +29,7 @@ row's loss and gradient are NaN instead, and so is a ``mean``. CPU targets are c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,6 +37,7 @@ from ._common import (
     LN2,
     LOG2E,
     check_same_device,
+    differentiable_backward,
     float32_scratch,
     launch,
     next_power_of_2,
@@ -474,6 +476,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index, reduction, smoothing, prob_target, inplace, grad_scale = ctx.meta
         x, target, weight, stats, tsum, denom, weight_sum = ctx.saved_tensors
         grad_x = grad_t = None
+        if torch.is_grad_enabled():
+            # create_graph=True: torch's ops, so that second derivatives are right (the
+            # kernels' gradient would be a constant to autograd, its derivatives zero).
+            ctx.grad = None
+            if ctx.overwritten:
+                raise RuntimeError("cross_entropy(..., inplace_backward=True) overwrote the "
+                                   "logits with their gradient: create_graph=True needs them")
+
+            def loss_fn(x, target):
+                return _torch_cross_entropy(x, target, weight, ignore_index, reduction,
+                                            smoothing, prob_target)
+
+            return (*differentiable_backward(ctx.needs_input_grad[:2], grad_out, loss_fn, x,
+                                             target), None, None, None, None, None, None, None)
         if ctx.grad is not None:
             # First backward after a fused forward: the gradient is already there.
             grad_x, ctx.grad = ctx.grad, None
@@ -501,6 +517,24 @@ class CrossEntropyFunction(torch.autograd.Function):
             if inplace and grad_x is not None:
                 torch.autograd.graph.increment_version(x)
         return grad_x, grad_t, None, None, None, None, None, None, None
+
+
+def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, prob_target):
+    """The loss of CrossEntropyFunction's arguments in torch's ops (float32), for a
+    differentiable backward. Out-of-range class targets give NaN as the kernels do, never an
+    out-of-bounds read: torch sees them as ignored, then their rows are set to NaN."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    weight = None if weight is None else weight.float()
+    if prob_target:
+        return F.cross_entropy(x, target.float(), weight, reduction=reduction,
+                               label_smoothing=smoothing)
+    target = target.long()
+    bad = (target != ignore_index) & ((target < 0) | (target >= x.shape[-1]))
+    loss = F.cross_entropy(x, torch.where(bad, ignore_index, target), weight,
+                           ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=smoothing)
+    nan = torch.tensor(float("nan"), device=x.device)
+    return torch.where(bad if reduction == "none" else bad.any(), nan, loss)
 
 
 # ------------------------------------------------------------------------------------------

@@ -307,6 +307,34 @@ def test_no_grad_and_eval(backend, device):
     assert_close(loss, F.cross_entropy(x.detach().double().cpu(), t.cpu()), torch.float32, "loss")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_double_backward(backend, device, reduction, prob):
+    # create_graph=True: second derivatives through the loss, as torch's (a Hessian-vector
+    # product), not the zeros a constant kernel gradient would give
+    x = random_logits((5, 40), torch.float32, device)
+    if prob:
+        t = torch.softmax(random_logits((5, 40), torch.float32, device, seed=2), -1)
+    else:
+        t = class_target((5,), 40, device, ignore_frac=0.2)
+    w = class_weight(40, torch.float32, device)
+    v = random_logits((5, 40), torch.float32, device, seed=3)
+
+    def hvp(fn, x, t, w):
+        x = x.detach().clone().requires_grad_(True)
+        loss = fn(x, t, w, reduction=reduction, label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+        (g * v.to(x.dtype)).sum().backward()
+        return g.detach(), x.grad
+
+    g, h = hvp(fl.cross_entropy, x, t, w)
+    ref_t = t.cpu().double() if prob else t.cpu()
+    ref_g, ref_h = hvp(F.cross_entropy, x.cpu().double(), ref_t, w.cpu().double())
+    assert_close(g, ref_g, torch.float32, "gradient")
+    assert torch.count_nonzero(h) > 0
+    assert_close(h, ref_h, torch.float32, "Hessian-vector product")
+
+
 # --------------------------------------------------------------------------------------
 # inplace_backward
 # --------------------------------------------------------------------------------------
