@@ -72,18 +72,6 @@ def check_int(fn: str, name: str, position: int, value) -> int:
     )
 
 
-def check_float(fn: str, name: str, position: int, value) -> float:
-    if not isinstance(value, (bool, str)):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    raise TypeError(
-        f"{fn}(): argument '{name}' (position {position}) must be float, "
-        f"not {_type_name(value)}"
-    )
-
-
 def resolve_reduction(size_average, reduce, reduction: str) -> str:
     """torch's handling of the legacy ``size_average``/``reduce`` flags, then of ``reduction``.
 
@@ -234,7 +222,7 @@ def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) 
 def check_float_argument(fn: str, name: str, position: int, value) -> float:
     """A ``float`` argument as torch's argument parser takes it: any real number (bool, int
     and numpy scalars included) or a 0-d real tensor that does not require grad; otherwise
-    its ``TypeError``. (``check_float`` above refuses bools, which the parser takes.)"""
+    its ``TypeError``."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and not value.requires_grad and not value.is_complex():
             return float(value)

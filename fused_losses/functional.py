@@ -16,7 +16,7 @@ from . import _backend, _reference
 from ._validation import (
     check_binary_cross_entropy_with_logits,
     check_cross_entropy,
-    check_float,
+    check_float_argument,
     check_huber,
     check_int,
     check_tensor,
@@ -89,7 +89,7 @@ def cross_entropy(
     check_tensor(fn, "weight", 3, weight, optional=True)
     reduction = resolve_reduction(size_average, reduce, reduction)
     ignore_index = check_int(fn, "ignore_index", 5, ignore_index)
-    label_smoothing = check_float(fn, "label_smoothing", 6, label_smoothing)
+    label_smoothing = check_float_argument(fn, "label_smoothing", 6, label_smoothing)
 
     if input.dim() == 0 or not input.is_floating_point():
         # Nothing a kernel runs: torch raises (or answers) for these itself.

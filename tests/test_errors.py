@@ -96,6 +96,8 @@ CE_CASES = [
     ("ignore_index float", (x(4, 5), idx([0, 1, 2, 3])), {"ignore_index": 2.5}),
     ("ignore_index bool", (x(4, 5), idx([0, 1, 2, 3])), {"ignore_index": True}),
     ("label_smoothing str", (x(4, 5), idx([0, 1, 2, 3])), {"label_smoothing": "a"}),
+    ("label_smoothing tensor requiring grad", (x(4, 5), idx([0, 1, 2, 3])),
+     {"label_smoothing": torch.tensor(0.1, requires_grad=True)}),
 ]
 
 
@@ -132,6 +134,9 @@ ODD_BUT_VALID = [
     ("negative smoothing is ignored", (x(4, 5), idx([0, 1, 2, 3])), {"label_smoothing": -0.5}),
     ("NaN smoothing is ignored", (x(4, 5), idx([0, 1, 2, 3])), {"label_smoothing": float("nan")}),
     ("smoothing of 1", (x(4, 5), idx([0, 1, 2, 3])), {"label_smoothing": 1}),
+    ("smoothing True", (x(4, 5), idx([0, 1, 2, 3])), {"label_smoothing": True}),
+    ("smoothing as a 0-d tensor", (x(4, 5), idx([0, 1, 2, 3])),
+     {"label_smoothing": torch.tensor(0.1)}),
     ("out of range but ignored", (x(4, 5), idx([1, 2, 3, -1])), {"ignore_index": -1}),
     ("ignore_index beyond the classes", (x(4, 5), idx([1, 2, 3, 4])), {"ignore_index": 40}),
     ("K-dim weight of any shape with C elements", (x(2, 3, 4), torch.zeros(2, 4, dtype=L)),
