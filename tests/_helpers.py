@@ -101,3 +101,31 @@ def assert_raises_like_torch(ours, theirs):
 def signature_of(fn):
     """Names, kinds and defaults (not annotations) of ``fn``'s parameters."""
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def check_upstream_gradients(x, ref_x, ours, theirs, dtype) -> None:
+    """The input's gradient right for every way a loss meets autograd: scaled (gradient
+    accumulation), used twice, times zero, a second backward through a retained graph, and
+    two losses off one forward. ``ours()``/``theirs()`` compute the loss of ``x``/``ref_x``
+    (a float64 copy); multipliers are exact in bfloat16, so both see the same upstream
+    gradient."""
+
+    def both(f):
+        x.grad = ref_x.grad = None
+        f(ours(), theirs())
+        assert_close(x.grad, ref_x.grad, dtype, "grad")
+
+    def twice(a, b):  # a second backward through a retained graph: 1 + 3
+        a.backward(retain_graph=True), b.backward(retain_graph=True)
+        (a * 3).backward(), (b * 3).backward()
+
+    def two_losses(a, b):
+        a2, b2 = a * 2, b * 2
+        a2.backward(retain_graph=True), b2.backward(retain_graph=True)
+        (a * -1).backward(), (b * -1).backward()
+
+    both(lambda a, b: (a * 0.375).backward() or (b * 0.375).backward())  # accumulation steps
+    both(lambda a, b: (a * 2 + a).backward() or (b * 2 + b).backward())  # used twice
+    both(lambda a, b: (a * 0).backward() or (b * 0).backward())
+    both(twice)
+    both(two_losses)

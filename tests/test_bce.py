@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from _helpers import (
     assert_close,
     assert_raises_like_torch,
+    check_upstream_gradients,
     loss_and_grads,
     positive,
     random_logits,
@@ -283,22 +284,10 @@ def test_upstream_gradients(backend, device, weighted):
     ref_x = x.detach().double().cpu().requires_grad_(True)
     ref_kw = {} if pw is None else {"pos_weight": pw.double().cpu()}
 
-    def both(f):
-        x.grad = ref_x.grad = None
-        f(fl.binary_cross_entropy_with_logits(x, t, pos_weight=pw),
-          F.binary_cross_entropy_with_logits(ref_x, t.double().cpu(), **ref_kw))
-        assert_close(x.grad, ref_x.grad, torch.bfloat16, "grad")
-
-    # multipliers exact in bfloat16, so the reference sees the same upstream gradient
-    both(lambda a, b: (a * 0.375).backward() or (b * 0.375).backward())  # accumulation
-    both(lambda a, b: (a * 2 + a).backward() or (b * 2 + b).backward())  # used twice
-    both(lambda a, b: (a * 0).backward() or (b * 0).backward())
-
-    def twice(a, b):
-        a.backward(retain_graph=True), b.backward(retain_graph=True)
-        (a * 3).backward(), (b * 3).backward()
-
-    both(twice)  # second backward through a retained graph: 1 + 3
+    check_upstream_gradients(
+        x, ref_x, lambda: fl.binary_cross_entropy_with_logits(x, t, pos_weight=pw),
+        lambda: F.binary_cross_entropy_with_logits(ref_x, t.double().cpu(), **ref_kw),
+        torch.bfloat16)
 
     # not reduced: the upstream gradient is a tensor, full, per column, per row or one value
     # (with pos_weight, the kernel reads it as such in a (rows, columns) view)
@@ -309,14 +298,13 @@ def test_upstream_gradients(backend, device, weighted):
                         lambda a, c: (a.sum(0) * col_scale.to(c)).sum(),
                         lambda a, c: (a.sum(1) * row_scale.to(c)).sum(),
                         lambda a, c: a.sum()):
-        def none_loss(a, b, reduce_none=reduce_none):
-            a = fl.binary_cross_entropy_with_logits(x, t, reduction="none", pos_weight=pw)
-            b = F.binary_cross_entropy_with_logits(ref_x, t.double().cpu(), reduction="none",
-                                                   **ref_kw)
-            reduce_none(a, a.device).backward()
-            reduce_none(b, "cpu").backward()
-
-        both(none_loss)
+        x.grad = ref_x.grad = None
+        a = fl.binary_cross_entropy_with_logits(x, t, reduction="none", pos_weight=pw)
+        b = F.binary_cross_entropy_with_logits(ref_x, t.double().cpu(), reduction="none",
+                                               **ref_kw)
+        reduce_none(a, a.device).backward()
+        reduce_none(b, "cpu").backward()
+        assert_close(x.grad, ref_x.grad, torch.bfloat16, "grad")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, loss_and_grads, random_logits
+from _helpers import assert_close, check_upstream_gradients, loss_and_grads, random_logits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -255,29 +255,8 @@ def test_upstream_gradients(backend, device, n_classes):
     t = class_target((5,), n_classes, device)
     ref_x = x.detach().double().cpu().requires_grad_(True)
 
-    def both(f):
-        x.grad = ref_x.grad = None
-        f(fl.cross_entropy(x, t), F.cross_entropy(ref_x, t.cpu()))
-        assert_close(x.grad, ref_x.grad, torch.bfloat16, "grad")
-
-    # multipliers exact in bfloat16, so the reference sees the same upstream gradient
-    both(lambda a, b: (a * 0.375).backward() or (b * 0.375).backward())  # accumulation steps
-    both(lambda a, b: (a * 2 + a).backward() or (b * 2 + b).backward())  # used twice
-    both(lambda a, b: (a * 0).backward() or (b * 0).backward())
-
-    def twice(a, b):
-        a.backward(retain_graph=True), b.backward(retain_graph=True)
-        (a * 3).backward(), (b * 3).backward()
-
-    both(twice)  # second backward through a retained graph: 1 + 3
-
-    def two_losses(a, b):
-        a2, b2 = a * 2, b * 2
-        a2.backward(retain_graph=True), b2.backward(retain_graph=True)
-        (a * -1).backward(), (b * -1).backward()
-
-    both(two_losses)
-
+    check_upstream_gradients(x, ref_x, lambda: fl.cross_entropy(x, t),
+                             lambda: F.cross_entropy(ref_x, t.cpu()), torch.bfloat16)
 
 def test_deterministic(backend, device):
     x = random_logits((9, 50000), torch.bfloat16, device).requires_grad_(True)
