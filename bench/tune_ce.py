@@ -19,10 +19,11 @@ import argparse
 import json
 
 import torch
-import triton
 from fused_losses.kernels import cross_entropy as ce
 
 import fused_losses as fl
+
+from .harness import copy_bandwidth, make_timer, settings_for
 
 # (tokens, vocab): register-held rows at the edge, the Llama-3 vocab, the widest
 SHAPES = [(8192, 32000), (8192, 50257), (8192, 128256), (4096, 262144), (1024, 262144)]
@@ -38,22 +39,14 @@ CONFIGS = [
 ]
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, quantiles=[0.5])[0]
-    return 2 * src.numel() / (ms * 1e-3)
-
-
-def time_config(x, t, config) -> float:
+def time_config(timer, x, t, config) -> float:
     ce.SINGLE_BLOCK_MAX, ce.LOOP_BLOCK, ce.LOOP_WARPS = config
 
     def step():
         x.grad = None
         fl.cross_entropy(x, t).backward()
 
-    return triton.testing.do_bench(step, warmup=10, rep=60, quantiles=[0.5])[0]
+    return timer.time(step).median
 
 
 def main(argv=None) -> None:
@@ -61,7 +54,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     default = (ce.SINGLE_BLOCK_MAX, ce.LOOP_BLOCK, ce.LOOP_WARPS)
-    bandwidth = copy_bandwidth()
+    timer = make_timer("cuda", settings_for("cuda", quick=False))
+    bandwidth = copy_bandwidth(timer, 2**30)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     rows = []
     try:
@@ -77,7 +71,7 @@ def main(argv=None) -> None:
                 if effective in seen:
                     continue
                 seen.add(effective)
-                ms = time_config(x, t, config)
+                ms = time_config(timer, x, t, config)
                 row = {"tokens": n, "vocab": v, "config": config, "launch": effective,
                        "ms": ms, "roofline_ms": floor_ms, "x_roofline": ms / floor_ms}
                 rows.append(row)
