@@ -78,16 +78,21 @@ WEIGHTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("weights", list(WEIGHTS))
-def test_reductions_and_weights(backend, device, dtype, reduction, weights):
+def _operands(weights, dtype, device):
+    """Logits, soft targets, weight and pos_weight of the (13, 37) case named ``weights``."""
     w_shape, pw_shape = WEIGHTS[weights]
     x = random_logits((13, 37), dtype, device)
     t = soft_targets((13, 37), dtype, device)
     w = None if w_shape is None else positive(w_shape, dtype, device, seed=1)
     pw = None if pw_shape is None else positive(pw_shape, dtype, device, seed=2)
-    check(x, t, w, pw, reduction=reduction)
+    return x, t, w, pw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_reductions_and_weights(backend, device, dtype, reduction, weights):
+    check(*_operands(weights, dtype, device), reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -95,12 +100,7 @@ def test_reductions_and_weights(backend, device, dtype, reduction, weights):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_target_gradient(backend, device, reduction, weights, dtype):
     # d/dt = w (log sigmoid(-x) - p log sigmoid(x)), -w x without pos_weight
-    w_shape, pw_shape = WEIGHTS[weights]
-    x = random_logits((13, 37), dtype, device)
-    t = soft_targets((13, 37), dtype, device)
-    w = None if w_shape is None else positive(w_shape, dtype, device, seed=1)
-    pw = None if pw_shape is None else positive(pw_shape, dtype, device, seed=2)
-    check(x, t, w, pw, grad_target=True, reduction=reduction)
+    check(*_operands(weights, dtype, device), grad_target=True, reduction=reduction)
 
 
 @pytest.mark.parametrize(
