@@ -64,7 +64,7 @@ class Capture:
         self._saved = [(m, m.launch) for m in vars(pkg).values()
                        if hasattr(m, "launch") and hasattr(m, "__file__")]
 
-        def record(kernel, grid, **kwargs):
+        def record(kernel, grid, writes, **kwargs):
             self.launches.append((kernel, grid, kwargs))
 
         for module, _ in self._saved:

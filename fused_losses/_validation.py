@@ -169,7 +169,9 @@ def check_cross_entropy(
                 f"{scalar_type_name(weight.dtype)}"
             )
 
-    if not target.is_cuda:
+    if not target.is_cuda and not torch.compiler.is_compiling():
+        # A host sync that torch.compile cannot trace: under it, a bad target's row is NaN
+        # (as on CUDA), or the compiled gather's own bounds check raises.
         check_target_range(target, n_classes, ignore_index)
 
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
@@ -318,7 +320,8 @@ def check_huber(
     target: its warning for a target of another size, then the broadcast shape, the reduction
     and ``delta`` as torch applies them. With a weight, torch checks the reduction last and
     in other words (and does not accept ``'elementwise_mean'``)."""
-    if target.size() != input.size():
+    if target.size() != input.size() and not torch.compiler.is_compiling():
+        # (torch.compile cannot trace warnings.warn: a compiled call does not warn)
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to "

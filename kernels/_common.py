@@ -27,19 +27,96 @@ def is_interpreted(kernel) -> bool:
     return not isinstance(kernel, JITFunction)
 
 
-def launch(kernel, grid: tuple, **kwargs) -> None:
+def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
     """``kernel[grid](**kwargs)``, through ``torch.library.wrap_triton`` where it exists.
 
     ``wrap_triton`` makes the launch visible to torch.compile (no graph break) and is a
     direct call in eager mode. Interpreted kernels are not ``JITFunction``s and run as they
-    are.
+    are, or, while torch.compile traces, as the opaque op ``fused_losses::interpret``, which
+    is told that the tensors named in ``writes`` (the pointers this launch stores through)
+    are written and every other tensor only read. (A compiled launch needs no such list:
+    torch finds its stores in the kernel's IR.)
     """
-    if _wrap_triton is not None and not is_interpreted(kernel):
+    if is_interpreted(kernel):
+        if torch.compiler.is_compiling():
+            _launch_interpreted_op(kernel, grid, writes, kwargs)
+            return
+    elif _wrap_triton is not None:
         key = id(kernel)
         if key not in _wrapped:
             _wrapped[key] = _wrap_triton(kernel)
         kernel = _wrapped[key]
     kernel[grid](**kwargs)
+
+
+def non_null(**pointers: torch.Tensor | None) -> tuple[str, ...]:
+    """The names of the pointers given a tensor: a launch's ``writes`` where an output is
+    optional."""
+    return tuple(name for name, t in pointers.items() if t is not None)
+
+
+# ------------------------------------------------------------------------------------------
+# Interpreted launches under torch.compile (CPU tensors, TRITON_INTERPRET=1)
+#
+# torch.compile cannot trace the interpreter (it reads kernel source at run time), and
+# ``wrap_triton`` takes compiled kernels only. So a traced interpreted launch becomes one
+# custom op that names the kernel and passes its arguments by kind: tensors written, tensors
+# only read, bools, ints, floats. This is what lets the CPU test suite compile the losses
+# with fullgraph=True: the code around each launch is the code a CUDA launch runs.
+# ------------------------------------------------------------------------------------------
+
+_INTERPRETED: dict[str, object] = {}  # "module:name" -> interpreted kernel
+
+
+def _launch_interpreted_op(kernel, grid: tuple, writes: tuple[str, ...], kwargs: dict):
+    written, read = {}, {}
+    scalars: dict[type, dict] = {bool: {}, int: {}, float: {}}
+    nones = []
+    for key, value in kwargs.items():
+        if value is None:
+            nones.append(key)
+        elif isinstance(value, torch.Tensor):
+            (written if key in writes else read)[key] = value
+        else:
+            scalars[next(t for t in scalars if isinstance(value, t))][key] = value  # bool 1st
+    # A tensor that is also written (a placeholder for an absent operand) travels once, as
+    # an alias of the written one: an op may not take one tensor as written and as read.
+    outs = list(written.values())
+    aliases = {k: next(i for i, w in enumerate(outs) if w is t) for k, t in read.items()
+               if any(w is t for w in outs)}
+    read = {k: t for k, t in read.items() if k not in aliases}
+    # (custom ops take no list of strings: the names travel as one string)
+    names = "|".join([",".join(written), ",".join(read),
+                      ",".join(f"{k}={i}" for k, i in aliases.items()),
+                      *(",".join(group) for group in scalars.values()), ",".join(nones)])
+    torch.ops.fused_losses.interpret(
+        f"{kernel.fn.__module__}:{kernel.fn.__name__}", list(grid), names, outs,
+        list(read.values()), *(list(group.values()) for group in scalars.values()))
+
+
+@torch.library.custom_op("fused_losses::interpret", mutates_args=("written",))
+def _interpret(kernel: str, grid: list[int], names: str, written: list[torch.Tensor],
+               read: list[torch.Tensor], bools: list[bool], ints: list[int],
+               floats: list[float]) -> None:
+    if kernel not in _INTERPRETED:
+        import importlib
+
+        module, attr = kernel.split(":")
+        _INTERPRETED[kernel] = getattr(importlib.import_module(module), attr)
+    w, r, aliases, b, i, f, nones = [part.split(",") if part else []
+                                     for part in names.split("|")]
+    kwargs = dict.fromkeys(nones)
+    for keys, values in zip((w, r, b, i, f), (written, read, bools, ints, floats), strict=True):
+        kwargs.update(zip(keys, values, strict=True))
+    for alias in aliases:
+        key, index = alias.split("=")
+        kwargs[key] = written[int(index)]
+    _INTERPRETED[kernel][tuple(grid)](**kwargs)
+
+
+@_interpret.register_fake
+def _(kernel, grid, names, written, read, bools, ints, floats) -> None:
+    return None
 
 
 def next_power_of_2(n: int) -> int:
@@ -129,6 +206,7 @@ def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tens
     launch(
         _scale_by_upstream_kernel,
         (n_outer * n_inner * n_col_blocks,),
+        writes=("grad_ptr",),
         grad_ptr=view,
         grad_out_ptr=grad_out,
         n_cols=n_cols,
@@ -140,6 +218,16 @@ def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tens
         num_warps=num_warps_for(block),
     )
     return grad
+
+def may_fuse_gradient() -> bool:
+    """Whether a forward may write the input's gradient for its backward to scale in place.
+
+    Not while torch.compile traces: the backward is traced once, so which call it is (the
+    first scales the stored gradient, a later one recomputes) cannot be decided at run time,
+    and AOTAutograd would copy the stored gradient to make its in-place update functional,
+    which moves more bytes than recomputing it in the backward does."""
+    return not torch.compiler.is_compiling()
+
 
 def differentiable_backward(needs_input_grad, grad_out, loss_fn, *inputs):
     """The gradients of ``loss_fn(*inputs)`` (torch's ops, float32 math) with respect to the

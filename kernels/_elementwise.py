@@ -102,7 +102,7 @@ class TileView:
         self.groups = groups
         # the order in which buffers from ``new`` lay out S: size-1 dimensions, then ``dims``
         self.order = [d for d in range(len(shape)) if shape[d] == 1] + dims
-        sizes = [math.prod(shape[d] for d in g) for g in groups]
+        sizes = [math.prod([shape[d] for d in g]) for g in groups]  # (a list: torch.compile)
         self.sizes = (1,) * (3 - len(sizes)) + tuple(sizes)
 
     @classmethod

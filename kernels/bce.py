@@ -40,6 +40,8 @@ from ._common import (
     check_same_device,
     differentiable_backward,
     float32_scratch,
+    may_fuse_gradient,
+    non_null,
     scale_by_upstream_,
 )
 from ._elementwise import NONE, TilePlan, _load_fixed, _load_tile, _tile_cols, _tile_rows, tile_view
@@ -202,6 +204,7 @@ def _launch_bce(view, x, t, w, pw, *, out=None, grad_x=None, grad_t=None, grad_o
         out = float32_scratch(plan.grid, x.device)
     plan.launch(
         _bce_kernel,
+        writes=non_null(out_ptr=out, grad_x_ptr=grad_x, grad_t_ptr=grad_t),
         out_ptr=out if out is not None else x,
         grad_x_ptr=grad_x if grad_x is not None else x,
         grad_t_ptr=grad_t if grad_t is not None else x,
@@ -224,7 +227,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         view, (x, t, w, pw) = tile_view(x.shape, x, t, w, pw)
         numel = x.numel()
         # The gradient in the forward pays off when the upstream gradient is one scalar.
-        fused = ctx.needs_input_grad[0] and reduction != "none" and not ctx.needs_input_grad[1]
+        fused = (ctx.needs_input_grad[0] and reduction != "none" and not ctx.needs_input_grad[1]
+                 and may_fuse_gradient())
         grad_scale = 1.0 / numel if reduction == "mean" else 1.0
 
         grad = flat_grad = None

@@ -40,7 +40,9 @@ from ._common import (
     differentiable_backward,
     float32_scratch,
     launch,
+    may_fuse_gradient,
     next_power_of_2,
+    non_null,
     num_warps_for,
     scale_by_upstream_,
 )
@@ -347,6 +349,7 @@ def _denominator(target, weight, n_cols, ignore_index):
     launch(
         _ce_denominator_kernel,
         (partial.numel(),),
+        writes=("partial_ptr",),
         target_ptr=target,
         weight_ptr=weight if weight is not None else target,
         partial_ptr=partial,
@@ -370,6 +373,9 @@ def _launch_ce(
     launch(
         _ce_kernel,
         (n_outer * n_inner,),
+        writes=non_null(loss_ptr=loss, stats_ptr=stats if compute_lse else None,
+                        tsum_ptr=tsum if compute_lse and prob_target else None, grad_ptr=grad,
+                        grad_target_ptr=grad_target),
         x_ptr=x,
         target_ptr=target,
         weight_ptr=weight if weight is not None else dummy,
@@ -424,7 +430,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         needs_x_grad = ctx.needs_input_grad[0]
         needs_t_grad = prob_target and ctx.needs_input_grad[1]
         # The gradient in the forward pays off when the upstream gradient is one scalar.
-        fused = needs_x_grad and reduction != "none" and not needs_t_grad
+        fused = needs_x_grad and reduction != "none" and not needs_t_grad and may_fuse_gradient()
 
         loss = float32_scratch(n_rows, device)
         stats = float32_scratch(2 * n_rows, device)  # row max, log2(sum exp)
@@ -567,6 +573,9 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, pro
                   inplace_backward):
     """The kernels' cross-entropy for a validated call with at least one row and class."""
     check_same_device(input, target=target, weight=weight)
+    # Under torch.compile, AOTAutograd copies a tensor a graph writes to (and the logits'
+    # version counter cannot be bumped): writing the gradient into them would save nothing.
+    inplace_backward = inplace_backward and not torch.compiler.is_compiling()
     n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     if input.dim() == 1:
         x, loss_shape = input.unsqueeze(0), ()

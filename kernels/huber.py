@@ -28,6 +28,8 @@ from ._common import (
     check_same_device,
     differentiable_backward,
     float32_scratch,
+    may_fuse_gradient,
+    non_null,
     scale_by_upstream_,
 )
 from ._elementwise import TilePlan, _load_fixed, _load_tile, _tile_cols, _tile_rows, tile_view
@@ -140,6 +142,7 @@ def _launch_huber(view, x, t, w, delta, *, out=None, grad_x=None, grad_t=None, g
         out = float32_scratch(plan.grid, x.device)
     plan.launch(
         _huber_kernel,
+        writes=non_null(out_ptr=out, grad_x_ptr=grad_x, grad_t_ptr=grad_t, grad_w_ptr=grad_w),
         out_ptr=out if out is not None else x,
         grad_x_ptr=grad_x if grad_x is not None else x,
         grad_t_ptr=grad_t if grad_t is not None else x,
@@ -172,7 +175,7 @@ class HuberFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         # (a broadcast input's gradient is summed over the broadcast dimensions: backward)
         fused = (needs[0] and reduction != "none" and not (needs[1] or needs[2])
-                 and input.shape == shape)
+                 and input.shape == shape and may_fuse_gradient())
         grad_scale = 1.0 / numel if reduction == "mean" else 1.0
 
         grad = flat_grad = None
