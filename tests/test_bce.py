@@ -521,20 +521,3 @@ def test_over_2_pow_31_elements():
     ref = F.binary_cross_entropy_with_logits(x.detach().float(), t.float(), pos_weight=pw,
                                              reduction="sum")
     assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
-
-
-@pytest.mark.cuda
-def test_torch_compile_fullgraph():
-    x = torch.randn(64, 8192, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-    t = (torch.rand(64, 8192, device="cuda") < 0.5).to(torch.bfloat16)
-    pw = torch.rand(8192, device="cuda") + 0.5
-    compiled = torch.compile(
-        lambda a, b: fl.binary_cross_entropy_with_logits(a * 1.0, b, pos_weight=pw),
-        fullgraph=True)
-    loss = compiled(x, t)
-    loss.backward()
-    ref_x = x.detach().double().requires_grad_(True)
-    ref = F.binary_cross_entropy_with_logits(ref_x, t.double(), pos_weight=pw.double())
-    ref.backward()
-    assert_close(loss, ref, torch.bfloat16, "loss")
-    assert_close(x.grad, ref_x.grad, torch.bfloat16, "grad")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 
 import pytest
@@ -52,8 +53,10 @@ def check(input, target, weight=None, grad_target=False, grad_weight=False, slac
         warnings.simplefilter("always")
         ref, ref_grads = loss_and_grads(F.huber_loss, ref_inputs, names, round_to=out_dtype,
                                         **kwargs)
-    # (numpy's RuntimeWarnings from the Triton interpreter are not torch's business)
-    assert [str(w.message) for w in ours_warned if w.category is not RuntimeWarning] == [
+    # (what numpy says inside the Triton interpreter, an overflow or a deprecation that
+    # Triton <= 3.6 triggers, is not torch's business)
+    assert [str(w.message) for w in ours_warned
+            if f"triton{os.sep}runtime" not in w.filename] == [
         str(w.message) for w in torch_warned]
     assert ours.dtype == out_dtype
     assert ours.device == input.device
@@ -154,7 +157,7 @@ def test_broadcast_warning_points_at_the_caller(backend, device):
         fl.huber_loss(x, t)
     assert record[0].filename == __file__
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # same sizes: no warning
+        warnings.simplefilter("error", UserWarning)  # same sizes: no warning
         fl.huber_loss(x, t.expand(3, 4))
 
 

@@ -1,0 +1,161 @@
+"""The losses under ``torch.compile(fullgraph=True)``: no graph break, and the same values
+and gradients as torch in float64, on both backends.
+
+On the CPU the kernels run under the interpreter, which torch.compile cannot trace; there each
+launch becomes the opaque op ``fused_losses::interpret`` (kernels/_common.py), so everything
+around it (validation, dispatch, the autograd Functions, what they keep for the backward) is
+traced as on a GPU. ``eager`` runs Dynamo's graph as it is; ``aot_eager`` adds AOTAutograd's
+functionalized forward and backward graphs, what Inductor compiles. Inductor itself runs on
+CUDA only (``cuda`` tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, check_upstream_gradients, loss_and_grads, random_logits
+
+import fused_losses as fl
+
+COMPILERS = ["eager", "aot_eager"]  # Inductor: the cuda tests at the end
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()  # each test compiles its own graphs (no recompile limit reached)
+    yield
+    torch._dynamo.reset()
+
+
+def compiled(fn, compiler):
+    return torch.compile(fn, backend=compiler, fullgraph=True)
+
+
+def check(compiler, ours, theirs, inputs: dict, grad_names, dtype):
+    """``compile(ours)`` against ``theirs`` in float64: loss and gradients, with a random
+    upstream gradient."""
+    loss, grads = loss_and_grads(compiled(ours, compiler), inputs, grad_names, round_to=dtype)
+    ref_inputs = {k: v.detach().cpu().double() if v.is_floating_point() else v.cpu()
+                  for k, v in inputs.items()}
+    ref, ref_grads = loss_and_grads(theirs, ref_inputs, grad_names, round_to=dtype)
+    assert loss.dtype == dtype
+    assert_close(loss, ref, dtype, "loss")
+    for name in grad_names:
+        assert_close(grads[name], ref_grads[name], dtype, f"grad of {name}")
+
+
+CE_CASES = {
+    "mean": dict(),
+    "sum, smoothing": dict(reduction="sum", label_smoothing=0.2),
+    "none, weight": dict(reduction="none", weight=True),
+    "mean, weight, smoothing, ignored": dict(weight=True, label_smoothing=0.1, ignore=True),
+}
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_cross_entropy(backend, device, compiler, case):
+    kw = dict(CE_CASES[case])
+    dtype = torch.bfloat16
+    x = random_logits((6, 40), dtype, device)
+    t = torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(1)).to(device)
+    inputs = {"input": x, "target": t}
+    if kw.pop("ignore", False):
+        t[2] = -100
+    if kw.pop("weight", False):
+        inputs["weight"] = random_logits((40,), dtype, device).abs() + 0.5
+    check(compiler, lambda **a: fl.cross_entropy(**a, **kw),
+          lambda **a: F.cross_entropy(**a, **kw), inputs, {"input"}, dtype)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_cross_entropy_probabilities_k_dim(backend, device, compiler):
+    dtype = torch.float32
+    x = random_logits((3, 7, 4, 5), dtype, device)
+    t = torch.softmax(random_logits((3, 7, 4, 5), dtype, device, seed=2), dim=1)
+    check(compiler, lambda **a: fl.cross_entropy(**a, label_smoothing=0.1),
+          lambda **a: F.cross_entropy(**a, label_smoothing=0.1),
+          {"input": x, "target": t}, {"input", "target"}, dtype)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_bce_with_logits(backend, device, compiler):
+    dtype = torch.bfloat16
+    x = random_logits((9, 33), dtype, device)
+    t = (random_logits((9, 33), dtype, device, seed=3) > 0).to(dtype)
+    weight = random_logits((33,), dtype, device, seed=4).abs()
+    pos_weight = random_logits((33,), dtype, device, seed=5).abs() + 0.5
+    check(compiler, fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
+          {"input": x, "target": t, "weight": weight, "pos_weight": pos_weight}, {"input"},
+          dtype)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_huber_broadcast_target(backend, device, compiler):
+    dtype = torch.float32
+    x = random_logits((9, 33), dtype, device)
+    t = random_logits((33,), dtype, device, seed=6)
+    check(compiler, lambda **a: fl.huber_loss(**a, delta=0.5),
+          lambda **a: F.huber_loss(**a, delta=0.5), {"input": x, "target": t},
+          {"input", "target"}, dtype)
+
+
+def upstream_gradients(loss, compiler, device):
+    """A compiled backward holds no state between calls: scaled, used twice, a second
+    backward through a retained graph, two losses off one forward."""
+    dtype = torch.bfloat16
+    x = random_logits((8, 50), dtype, device).requires_grad_(True)
+    ref_x = x.detach().cpu().double().requires_grad_(True)
+    if loss == "cross_entropy":
+        t = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(1))
+        ours, theirs = fl.cross_entropy, F.cross_entropy
+    elif loss == "bce":
+        t = (torch.rand(8, 50, generator=torch.Generator().manual_seed(1)) > 0.5).to(dtype)
+        ours, theirs = fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    else:
+        t = random_logits((8, 50), dtype, "cpu", seed=1)
+        ours, theirs = fl.huber_loss, F.huber_loss
+    ours = compiled(ours, compiler)
+    t_ours = t.to(device)
+    t_ref = t.double() if t.is_floating_point() else t
+    # AOTAutograd refuses retain_graph=True for a backward that reuses ("donates") saved
+    # buffers, with torch's own losses as with ours; its error says to turn that off.
+    with torch._functorch.config.patch(donated_buffer=False):
+        check_upstream_gradients(x, ref_x, lambda: ours(x, t_ours),
+                                 lambda: theirs(ref_x, t_ref), dtype)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
+def test_upstream_gradients(backend, device, compiler, loss):
+    upstream_gradients(loss, compiler, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
+def test_inductor_upstream_gradients(loss):
+    upstream_gradients(loss, "inductor", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
+def test_inductor_realistic_shapes(loss):
+    """The kernels inside an Inductor graph at a language-model shape, the logits produced
+    by a compiled op before the loss."""
+    dtype = torch.bfloat16
+    if loss == "cross_entropy":
+        x = random_logits((64, 32000), dtype, "cuda")
+        t = torch.randint(0, 32000, (64,), device="cuda")
+        ours, theirs = fl.cross_entropy, F.cross_entropy
+    elif loss == "bce":
+        x = random_logits((64, 8192), dtype, "cuda")
+        t = (random_logits((64, 8192), dtype, "cuda", seed=1) > 0).to(dtype)
+        ours, theirs = fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    else:
+        x = random_logits((64, 8192), dtype, "cuda")
+        t = random_logits((64, 8192), dtype, "cuda", seed=1)
+        ours, theirs = fl.huber_loss, F.huber_loss
+    check("inductor", lambda input, target: ours(input * 1.0, target),
+          lambda input, target: theirs(input * 1.0, target),
+          {"input": x, "target": t}, {"input"}, dtype)
