@@ -61,8 +61,9 @@ def non_null(**pointers: torch.Tensor | None) -> tuple[str, ...]:
 # torch.compile cannot trace the interpreter (it reads kernel source at run time), and
 # ``wrap_triton`` takes compiled kernels only. So a traced interpreted launch becomes one
 # custom op that names the kernel and passes its arguments by kind: tensors written, tensors
-# only read, bools, ints, floats. This is what lets the CPU test suite compile the losses
-# with fullgraph=True: the code around each launch is the code a CUDA launch runs.
+# only read, bools, ints, floats (strings, and the names, inside one string). This is what
+# lets the CPU test suite compile the losses with fullgraph=True: the code around each launch
+# is the code a CUDA launch runs.
 # ------------------------------------------------------------------------------------------
 
 _INTERPRETED: dict[str, object] = {}  # "module:name" -> interpreted kernel
@@ -71,10 +72,12 @@ _INTERPRETED: dict[str, object] = {}  # "module:name" -> interpreted kernel
 def _launch_interpreted_op(kernel, grid: tuple, writes: tuple[str, ...], kwargs: dict):
     written, read = {}, {}
     scalars: dict[type, dict] = {bool: {}, int: {}, float: {}}
-    nones = []
+    nones, strings = [], []
     for key, value in kwargs.items():
         if value is None:
             nones.append(key)
+        elif isinstance(value, str):  # short constexpr words ("evict_last"): no "|" or ","
+            strings.append(f"{key}={value}")
         elif isinstance(value, torch.Tensor):
             (written if key in writes else read)[key] = value
         else:
@@ -88,7 +91,8 @@ def _launch_interpreted_op(kernel, grid: tuple, writes: tuple[str, ...], kwargs:
     # (custom ops take no list of strings: the names travel as one string)
     names = "|".join([",".join(written), ",".join(read),
                       ",".join(f"{k}={i}" for k, i in aliases.items()),
-                      *(",".join(group) for group in scalars.values()), ",".join(nones)])
+                      *(",".join(group) for group in scalars.values()), ",".join(nones),
+                      ",".join(strings)])
     torch.ops.fused_losses.interpret(
         f"{kernel.fn.__module__}:{kernel.fn.__name__}", list(grid), names, outs,
         list(read.values()), *(list(group.values()) for group in scalars.values()))
@@ -103,9 +107,10 @@ def _interpret(kernel: str, grid: list[int], names: str, written: list[torch.Ten
 
         module, attr = kernel.split(":")
         _INTERPRETED[kernel] = getattr(importlib.import_module(module), attr)
-    w, r, aliases, b, i, f, nones = [part.split(",") if part else []
-                                     for part in names.split("|")]
+    w, r, aliases, b, i, f, nones, strings = [part.split(",") if part else []
+                                              for part in names.split("|")]
     kwargs = dict.fromkeys(nones)
+    kwargs.update(item.split("=", 1) for item in strings)
     for keys, values in zip((w, r, b, i, f), (written, read, bools, ints, floats), strict=True):
         kwargs.update(zip(keys, values, strict=True))
     for alias in aliases:

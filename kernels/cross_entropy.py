@@ -6,7 +6,8 @@ Design (see ../shared/PERFORMANCE.md, "Designs and what they move"):
   computed online in one read pass over the row, in float32, with ``exp2``.
 - ``mean``/``sum`` with an input that needs its gradient (the language-model case): the
   forward kernel writes the gradient right after the log-sum-exp, re-reading the row while it
-  is still in L2 (the second pass runs backwards, so the blocks read last are re-read first).
+  is still in L2 (the second pass runs backwards, so the blocks read last are re-read first,
+  and eviction hints keep the row in L2 ahead of the gradient streaming out).
   Rows of up to ``SINGLE_BLOCK_MAX`` classes are held in registers instead: one read, one
   write. The backward then only scales that buffer by the upstream gradient, and a kernel
   that reads the upstream gradient on the device skips even that when it is 1.
@@ -55,6 +56,11 @@ SINGLE_BLOCK_MAX = 32768
 # for the gradient pass.
 LOOP_BLOCK = 32768
 LOOP_WARPS = 32
+# Looped rows: L2 eviction priorities for the gradient pass's re-read (PTX createpolicy +
+# L2::cache_hint; hints only, the results are the same). Pass 1 reads the row "evict last",
+# the re-read and the gradient's stores are "evict first", so the gradient streaming out does
+# not push the rest of the row out of L2 before the re-read reaches it.
+L2_HINTS = True
 DENOM_BLOCK = 1024
 
 
@@ -121,7 +127,7 @@ def _ce_grad_block(
     y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
     # flags
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    X_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr,
+    X_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, WRITE_EVICT: tl.constexpr,
 ):
     """Write d loss / d logits (and d loss / d probabilities) for one block of a row, given
     its softmax ``p``:
@@ -149,13 +155,15 @@ def _ce_grad_block(
             # Ignored rows get exactly zero (even when the mean's denominator is 0, as
             # torch), out-of-range targets NaN.
             d = tl.where(ok, d * scale, tl.where(bad, float("nan"), 0.0))
-        tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=in_row)
+        tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=in_row,
+                 eviction_policy=WRITE_EVICT)
     if TARGET_GRAD:
         w_c = _ce_class_coef(t_row, weight_ptr, cols, mask, n_cols, smoothing,
                              False, HAS_WEIGHT, False)
         log_p = (x - m) - log2_s * LN2
         dt = (smoothing - 1.0) * w_c * log_p * scale
-        tl.store(gt_row + cols, dt.to(gt_row.dtype.element_ty), mask=in_row)
+        tl.store(gt_row + cols, dt.to(gt_row.dtype.element_ty), mask=in_row,
+                 eviction_policy=WRITE_EVICT)
 
 
 @triton.jit
@@ -197,6 +205,9 @@ def _ce_kernel(
     HAS_GRAD_OUT: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    READ_EVICT: tl.constexpr,  # eviction policies ("" is the default): pass 1's loads,
+    REREAD_EVICT: tl.constexpr,  # pass 2's loads,
+    WRITE_EVICT: tl.constexpr,  # and the gradients' stores
 ):
     # int64 row offsets: 16k rows x 262k classes is over 2^32 elements.
     row = tl.program_id(0).to(tl.int64)
@@ -257,7 +268,8 @@ def _ce_kernel(
             for start in range(0, n_read, BLOCK_SIZE):
                 cols = start + offs
                 mask = cols < n_read
-                x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = tl.load(x_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=READ_EVICT).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(x, axis=0))
                 # a row that is -inf so far must not produce (-inf) - (-inf) = NaN
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -314,18 +326,21 @@ def _ce_kernel(
                 p = tl.exp2((x - m) * LOG2E - log2_s)
             _ce_grad_block(p, x, offs, mask, t_row, weight_ptr, g_row, gt_row,
                            y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
-                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD)
+                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD,
+                           WRITE_EVICT)
         else:
             # Backwards over the row: the blocks pass 1 read last are the likeliest in L2.
             n_blocks = tl.cdiv(n_cols, BLOCK_SIZE)
             for i in range(0, n_blocks):
                 cols = (n_blocks - 1 - i) * BLOCK_SIZE + offs
                 mask = cols < n_read
-                x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = tl.load(x_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=REREAD_EVICT).to(tl.float32)
                 p = tl.exp2((x - m) * LOG2E - log2_s)
                 _ce_grad_block(p, x, cols, mask, t_row, weight_ptr, g_row, gt_row,
                                y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
-                               PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD)
+                               PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD,
+                               WRITE_EVICT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,6 +385,8 @@ def _launch_ce(
     block, num_warps, single = block_config(n_cols)
     dummy = stats  # any tensor: pointers of disabled features are never dereferenced
     g = grad if grad is not None else x
+    rereads = not single and compute_lse and (grad is not None or grad_target is not None)
+    read_evict, reread_evict = ("evict_last", "evict_first") if rereads and L2_HINTS else ("", "")
     launch(
         _ce_kernel,
         (n_outer * n_inner,),
@@ -408,6 +425,9 @@ def _launch_ce(
         HAS_GRAD_OUT=grad_out is not None,
         SINGLE_BLOCK=single,
         BLOCK_SIZE=block,
+        READ_EVICT=read_evict,
+        REREAD_EVICT=reread_evict,
+        WRITE_EVICT=reread_evict,
         num_warps=num_warps,
     )
 
