@@ -8,10 +8,11 @@
 #
 # Expects python3 with torch and triton (and pytest, matplotlib); installs the project offline
 # (pip install --no-deps --no-build-isolation -e .) and the peers' wheels in .whl/ if any
-# (bench/README.md says how to fetch them). Writes at most 7 files, all directly in OUT_DIR:
+# (bench/README.md says how to fetch them). Writes at most 8 files, all directly in OUT_DIR:
 #   log.txt        everything printed below
 #   env.txt        nvidia-smi, driver, versions, installed peers
-#   pytest.txt     pytest -q over tests/ on CUDA
+#   pytest.txt     pytest -q over tests/ on CUDA, but tests/test_torch_compile.py
+#   compile.txt    tests/test_torch_compile.py: the losses in Inductor graphs
 #   sanitizer.txt  python -m bench.cuda_check, plainly and under compute-sanitizer memcheck
 #   <gpu>-<date>.json, .md, .png   the sweep: copy them into bench/results/ as they are
 #
@@ -19,11 +20,15 @@
 # of the budget, so the script ends in time whatever hangs; the sweep gets the rest:
 #   install     <= 60 s   the project and .whl/*.whl
 #   env         <= 20 s
-#   pytest      <= 200 s  the suite but test_compile.py; kernels compiled, never interpreted
-#   sweep       what is left less 145 s; --time-budget (60 s less) stops it starting new
+#   pytest      <= 200 s  the suite but test_compile.py and test_torch_compile.py; kernels
+#               compiled, never interpreted. The suite launches ~600 kernel variants, each
+#               compiled once (~0.4 s): with pytest-xdist (on the device image) 8 workers
+#               compile them side by side, else it may be cut off
+#   sweep       what is left less 235 s; --time-budget (60 s less) stops it starting new
 #               shapes, headline shapes first, so its report is written in time
 #   cuda_check  <= 45 s   each loss on small CUDA inputs against torch; warms Triton's cache
 #   memcheck    <= 75 s   the same under compute-sanitizer, PyTorch's allocator cache off
+#   compile     <= 90 s   test_torch_compile.py (Inductor compiles slowly: last, on its own)
 #   render      <= 25 s   .md/.png from the JSON (also after a cut-off sweep), the summary
 # The exit status is 1 if any step failed or was cut off; the summary at the end says which.
 set -uo pipefail
@@ -121,13 +126,17 @@ main() {
 
     # plain pytest keeps the checkout off sys.path (tests/test_api.py checks the install);
     # `python3 -P -m pytest` does the same where no pytest script is on PATH
-    local pytest_cmd=(pytest)
+    local pytest_cmd=(pytest) workers=() compile_workers=()
     command -v pytest >/dev/null || pytest_cmd=(python3 -P -m pytest)
+    if python3 -c "import xdist" 2>/dev/null; then
+        workers=(-n 8)
+        compile_workers=(-n 3)
+    fi
     # tests/test_compile.py compiles for sm_90 without a GPU (CI runs it): not needed here
     step pytest 200 "$OUT_DIR/pytest.txt" "${pytest_cmd[@]}" -q -p no:cacheprovider \
-        --ignore=tests/test_compile.py tests
+        "${workers[@]}" --ignore=tests/test_compile.py --ignore=tests/test_torch_compile.py tests
 
-    local sweep_cap=$((DEADLINE - SECONDS - 145))
+    local sweep_cap=$((DEADLINE - SECONDS - 235))
     step sweep "$sweep_cap" /dev/null \
         python3 -m bench --out "$OUT_DIR" --time-budget $((sweep_cap > 120 ? sweep_cap - 60 : sweep_cap / 2))
 
@@ -140,6 +149,9 @@ main() {
         REPORT+=("$(printf '%-11s NOT RUN: compute-sanitizer not found' memcheck)")
         FAILED=1
     fi
+
+    step compile 90 "$OUT_DIR/compile.txt" "${pytest_cmd[@]}" -q -p no:cacheprovider \
+        "${compile_workers[@]}" tests/test_torch_compile.py
 
     local json
     json=$(ls -t "$OUT_DIR"/*.json 2>/dev/null | head -1)

@@ -101,61 +101,66 @@ def test_huber_broadcast_target(backend, device, compiler):
           {"input", "target"}, dtype)
 
 
-def upstream_gradients(loss, compiler, device):
+LOSSES = {
+    "cross_entropy": (fl.cross_entropy, F.cross_entropy),
+    "bce": (fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+    "huber": (fl.huber_loss, F.huber_loss),
+}
+
+
+def operands(loss, shape, device):
+    """Logits (bfloat16) and a target for ``loss``, made on the CPU from fixed seeds."""
+    dtype = torch.bfloat16
+    x = random_logits(shape, dtype, "cpu")
+    if loss == "cross_entropy":
+        t = torch.randint(0, shape[1], shape[:1], generator=torch.Generator().manual_seed(1))
+    elif loss == "bce":
+        t = (random_logits(shape, dtype, "cpu", seed=1) > 0).to(dtype)
+    else:
+        t = random_logits(shape, dtype, "cpu", seed=1)
+    return x.to(device), t.to(device)
+
+
+def upstream_gradients(compiled_fn, theirs, x, t):
     """A compiled backward holds no state between calls: scaled, used twice, a second
     backward through a retained graph, two losses off one forward."""
-    dtype = torch.bfloat16
-    x = random_logits((8, 50), dtype, device).requires_grad_(True)
+    x = x.detach().requires_grad_(True)
     ref_x = x.detach().cpu().double().requires_grad_(True)
-    if loss == "cross_entropy":
-        t = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(1))
-        ours, theirs = fl.cross_entropy, F.cross_entropy
-    elif loss == "bce":
-        t = (torch.rand(8, 50, generator=torch.Generator().manual_seed(1)) > 0.5).to(dtype)
-        ours, theirs = fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
-    else:
-        t = random_logits((8, 50), dtype, "cpu", seed=1)
-        ours, theirs = fl.huber_loss, F.huber_loss
-    ours = compiled(ours, compiler)
-    t_ours = t.to(device)
-    t_ref = t.double() if t.is_floating_point() else t
-    # AOTAutograd refuses retain_graph=True for a backward that reuses ("donates") saved
-    # buffers, with torch's own losses as with ours; its error says to turn that off.
-    with torch._functorch.config.patch(donated_buffer=False):
-        check_upstream_gradients(x, ref_x, lambda: ours(x, t_ours),
-                                 lambda: theirs(ref_x, t_ref), dtype)
+    t_ref = t.cpu().double() if t.is_floating_point() else t.cpu()
+    check_upstream_gradients(x, ref_x, lambda: compiled_fn(x, t), lambda: theirs(ref_x, t_ref),
+                             x.dtype)
+
+
+# AOTAutograd refuses retain_graph=True for a backward that reuses ("donates") saved buffers,
+# with torch's own losses as with ours; its error says to turn that off (at compile time).
+def no_donated_buffers():
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(donated_buffer=False)
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)
-@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
+@pytest.mark.parametrize("loss", list(LOSSES))
 def test_upstream_gradients(backend, device, compiler, loss):
-    upstream_gradients(loss, compiler, device)
+    ours, theirs = LOSSES[loss]
+    x, t = operands(loss, (8, 50), device)
+    with no_donated_buffers():
+        upstream_gradients(compiled(ours, compiler), theirs, x, t)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
-def test_inductor_upstream_gradients(loss):
-    upstream_gradients(loss, "inductor", "cuda")
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_inductor(loss):
+    """The kernels inside an Inductor graph at a language-model shape, after a compiled op:
+    values and gradients, then the upstream-gradient patterns through the same graph (one
+    compilation per loss: gpu_check.sh gives this file its own time)."""
+    ours, theirs = LOSSES[loss]
+    x, t = operands(loss, (64, 32000 if loss == "cross_entropy" else 8192), "cuda")
 
+    def fn(input, target):
+        return ours(input * 1.0, target)
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
-def test_inductor_realistic_shapes(loss):
-    """The kernels inside an Inductor graph at a language-model shape, the logits produced
-    by a compiled op before the loss."""
-    dtype = torch.bfloat16
-    if loss == "cross_entropy":
-        x = random_logits((64, 32000), dtype, "cuda")
-        t = torch.randint(0, 32000, (64,), device="cuda")
-        ours, theirs = fl.cross_entropy, F.cross_entropy
-    elif loss == "bce":
-        x = random_logits((64, 8192), dtype, "cuda")
-        t = (random_logits((64, 8192), dtype, "cuda", seed=1) > 0).to(dtype)
-        ours, theirs = fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
-    else:
-        x = random_logits((64, 8192), dtype, "cuda")
-        t = random_logits((64, 8192), dtype, "cuda", seed=1)
-        ours, theirs = fl.huber_loss, F.huber_loss
-    check("inductor", lambda input, target: ours(input * 1.0, target),
-          lambda input, target: theirs(input * 1.0, target),
-          {"input": x, "target": t}, {"input"}, dtype)
+    with no_donated_buffers():
+        check("inductor", fn, lambda input, target: theirs(input * 1.0, target),
+              {"input": x, "target": t}, {"input"}, x.dtype)
+        upstream_gradients(compiled(fn, "inductor"), theirs, x, t)
