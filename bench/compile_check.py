@@ -202,7 +202,8 @@ def _run_bce(shape, dtype, t_dtype, reduction, weight, pos_weight, target_grad):
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     t = torch.rand(shape, dtype=t_dtype, requires_grad=target_grad)
     loss = bce.binary_cross_entropy_with_logits(
-        x, t, _weight(weight, shape, dtype), _weight(pos_weight, shape, dtype), reduction)
+        x, t, _weight(weight, shape, dtype), _weight(pos_weight, shape, dtype), reduction,
+        t_dtype)
     _backward_all_ways(loss, per_column=weight == "col")
 
 

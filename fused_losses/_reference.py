@@ -24,17 +24,12 @@ def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.to(dtype) if t is not None and t.is_floating_point() else t
 
 
-def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, prob_target):
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, prob_target,
+                  out_dtype):
+    dtype = compute_dtype(out_dtype)
     if prob_target:
-        # torch promotes input, target and weight together for probability targets.
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
-        dtype = compute_dtype(out_dtype)
         target = target.to(dtype)
     else:
-        out_dtype = input.dtype
-        dtype = compute_dtype(out_dtype)
         if input.dim() == 1 and target.dim() == 1:
             # (C,) input with a (1,) target: torch's backward raises "size mismatch" for it;
             # the 0-d target means the same and has a working backward (same output shape).
@@ -50,16 +45,15 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     return loss.to(out_dtype)
 
 
-def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
-    """For floating input and target (of one shape). The result has the target's dtype, as
-    torch's (which computes the loss in place in ``1 - target``)."""
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction, out_dtype):
+    """For floating input and target (of one shape)."""
     dtypes = [t.dtype for t in (input, target, weight, pos_weight) if t is not None]
     dtype = compute_dtype(*dtypes)
     loss = F.binary_cross_entropy_with_logits(
         input.to(dtype), target.to(dtype), _up(weight, dtype), reduction=reduction,
         pos_weight=_up(pos_weight, dtype),
     )
-    return loss.to(target.dtype)
+    return loss.to(out_dtype)
 
 
 def huber_loss(input, target, weight, reduction, delta, out_dtype):

@@ -104,11 +104,13 @@ def check_cross_entropy(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
+    input_dtype: torch.dtype | None = None,
 ) -> CrossEntropySpec:
     """Every check ``torch.nn.functional.cross_entropy`` makes, with its exception and words.
 
     ``input`` has at least one dimension and a floating dtype (the caller hands 0-d and
-    integer inputs to torch itself, which raises its own errors for them).
+    integer inputs to torch itself, which raises its own errors for them). ``input_dtype``:
+    the dtype torch would see (float32 under torch.autocast), if not the input's.
     """
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
@@ -163,9 +165,10 @@ def check_cross_entropy(
                 )
         elif weight.numel() != n_classes:
             raise RuntimeError("weight tensor should be defined either for all or no classes")
-        if weight.dtype != input.dtype:
+        input_dtype = input_dtype or input.dtype
+        if weight.dtype != input_dtype:
             raise RuntimeError(
-                f"expected scalar type {scalar_type_name(input.dtype)} but found "
+                f"expected scalar type {scalar_type_name(input_dtype)} but found "
                 f"{scalar_type_name(weight.dtype)}"
             )
 

@@ -7,6 +7,7 @@ runs the Triton kernels (``fused_losses.kernels``) or the eager path (``_referen
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,6 +25,31 @@ from ._validation import (
 )
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "huber_loss"]
+
+
+# torch.autocast runs these three losses in float32: it casts every floating operand but a
+# float64 one to float32 before the op, so the result is float32 (float64 where an operand
+# is), class weights in float32 go with bfloat16 logits, and so on. The kernels read any
+# dtype and compute in float32 anyway, so the large operands (input, target) are not copied:
+# only the dtypes torch would see change, and the small weights are cast.
+
+
+def _autocast_on(input: torch.Tensor) -> bool:
+    """Whether torch.autocast is enabled for the input's device."""
+    try:
+        return torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+def _autocast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast hands a float32 op for an operand of ``dtype``."""
+    floating = dtype.is_floating_point and dtype != torch.float64
+    return torch.float32 if floating else dtype
+
+
+def _autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None else t.to(_autocast_dtype(t.dtype))
 
 
 def cross_entropy(
@@ -95,7 +121,12 @@ def cross_entropy(
         # Nothing a kernel runs: torch raises (or answers) for these itself.
         return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction,
                                label_smoothing)
-    spec = check_cross_entropy(input, target, weight, ignore_index, label_smoothing)
+    autocast = _autocast_on(input)
+    if autocast:
+        weight = _autocast_cast(weight)
+    input_dtype = _autocast_dtype(input.dtype) if autocast else input.dtype
+    spec = check_cross_entropy(input, target, weight, ignore_index, label_smoothing,
+                               input_dtype)
     if inplace_backward and input.is_leaf and input.requires_grad:
         raise RuntimeError(
             "cross_entropy(..., inplace_backward=True) would overwrite a leaf tensor that "
@@ -106,6 +137,10 @@ def cross_entropy(
     wide = [input.dtype]
     if spec.prob_target:
         wide += [target.dtype] + ([weight.dtype] if weight is not None else [])
+    # torch's result dtype: the input's; for probabilities, input, target and weight promoted
+    out_dtype = functools.reduce(torch.promote_types, wide)
+    if autocast:
+        out_dtype = _autocast_dtype(out_dtype)
     if (
         _backend.use_kernels(input)
         and n_rows > 0
@@ -115,10 +150,11 @@ def cross_entropy(
         kernels = _backend.kernels_for(input)
         return kernels.cross_entropy.cross_entropy(
             input, target, weight, ignore_index, reduction, spec.smoothing, spec.prob_target,
-            inplace_backward,
+            inplace_backward, out_dtype,
         )
     return _reference.cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, spec.prob_target
+        input, target, weight, ignore_index, reduction, label_smoothing, spec.prob_target,
+        out_dtype,
     )
 
 
@@ -191,6 +227,11 @@ def binary_cross_entropy_with_logits(
                                                   reduction, pos_weight)
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_binary_cross_entropy_with_logits(input, target, weight, pos_weight)
+    # torch's loss has the target's dtype (it is computed in place in ``1 - target``)
+    out_dtype = target.dtype
+    if _autocast_on(input):
+        weight, pos_weight = _autocast_cast(weight), _autocast_cast(pos_weight)
+        out_dtype = _autocast_dtype(out_dtype)
 
     if (
         _backend.use_kernels(input)
@@ -199,9 +240,9 @@ def binary_cross_entropy_with_logits(
     ):
         kernels = _backend.kernels_for(input)
         return kernels.bce.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                            reduction)
+                                                            reduction, out_dtype)
     return _reference.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                       reduction)
+                                                       reduction, out_dtype)
 
 
 def huber_loss(
@@ -254,10 +295,13 @@ def huber_loss(
     shape, reduction, delta = check_huber(input, target, reduction, delta, weight)
 
     out_dtype = input.dtype
+    if _autocast_on(input):
+        weight = _autocast_cast(weight)
+        out_dtype = _autocast_dtype(out_dtype)
     if weight is not None:
         # torch multiplies the unweighted loss (the broadcast shape, the input's dtype) by the
         # weight: its promotion, 0-d rules included
-        unweighted = torch.empty((0,) * min(len(shape), 1), dtype=input.dtype, device="meta")
+        unweighted = torch.empty((0,) * min(len(shape), 1), dtype=out_dtype, device="meta")
         out_dtype = torch.result_type(unweighted, weight)
     if (
         _backend.use_kernels(input)

@@ -284,12 +284,11 @@ def _float(t):
 # ------------------------------------------------------------------------------------------
 
 
-def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction, out_dtype):
     """The kernels' loss for a validated call with floating input and target of one shape,
-    at least one element, and weights that broadcast to it."""
+    at least one element, and weights that broadcast to it; the result in ``out_dtype``."""
     check_same_device(input, target=target, weight=weight, pos_weight=pos_weight)
     shape = input.shape
     w = None if weight is None else weight.expand(shape)
     pw = None if pos_weight is None else pos_weight.expand(shape)
-    # torch's loss has the target's dtype (it is computed in place in ``1 - target``)
-    return BCEWithLogitsFunction.apply(input, target, w, pw, reduction, target.dtype)
+    return BCEWithLogitsFunction.apply(input, target, w, pw, reduction, out_dtype)

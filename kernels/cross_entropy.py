@@ -590,8 +590,9 @@ def _fold_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, prob_target,
-                  inplace_backward):
-    """The kernels' cross-entropy for a validated call with at least one row and class."""
+                  inplace_backward, out_dtype):
+    """The kernels' cross-entropy for a validated call with at least one row and class,
+    its result in ``out_dtype`` (torch's, which the caller works out)."""
     check_same_device(input, target=target, weight=weight)
     # Under torch.compile, AOTAutograd copies a tensor a graph writes to (and the logits'
     # version counter cannot be bumped): writing the gradient into them would save nothing.
@@ -607,12 +608,8 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, pro
     if prob_target:
         t = target.unsqueeze(0) if target.dim() == 1 else target
         t = (t.movedim(1, -1) if t.dim() > 2 else t).reshape(-1, n_cols).contiguous()
-        out_dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
     else:
         t = target.reshape(-1).contiguous()
-        out_dtype = input.dtype
     loss = CrossEntropyFunction.apply(
         _fold_rows(x), t, None if weight is None else weight.contiguous(), ignore_index,
         reduction, smoothing, prob_target, inplace_backward, out_dtype,
