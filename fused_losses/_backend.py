@@ -8,7 +8,9 @@
   (``TRITON_INTERPRET=1``), which is how CI tests the kernels without a GPU.
 
 float64 inputs always run eagerly: the kernels compute in float32, and float64 callers want
-float64 arithmetic.
+float64 arithmetic. So do calls inside ``torch.func`` transforms (``grad``, ``vmap``,
+``jacrev``...): their tensors are functorch wrappers, which torch's own ops support and the
+kernels' autograd Functions do not.
 """
 
 from __future__ import annotations
@@ -40,10 +42,18 @@ def triton_available() -> bool:
         return False
 
 
+def functorch_wrapped(x: torch.Tensor) -> bool:
+    """True for a tensor of a ``torch.func`` transform (a batched or grad-tracking wrapper)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # pragma: no cover - a torch without that private helper
+        return False
+
+
 def use_kernels(x: torch.Tensor) -> bool:
     """True when the Triton kernels should run for input ``x``."""
     setting = backend_setting()
-    if setting == "torch" or x.dtype not in KERNEL_DTYPES:
+    if setting == "torch" or x.dtype not in KERNEL_DTYPES or functorch_wrapped(x):
         return False
     if setting == "auto":
         return x.is_cuda and triton_available()

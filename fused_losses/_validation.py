@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import _reduction
 
+from ._backend import functorch_wrapped
+
 # The names PyTorch's C++ messages use for dtypes ("expected ... but got Int").
 _SCALAR_TYPE_NAMES = {
     torch.float64: "Double",
@@ -172,9 +174,10 @@ def check_cross_entropy(
                 f"{scalar_type_name(weight.dtype)}"
             )
 
-    if not target.is_cuda and not torch.compiler.is_compiling():
+    if not (target.is_cuda or torch.compiler.is_compiling() or functorch_wrapped(target)):
         # A host sync that torch.compile cannot trace: under it, a bad target's row is NaN
-        # (as on CUDA), or the compiled gather's own bounds check raises.
+        # (as on CUDA), or the compiled gather's own bounds check raises. Under vmap the
+        # eager path runs, and torch's own op checks.
         check_target_range(target, n_classes, ignore_index)
 
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
