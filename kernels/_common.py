@@ -46,7 +46,22 @@ def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
         if key not in _wrapped:
             _wrapped[key] = _wrap_triton(kernel)
         kernel = _wrapped[key]
+    # Triton launches on the *current* device; the tensors may live on another (a model split
+    # over GPUs). Inductor's generated code sets the device itself.
+    index = None if torch.compiler.is_compiling() else _cuda_index(kwargs)
+    if index is not None and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            kernel[grid](**kwargs)
+        return
     kernel[grid](**kwargs)
+
+
+def _cuda_index(kwargs: dict) -> int | None:
+    """The CUDA device of a launch's tensors (all on one device: check_same_device)."""
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value.device.index if value.is_cuda else None
+    return None
 
 
 def non_null(**pointers: torch.Tensor | None) -> tuple[str, ...]:
