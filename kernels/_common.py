@@ -239,6 +239,16 @@ def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tens
     )
     return grad
 
+def detached_without_grad_mode(*tensors):
+    """The operands as a loss's autograd Function should get them: detached where grad mode
+    is off (``torch.no_grad``, ``inference_mode``). No graph is built there, yet the Function
+    would still see an input that requires grad as needing it, and its forward would write a
+    logits-sized gradient nobody can ask for (a loss logged under no_grad, say)."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
 def may_fuse_gradient() -> bool:
     """Whether a forward may write the input's gradient for its backward to scale in place.
 

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ._common import (
     check_same_device,
+    detached_without_grad_mode,
     differentiable_backward,
     float32_scratch,
     may_fuse_gradient,
@@ -291,4 +292,5 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     shape = input.shape
     w = None if weight is None else weight.expand(shape)
     pw = None if pos_weight is None else pos_weight.expand(shape)
+    input, target, w, pw = detached_without_grad_mode(input, target, w, pw)
     return BCEWithLogitsFunction.apply(input, target, w, pw, reduction, out_dtype)

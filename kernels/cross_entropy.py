@@ -38,6 +38,7 @@ from ._common import (
     LN2,
     LOG2E,
     check_same_device,
+    detached_without_grad_mode,
     differentiable_backward,
     float32_scratch,
     launch,
@@ -610,8 +611,10 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, pro
         t = (t.movedim(1, -1) if t.dim() > 2 else t).reshape(-1, n_cols).contiguous()
     else:
         t = target.reshape(-1).contiguous()
+    x, t, weight = detached_without_grad_mode(
+        _fold_rows(x), t, None if weight is None else weight.contiguous())
     loss = CrossEntropyFunction.apply(
-        _fold_rows(x), t, None if weight is None else weight.contiguous(), ignore_index,
-        reduction, smoothing, prob_target, inplace_backward, out_dtype,
+        x, t, weight, ignore_index, reduction, smoothing, prob_target, inplace_backward,
+        out_dtype,
     )
     return loss.view(loss_shape) if reduction == "none" else loss

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._common import (
     check_same_device,
+    detached_without_grad_mode,
     differentiable_backward,
     float32_scratch,
     may_fuse_gradient,
@@ -243,4 +244,5 @@ def huber_loss(input, target, weight, reduction, delta, out_dtype):
     at least one element, ``weight`` None or of the input's shape, ``delta > 0``."""
     check_same_device(input, target=target, weight=weight)
     shape = torch.broadcast_shapes(input.shape, target.shape)
+    input, target, weight = detached_without_grad_mode(input, target, weight)
     return HuberFunction.apply(input, target, weight, shape, reduction, delta, out_dtype)

@@ -75,3 +75,21 @@ def test_cross_entropy_traffic_compiled():
     torch._dynamo.reset()
     print(f"\ncross_entropy compiled (aot_eager) N={n_rows} V={n_classes} bf16: {ratio:.4f}x")
     assert 1.49 <= ratio <= 1.51
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "huber"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_written_without_grad_mode(loss, mode):
+    """A loss taken under no_grad (logged, say) of logits that require grad writes no
+    gradient: a forward only reads its inputs and stores a few float32 partials."""
+    x = torch.randn(64, 8192, dtype=torch.bfloat16).requires_grad_(True)
+    if loss == "cross_entropy":
+        t, fn = torch.randint(0, 8192, (64,)), fl.cross_entropy
+    elif loss == "bce":
+        t, fn = torch.rand(64, 8192).to(torch.bfloat16), fl.binary_cross_entropy_with_logits
+    else:
+        t, fn = torch.randn(64, 8192, dtype=torch.bfloat16), fl.huber_loss
+    with getattr(torch, mode)():
+        meter = measure(lambda: fn(x, t))
+    print(f"\n{loss} under {mode}: {meter}")
+    assert meter.bytes_stored <= 64 * 4 * 4  # per-row statistics or per-program partials
