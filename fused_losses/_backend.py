@@ -43,7 +43,11 @@ def triton_available() -> bool:
 
 
 def functorch_wrapped(x: torch.Tensor) -> bool:
-    """True for a tensor of a ``torch.func`` transform (a batched or grad-tracking wrapper)."""
+    """True for a tensor of a ``torch.func`` transform (a batched or grad-tracking wrapper).
+    Never while torch.compile traces: Dynamo cannot call the check, and it unwraps the
+    transforms it traces itself."""
+    if torch.compiler.is_compiling():
+        return False
     try:
         return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
     except AttributeError:  # pragma: no cover - a torch without that private helper
