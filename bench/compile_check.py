@@ -139,6 +139,14 @@ def _variants():
                 for smoothing, weighted in ((0.0, False), (0.1, True)):
                     calls.append(("ce", n_cols, dtype, reduction, smoothing, weighted, False))
             calls.append(("ce", n_cols, dtype, "mean", 0.1, True, True))  # probabilities
+    # K-dimensional tiles (_ce_columns_kernel): few classes and the most there are
+    for n_cols in (21, ce.COLUMNS_MAX_CLASSES):
+        for dtype in (torch.bfloat16, torch.float32):
+            for reduction in ("mean", "none"):
+                for smoothing, weighted in ((0.0, False), (0.1, True)):
+                    calls.append(("ce", n_cols, dtype, reduction, smoothing, weighted, False,
+                                  True))
+            calls.append(("ce", n_cols, dtype, "mean", 0.1, True, True, True))
     # BCE / Huber: every operand mode (full, per column, per row, scalar) and pass (fused
     # forward, loss-only forward, backward with a scalar or a full upstream gradient, target
     # and weight gradients) at the (64, 8192) in bfloat16; float32, and the tile shapes
@@ -164,16 +172,18 @@ def _variants():
     return calls
 
 
-def _run_ce(n_cols, dtype, reduction, smoothing, weighted, prob):
+def _run_ce(n_cols, dtype, reduction, smoothing, weighted, prob, columns=False):
     from fused_losses.kernels import cross_entropy as ce
 
-    x = torch.randn(1, 2, n_cols, dtype=dtype, requires_grad=True)
+    shape = (1, n_cols, 40) if columns else (1, 2, n_cols)  # (outer, C, inner) or rows
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
     if prob:
-        t = torch.rand(2, n_cols, requires_grad=True)
+        t = torch.rand(shape if columns else (2, n_cols), requires_grad=True)
     else:
-        t = torch.randint(0, n_cols, (2,))
+        t = torch.randint(0, n_cols, (40 if columns else 2,))
     w = torch.rand(n_cols, dtype=dtype if not prob else torch.float32) if weighted else None
-    loss = ce.CrossEntropyFunction.apply(x, t, w, -100, reduction, smoothing, prob, False, dtype)
+    loss = ce.CrossEntropyFunction.apply(x, t, w, -100, reduction, smoothing, prob, False, dtype,
+                                         columns)
     loss.sum().backward(retain_graph=True)
     loss.sum().backward()  # the second backward recomputes: the backward-only variant
 

@@ -19,8 +19,12 @@ Design (see ../shared/PERFORMANCE.md, "Designs and what they move"):
   before the main kernel, so no value ever crosses to the host.
 
 Rows are addressed as (outer, inner) pairs with their own strides, so a causal-LM shift view
-``logits[:, :-1, :]`` or a K-dimensional input with the class dimension moved last runs without
-a copy. The class dimension must have unit stride (it is copied otherwise).
+``logits[:, :-1, :]`` or a channels-last K-dimensional input runs without a copy. The class
+dimension must have unit stride there (it is copied otherwise), except for the usual
+K-dimensional layout: a contiguous (N, C, d1, ..., dK) input of up to ``COLUMNS_MAX_CLASSES``
+classes (segmentation) runs ``_ce_columns_kernel``, the same arithmetic over tiles of every
+class x a block of consecutive positions, loaded along the positions, its gradient written in
+the input's layout.
 
 Out-of-range class targets on CUDA are not checked on the host (that would be a sync): the
 row's loss and gradient are NaN instead, and so is a ``mean``. CPU targets are checked by
@@ -62,6 +66,12 @@ LOOP_WARPS = 32
 # the re-read and the gradient's stores are "evict first", so the gradient streaming out does
 # not push the rest of the row out of L2 before the re-read reaches it.
 L2_HINTS = True
+# K-dimensional inputs (N, C, d1, ..., dK) of up to COLUMNS_MAX_CLASSES classes run in their own
+# layout (_ce_columns_kernel): tiles of every class x COLUMNS_TILE / C positions, 16 or more
+# consecutive positions per class, so loads are coalesced along the positions.
+COLUMNS_MAX_CLASSES = 256
+COLUMNS_TILE = 4096
+COLUMNS_WARPS = 8
 DENOM_BLOCK = 1024
 
 
@@ -101,17 +111,18 @@ def _ce_denominator_kernel(
 
 @triton.jit
 def _ce_class_coef(
-    t_row, weight_ptr, cols, mask, n_cols, smoothing,
+    t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):
     """Per-class factor of a row's loss: w_c * t'_c for probability targets (t' the smoothed
-    target), w_c for the label-smoothing term of class-index targets. Zero where masked."""
+    target, at ``t_ptrs``), w_c for the label-smoothing term of class-index targets. Zero
+    where masked. ``cols`` are class indices, of a block of one row or a tile of columns."""
     if HAS_WEIGHT:
         coef = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     else:
         coef = tl.where(mask, 1.0, 0.0)
     if PROB_TARGET:
-        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTHING:
             t = tl.where(mask, t * (1.0 - smoothing) + smoothing / n_cols, 0.0)
         coef = coef * t
@@ -120,18 +131,18 @@ def _ce_class_coef(
 
 @triton.jit
 def _ce_grad_block(
-    # the block
-    p, x, cols, mask,
-    # pointers to the row
-    t_row, weight_ptr, g_row, gt_row,
-    # per-row values
+    # the block: softmax, logits, class indices, load mask, store mask
+    p, x, cols, mask, in_row,
+    # pointers to the block's targets, gradients, target gradients; the class weights
+    t_ptrs, g_ptrs, gt_ptrs, weight_ptr,
+    # per-row values (broadcast against the block)
     y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
     # flags
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     X_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, WRITE_EVICT: tl.constexpr,
 ):
-    """Write d loss / d logits (and d loss / d probabilities) for one block of a row, given
-    its softmax ``p``:
+    """Write d loss / d logits (and d loss / d probabilities) for one block of a row (or a
+    tile of columns), given its softmax ``p``:
 
     class targets:        w_y (p_c - [c = y])                                (no smoothing)
                           p_c ((1-e) w_y + e W / C) - (1-e) w_y [c = y] - e w_c / C
@@ -139,9 +150,8 @@ def _ce_grad_block(
     """
     coef = 0.0
     if PROB_TARGET or HAS_SMOOTHING:
-        coef = _ce_class_coef(t_row, weight_ptr, cols, mask, n_cols, smoothing,
+        coef = _ce_class_coef(t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
                               PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-    in_row = cols < n_cols
     if X_GRAD:
         if PROB_TARGET:
             d = (p * tsum - coef) * scale
@@ -156,14 +166,14 @@ def _ce_grad_block(
             # Ignored rows get exactly zero (even when the mean's denominator is 0, as
             # torch), out-of-range targets NaN.
             d = tl.where(ok, d * scale, tl.where(bad, float("nan"), 0.0))
-        tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=in_row,
+        tl.store(g_ptrs, d.to(g_ptrs.dtype.element_ty), mask=in_row,
                  eviction_policy=WRITE_EVICT)
     if TARGET_GRAD:
-        w_c = _ce_class_coef(t_row, weight_ptr, cols, mask, n_cols, smoothing,
+        w_c = _ce_class_coef(t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
                              False, HAS_WEIGHT, False)
         log_p = (x - m) - log2_s * LN2
         dt = (smoothing - 1.0) * w_c * log_p * scale
-        tl.store(gt_row + cols, dt.to(gt_row.dtype.element_ty), mask=in_row,
+        tl.store(gt_ptrs, dt.to(gt_ptrs.dtype.element_ty), mask=in_row,
                  eviction_policy=WRITE_EVICT)
 
 
@@ -258,7 +268,7 @@ def _ce_kernel(
             e = tl.exp2((x - m) * LOG2E)
             s = tl.sum(e, axis=0)
             if PROB_TARGET or HAS_SMOOTHING:
-                coef = _ce_class_coef(t_row, weight_ptr, offs, mask, n_cols, smoothing,
+                coef = _ce_class_coef(t_row + offs, weight_ptr, offs, mask, n_cols, smoothing,
                                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
                 acc_x = tl.sum(tl.where(mask, coef * (x - ref), 0.0), axis=0)
                 tsum = tl.sum(coef, axis=0)
@@ -277,8 +287,8 @@ def _ce_kernel(
                 s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
                 m = m_new
                 if PROB_TARGET or HAS_SMOOTHING:
-                    coef = _ce_class_coef(t_row, weight_ptr, cols, mask, n_cols, smoothing,
-                                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+                    coef = _ce_class_coef(t_row + cols, weight_ptr, cols, mask, n_cols,
+                                          smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
                     acc_x += tl.sum(tl.where(mask, coef * (x - ref), 0.0), axis=0)
                     tsum += tl.sum(coef, axis=0)
             m = tl.where(m == float("-inf"), 0.0, m)
@@ -325,8 +335,9 @@ def _ce_kernel(
             else:
                 x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 p = tl.exp2((x - m) * LOG2E - log2_s)
-            _ce_grad_block(p, x, offs, mask, t_row, weight_ptr, g_row, gt_row,
-                           y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
+            _ce_grad_block(p, x, offs, mask, offs < n_cols, t_row + offs, g_row + offs,
+                           gt_row + offs, weight_ptr, y, w_y, m, log2_s, tsum, smooth_w, scale,
+                           ok, bad, n_cols, smoothing,
                            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD,
                            WRITE_EVICT)
         else:
@@ -338,10 +349,158 @@ def _ce_kernel(
                 x = tl.load(x_row + cols, mask=mask, other=float("-inf"),
                             eviction_policy=REREAD_EVICT).to(tl.float32)
                 p = tl.exp2((x - m) * LOG2E - log2_s)
-                _ce_grad_block(p, x, cols, mask, t_row, weight_ptr, g_row, gt_row,
-                               y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
+                _ce_grad_block(p, x, cols, mask, cols < n_cols, t_row + cols, g_row + cols,
+                               gt_row + cols, weight_ptr, y, w_y, m, log2_s, tsum, smooth_w,
+                               scale, ok, bad, n_cols, smoothing,
                                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD,
                                WRITE_EVICT)
+
+
+@triton.jit
+def _ce_columns_kernel(
+    # pointers
+    x_ptr,  # logits (n_outer, n_cols, n_inner), any strides: the K-dimensional layout
+    target_ptr,  # class indices (n_outer * n_inner,), contiguous; or probabilities like x
+    weight_ptr,  # class weights (n_cols,)
+    loss_ptr,  # out: float32 per-position loss (forward)
+    stats_ptr,  # out (forward) / in (backward): float32 (2, n_rows): max, log2(sum exp)
+    tsum_ptr,  # out (forward) / in (backward): float32 per-position sum_c w_c t'_c
+    grad_ptr,  # out: d loss / d logits, (n_outer, n_cols, n_inner) with the strides stride_g_*
+    grad_target_ptr,  # out: d loss / d probabilities, laid out like grad_ptr
+    denom_ptr,  # in: the mean's denominator (device scalar)
+    weight_sum_ptr,  # in: sum of the class weights (smoothing with weights)
+    grad_out_ptr,  # in: upstream gradient, one scalar or one per position
+    # sizes
+    n_cols,
+    n_inner,
+    n_rows,  # positions: n_outer * n_inner
+    n_inner_blocks,
+    # strides, in elements
+    stride_x_outer,
+    stride_x_col,
+    stride_x_inner,
+    stride_t_outer,
+    stride_t_col,
+    stride_t_inner,
+    stride_g_outer,
+    stride_g_col,
+    stride_g_inner,
+    stride_grad_out,
+    # scalars
+    ignore_index,
+    smoothing,
+    grad_scale,
+    # flags
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr,
+    X_GRAD: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
+    HAS_DENOM: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # all the classes: next power of two >= n_cols
+    BLOCK_I: tl.constexpr,  # positions per program
+):
+    """_ce_kernel for few classes of a K-dimensional input, read in its own layout.
+
+    An (N, C, d1, ..., dK) input has its classes strided by d1 * ... * dK and its positions
+    contiguous, so one program takes a BLOCK_C x BLOCK_I tile (every class of BLOCK_I
+    consecutive positions), loads it coalesced along the positions, and reduces over the
+    classes (axis 0). The gradient is written in the same layout: nothing is transposed or
+    copied. The formulas are _ce_kernel's (single block: the tile is held in registers).
+
+    read n_cols per position (+ n_cols targets for probabilities); write n_cols per position
+    when the gradient is computed; write or read 2-3 float32 per position.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    outer = pid // n_inner_blocks
+    inner = (pid - outer * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_inner = inner < n_inner
+    row = outer * n_inner + inner  # position index: targets, losses and statistics
+    cols = tl.arange(0, BLOCK_C)[:, None]
+    in_tile = (cols < n_cols) & in_inner[None, :]
+    x_ptrs = x_ptr + outer * stride_x_outer + cols * stride_x_col + inner[None, :] * stride_x_inner
+    t_ptrs = (target_ptr + outer * stride_t_outer + cols * stride_t_col
+              + inner[None, :] * stride_t_inner)
+
+    # Each position's target. Ignored positions and out-of-range targets read no logits.
+    if PROB_TARGET:
+        y = tl.full([BLOCK_I], -1, tl.int64)
+        w_y = tl.full([BLOCK_I], 1.0, tl.float32)
+        ok = in_inner
+        bad = in_inner & False
+    else:
+        y = tl.load(target_ptr + row, mask=in_inner, other=ignore_index).to(tl.int64)
+        valid = y != ignore_index
+        ok = valid & (y >= 0) & (y < n_cols)
+        bad = valid & ((y < 0) | (y >= n_cols))
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=ok, other=0.0).to(tl.float32)
+        else:
+            w_y = tl.where(ok, 1.0, 0.0)
+    mask = in_tile & ok[None, :]
+    smooth_w = n_cols * 1.0
+    if HAS_SMOOTHING and HAS_WEIGHT and not PROB_TARGET:
+        smooth_w = tl.load(weight_sum_ptr)
+
+    # ---- the log-sum-exp of every position of the tile (pass 1 of _ce_kernel) ------------
+    if COMPUTE_LSE:
+        x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # ignored positions: no NaN
+        e = tl.exp2((x - m[None, :]) * LOG2E)
+        s = tl.sum(e, axis=0)
+        log2_s = tl.log2(s)
+        lse_ref = log2_s * LN2  # lse - m
+        tsum = tl.zeros([BLOCK_I], tl.float32)
+        acc_x = tl.zeros([BLOCK_I], tl.float32)
+        if PROB_TARGET or HAS_SMOOTHING:
+            coef = _ce_class_coef(t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
+                                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+            acc_x = tl.sum(tl.where(mask, coef * (x - m[None, :]), 0.0), axis=0)
+            tsum = tl.sum(coef, axis=0)
+        if PROB_TARGET:
+            loss = tsum * lse_ref - acc_x
+            tl.store(tsum_ptr + row, tsum, mask=in_inner)
+        else:
+            x_y = tl.sum(tl.where(cols == y[None, :], x, 0.0), axis=0)
+            loss = w_y * (lse_ref - (x_y - m))
+            if HAS_SMOOTHING:
+                loss = (1.0 - smoothing) * loss + smoothing / n_cols * (smooth_w * lse_ref - acc_x)
+            loss = tl.where(ok, loss, tl.where(bad, float("nan"), 0.0))
+            m = tl.where(ok, m, 0.0)
+            log2_s = tl.where(ok, log2_s, 0.0)
+        tl.store(loss_ptr + row, loss, mask=in_inner)
+        tl.store(stats_ptr + row, m, mask=in_inner)
+        tl.store(stats_ptr + n_rows + row, log2_s, mask=in_inner)
+    else:
+        m = tl.load(stats_ptr + row, mask=in_inner, other=0.0)
+        log2_s = tl.load(stats_ptr + n_rows + row, mask=in_inner, other=0.0)
+        if PROB_TARGET:
+            tsum = tl.load(tsum_ptr + row, mask=in_inner, other=0.0)
+        else:
+            tsum = tl.zeros([BLOCK_I], tl.float32)
+
+    # ---- the gradient --------------------------------------------------------------------
+    if X_GRAD or TARGET_GRAD:
+        scale = tl.full([BLOCK_I], grad_scale, tl.float32)
+        if HAS_DENOM:
+            scale = scale / tl.load(denom_ptr)
+        if HAS_GRAD_OUT:
+            g_out = tl.load(grad_out_ptr + row * stride_grad_out, mask=in_inner, other=0.0)
+            scale = scale * g_out.to(tl.float32)
+        if COMPUTE_LSE:
+            p = e * (1.0 / s)[None, :]
+        else:
+            x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp2((x - m[None, :]) * LOG2E - log2_s[None, :])
+        g_offs = outer * stride_g_outer + cols * stride_g_col + inner[None, :] * stride_g_inner
+        _ce_grad_block(p, x, cols, mask, in_tile, t_ptrs, grad_ptr + g_offs,
+                       grad_target_ptr + g_offs, weight_ptr, y[None, :], w_y[None, :],
+                       m[None, :], log2_s[None, :], tsum[None, :], smooth_w, scale[None, :],
+                       ok[None, :], bad[None, :], n_cols, smoothing,
+                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD, "")
 
 
 # ------------------------------------------------------------------------------------------
@@ -380,17 +539,17 @@ def _denominator(target, weight, n_cols, ignore_index):
 
 def _launch_ce(
     x, target, weight, *, loss, stats, tsum, grad, grad_target, denom, weight_sum, grad_out,
-    ignore_index, smoothing, grad_scale, prob_target, compute_lse,
+    ignore_index, smoothing, grad_scale, prob_target, compute_lse, columns,
 ):
-    n_outer, n_inner, n_cols = x.shape
-    block, num_warps, single = block_config(n_cols)
+    """One launch of ``_ce_kernel`` over rows x (n_outer, n_inner, C) or, with ``columns``,
+    of ``_ce_columns_kernel`` over x (n_outer, C, n_inner), contiguous, with its gradients
+    (and the probability targets) laid out like it."""
+    if columns:
+        n_outer, n_cols, n_inner = x.shape
+    else:
+        n_outer, n_inner, n_cols = x.shape
     dummy = stats  # any tensor: pointers of disabled features are never dereferenced
-    g = grad if grad is not None else x
-    rereads = not single and compute_lse and (grad is not None or grad_target is not None)
-    read_evict, reread_evict = ("evict_last", "evict_first") if rereads and L2_HINTS else ("", "")
-    launch(
-        _ce_kernel,
-        (n_outer * n_inner,),
+    common = dict(
         writes=non_null(loss_ptr=loss, stats_ptr=stats if compute_lse else None,
                         tsum_ptr=tsum if compute_lse and prob_target else None, grad_ptr=grad,
                         grad_target_ptr=grad_target),
@@ -400,7 +559,6 @@ def _launch_ce(
         loss_ptr=loss if loss is not None else dummy,
         stats_ptr=stats,
         tsum_ptr=tsum,
-        grad_ptr=g,
         grad_target_ptr=grad_target if grad_target is not None else dummy,
         denom_ptr=denom if denom is not None else dummy,
         weight_sum_ptr=weight_sum if weight_sum is not None else dummy,
@@ -408,10 +566,6 @@ def _launch_ce(
         n_cols=n_cols,
         n_inner=n_inner,
         n_rows=n_outer * n_inner,
-        stride_x_outer=x.stride(0),
-        stride_x_inner=x.stride(1),
-        stride_g_outer=g.stride(0),
-        stride_g_inner=g.stride(1),
         stride_grad_out=grad_out.stride(0) if grad_out is not None and grad_out.dim() else 0,
         ignore_index=ignore_index,
         smoothing=smoothing,
@@ -424,12 +578,53 @@ def _launch_ce(
         TARGET_GRAD=grad_target is not None,
         HAS_DENOM=denom is not None,
         HAS_GRAD_OUT=grad_out is not None,
+    )
+    if columns:
+        block_c = next_power_of_2(n_cols)
+        block_i = min(next_power_of_2(n_inner), max(1, COLUMNS_TILE // block_c))
+        n_inner_blocks = triton.cdiv(n_inner, block_i)
+        g = x  # the gradients are contiguous like x
+        t = target if prob_target else x
+        launch(
+            _ce_columns_kernel,
+            (n_outer * n_inner_blocks,),
+            grad_ptr=grad if grad is not None else dummy,
+            n_inner_blocks=n_inner_blocks,
+            stride_x_outer=x.stride(0),
+            stride_x_col=x.stride(1),
+            stride_x_inner=x.stride(2),
+            stride_t_outer=t.stride(0),
+            stride_t_col=t.stride(1),
+            stride_t_inner=t.stride(2),
+            stride_g_outer=g.stride(0),
+            stride_g_col=g.stride(1),
+            stride_g_inner=g.stride(2),
+            BLOCK_C=block_c,
+            BLOCK_I=block_i,
+            num_warps=COLUMNS_WARPS,
+            **common,
+        )
+        return
+
+    block, num_warps, single = block_config(n_cols)
+    g = grad if grad is not None else x
+    rereads = not single and compute_lse and (grad is not None or grad_target is not None)
+    read_evict, reread_evict = ("evict_last", "evict_first") if rereads and L2_HINTS else ("", "")
+    launch(
+        _ce_kernel,
+        (n_outer * n_inner,),
+        grad_ptr=g,
+        stride_x_outer=x.stride(0),
+        stride_x_inner=x.stride(1),
+        stride_g_outer=g.stride(0),
+        stride_g_inner=g.stride(1),
         SINGLE_BLOCK=single,
         BLOCK_SIZE=block,
         READ_EVICT=read_evict,
         REREAD_EVICT=reread_evict,
         WRITE_EVICT=reread_evict,
         num_warps=num_warps,
+        **common,
     )
 
 
@@ -440,12 +635,17 @@ def _launch_ce(
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of logits ``x`` of shape (outer, inner, C) (unit class stride) against
-    class indices (outer * inner,) or probabilities (outer * inner, C)."""
+    class indices (outer * inner,) or probabilities (outer * inner, C); with ``columns``, of
+    logits (outer, C, inner), contiguous, against class indices (outer * inner,) or
+    probabilities (outer, C, inner), contiguous."""
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, reduction, smoothing, prob_target,
-                inplace_backward, out_dtype):
-        n_outer, n_inner, n_cols = x.shape
+                inplace_backward, out_dtype, columns):
+        if columns:
+            n_outer, n_cols, n_inner = x.shape
+        else:
+            n_outer, n_inner, n_cols = x.shape
         n_rows = n_outer * n_inner
         device = x.device
         needs_x_grad = ctx.needs_input_grad[0]
@@ -474,7 +674,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             x, target, weight, loss=loss, stats=stats, tsum=tsum, grad=grad, grad_target=None,
             denom=denom, weight_sum=weight_sum, grad_out=None, ignore_index=ignore_index,
             smoothing=smoothing, grad_scale=grad_scale, prob_target=prob_target,
-            compute_lse=True,
+            compute_lse=True, columns=columns,
         )
         if fused and inplace_backward:
             # The logits' storage now holds their gradient: any other node that saved them
@@ -492,7 +692,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
         ctx.grad = grad
         ctx.overwritten = fused and inplace_backward
-        ctx.meta = (ignore_index, reduction, smoothing, prob_target, inplace_backward, grad_scale)
+        ctx.meta = (ignore_index, reduction, smoothing, prob_target, inplace_backward, grad_scale,
+                    columns)
         ctx.save_for_backward(
             None if ctx.overwritten else x, target, weight, stats, tsum, denom, weight_sum
         )
@@ -500,7 +701,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ignore_index, reduction, smoothing, prob_target, inplace, grad_scale = ctx.meta
+        ignore_index, reduction, smoothing, prob_target, inplace, grad_scale, columns = ctx.meta
         x, target, weight, stats, tsum, denom, weight_sum = ctx.saved_tensors
         grad_x = grad_t = None
         if torch.is_grad_enabled():
@@ -513,10 +714,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
             def loss_fn(x, target):
                 return _torch_cross_entropy(x, target, weight, ignore_index, reduction,
-                                            smoothing, prob_target)
+                                            smoothing, prob_target, columns)
 
             return (*differentiable_backward(ctx.needs_input_grad[:2], grad_out, loss_fn, x,
-                                             target), None, None, None, None, None, None, None)
+                                             target), None, None, None, None, None, None, None,
+                    None)
         if ctx.grad is not None:
             # First backward after a fused forward: the gradient is already there.
             grad_x, ctx.grad = ctx.grad, None
@@ -540,16 +742,21 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_target=grad_t, denom=denom, weight_sum=weight_sum,
                 grad_out=grad_out, ignore_index=ignore_index, smoothing=smoothing,
                 grad_scale=grad_scale, prob_target=prob_target, compute_lse=False,
+                columns=columns,
             )
             if inplace and grad_x is not None:
                 torch.autograd.graph.increment_version(x)
-        return grad_x, grad_t, None, None, None, None, None, None, None
+        return grad_x, grad_t, None, None, None, None, None, None, None, None
 
 
-def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, prob_target):
+def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, prob_target,
+                         columns):
     """The loss of CrossEntropyFunction's arguments in torch's ops (float32), for a
     differentiable backward. Out-of-range class targets give NaN as the kernels do, never an
     out-of-bounds read: torch sees them as ignored, then their rows are set to NaN."""
+    if columns:  # (outer, C, inner): rows last, as the row layout has them
+        x = x.movedim(1, -1)
+        target = target.movedim(1, -1).reshape(-1, x.shape[-1]) if prob_target else target
     x = x.reshape(-1, x.shape[-1]).float()
     weight = None if weight is None else weight.float()
     if prob_target:
@@ -599,22 +806,31 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, pro
     # version counter cannot be bumped): writing the gradient into them would save nothing.
     inplace_backward = inplace_backward and not torch.compiler.is_compiling()
     n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
+    # A K-dimensional input laid out (N, C, d1, ..., dK) (classes strided) with few classes
+    # runs in that layout; otherwise rows of classes with unit stride (copied if need be).
+    columns = (input.dim() > 2 and input.is_contiguous() and n_cols > 1
+               and n_cols <= COLUMNS_MAX_CLASSES)
     if input.dim() == 1:
         x, loss_shape = input.unsqueeze(0), ()
     elif input.dim() == 2:
         x, loss_shape = input, (input.shape[0],)
+    elif columns:
+        x = input.view(input.shape[0], n_cols, -1)
+        loss_shape = (input.shape[0], *input.shape[2:])
     else:
         x = input.movedim(1, -1)
         loss_shape = tuple(x.shape[:-1])
-    if prob_target:
+    if prob_target and columns:
+        t = target.reshape(x.shape).contiguous()
+    elif prob_target:
         t = target.unsqueeze(0) if target.dim() == 1 else target
         t = (t.movedim(1, -1) if t.dim() > 2 else t).reshape(-1, n_cols).contiguous()
     else:
         t = target.reshape(-1).contiguous()
     x, t, weight = detached_without_grad_mode(
-        _fold_rows(x), t, None if weight is None else weight.contiguous())
+        x if columns else _fold_rows(x), t, None if weight is None else weight.contiguous())
     loss = CrossEntropyFunction.apply(
         x, t, weight, ignore_index, reduction, smoothing, prob_target, inplace_backward,
-        out_dtype,
+        out_dtype, columns,
     )
     return loss.view(loss_shape) if reduction == "none" else loss

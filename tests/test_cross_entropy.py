@@ -160,6 +160,56 @@ def test_k_dimensional(backend, device, shape, reduction):
           label_smoothing=0.1)
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((2, 21, 40, 64), torch.bfloat16),  # segmentation-like: 20 tiles of 128 positions
+        ((3, 150, 7, 5), torch.float16),  # ADE20K's classes, a ragged last tile
+        ((2, 256, 9), torch.float32),  # the widest tiled class count
+        ((2, 257, 9), torch.float32),  # one more: rows of classes (a copy)
+        ((1, 2, 1000), torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_k_dimensional_tiles(backend, device, shape, dtype, reduction):
+    # (N, C, d1, ..., dK) contiguous: classes strided, read in place in tiles of positions
+    x = random_logits(shape, dtype, device)
+    t = class_target((shape[0],) + shape[2:], shape[1], device, ignore_frac=0.1)
+    check(x, t, reduction=reduction)
+    check(x, t, class_weight(shape[1], dtype, device), reduction=reduction,
+          label_smoothing=0.05)
+
+
+def test_k_dimensional_probabilities_and_layouts(backend, device):
+    shape = (2, 5, 6, 7)
+    x = random_logits(shape, torch.float32, device)
+    t = torch.softmax(random_logits(shape, torch.float32, device, seed=4), dim=1)
+    check(x, t, class_weight(5, torch.float32, device), grad_target=True, label_smoothing=0.1)
+    # channels-last: classes have unit stride, so rows of classes are read in place
+    cl = x.to(memory_format=torch.channels_last)
+    check(cl, class_target((2, 6, 7), 5, device), reduction="sum")
+    # a sliced K-dimensional input (not contiguous): rows of classes, copied
+    check(x[:, :, 1:, :], class_target((2, 5, 7), 5, device), reduction="none")
+
+
+def test_k_dimensional_upstream_gradients_and_double_backward(backend, device):
+    x = random_logits((2, 7, 5, 6), torch.bfloat16, device).requires_grad_(True)
+    t = class_target((2, 5, 6), 7, device, ignore_frac=0.2)
+    ref_x = x.detach().double().cpu().requires_grad_(True)
+    check_upstream_gradients(x, ref_x, lambda: fl.cross_entropy(x, t, label_smoothing=0.1),
+                             lambda: F.cross_entropy(ref_x, t.cpu(), label_smoothing=0.1),
+                             torch.bfloat16)
+    # create_graph=True through the tiled layout (torch's ops on the same view)
+    xf = x.detach().float().requires_grad_(True)
+    (g,) = torch.autograd.grad(fl.cross_entropy(xf, t), xf, create_graph=True)
+    (g * g).sum().backward()
+    ref = x.detach().double().cpu().requires_grad_(True)
+    (ref_g,) = torch.autograd.grad(F.cross_entropy(ref, t.cpu()), ref, create_graph=True)
+    (ref_g * ref_g).sum().backward()
+    assert_close(g, ref_g, torch.float32, "gradient")
+    assert_close(xf.grad, ref.grad, torch.float32, "Hessian-vector product")
+
+
 # --------------------------------------------------------------------------------------
 # probability targets
 # --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if torch.cuda.is_available():
     # The kernels are compiled for the GPU in this process; the byte counter needs the
@@ -93,3 +94,37 @@ def test_no_gradient_written_without_grad_mode(loss, mode):
         meter = measure(lambda: fn(x, t))
     print(f"\n{loss} under {mode}: {meter}")
     assert meter.bytes_stored <= 64 * 4 * 4  # per-row statistics or per-program partials
+
+
+class LogitsSizedOps(TorchDispatchMode):
+    """Records the torch ops (the kernels' launches aside) whose output has ``numel``
+    elements: a copy of the logits or of their gradient shows up here, not in the meter."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor) and o.numel() == self.numel:
+                self.ops.append(str(func))
+        return out
+
+
+# The floor here counts the int64 targets (8 B per position); the rest is O(positions): the
+# float32 loss and statistics, the denominator's second read of the targets.
+@pytest.mark.parametrize(("shape", "limit"), [((4, 21, 64, 64), 1.22), ((2, 150, 32, 32), 1.04)])
+def test_cross_entropy_traffic_k_dimensional(shape, limit):
+    """A segmentation-style (N, C, H, W) input is read in its own layout: no transposed copy
+    of the logits before the kernel, none of the gradient after it."""
+    x = torch.randn(shape, dtype=torch.bfloat16).requires_grad_(True)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    minimum = 2 * x.numel() * x.element_size() + t.numel() * t.element_size()
+    with LogitsSizedOps(x.numel()) as ops:
+        ratio = measure(lambda: fl.cross_entropy(x, t).backward()).ratio(minimum)
+    print(f"\ncross_entropy {tuple(shape)} bf16 mean fwd+bwd: {ratio:.4f}x the minimum")
+    copies = [op for op in ops.ops if op.split(".")[1] in ("clone", "copy_", "_to_copy")]
+    assert not copies
+    assert ratio <= limit
+    assert x.grad.stride() == x.stride()
