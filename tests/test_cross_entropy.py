@@ -41,11 +41,16 @@ def check(input, target, weight=None, grad_target=False, slack=1.0, **kwargs):
     }
     ref, ref_grads = loss_and_grads(F.cross_entropy, ref_inputs, names, round_to=out_dtype,
                                     **kwargs)
+    # The terms that cancel in d loss / d input: p_y and 1, times the row's weight and
+    # upstream gradient over the mean's denominator. That is the gradient of uniform logits.
+    _, uniform = loss_and_grads(F.cross_entropy, dict(ref_inputs, input=ref_inputs["input"] * 0),
+                                {"input"}, round_to=out_dtype, **kwargs)
+    terms = float(uniform["input"].abs().max())
     assert ours.dtype == out_dtype
     assert ours.device == input.device
     assert_close(ours, ref, out_dtype, "loss", slack)
     assert grads["input"].dtype == dtype
-    assert_close(grads["input"], ref_grads["input"], dtype, "d loss / d input", slack)
+    assert_close(grads["input"], ref_grads["input"], dtype, "d loss / d input", slack, terms)
     if grad_target:
         assert grads["target"].dtype == target.dtype
         assert_close(grads["target"], ref_grads["target"], target.dtype, "d loss / d target",
@@ -438,6 +443,33 @@ def test_hypothesis_class_targets(n_rows, n_classes, dtype, reduction, smoothing
             device = "cpu" if backend == "torch" else _kernel_device()
             x = random_logits((n_rows, n_classes), dtype, device, seed=seed)
             t = class_target((n_rows,), n_classes, device, ignore_index, ignore_frac, seed)
+            w = class_weight(n_classes, dtype, device, seed) if weighted else None
+            check(x, t, w, reduction=reduction, label_smoothing=smoothing,
+                  ignore_index=ignore_index)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(1, 3),
+    n_classes=st.integers(2, 260),
+    spatial=st.sampled_from([(1,), (7,), (3, 5), (130,), (2, 1, 3)]),
+    dtype=st.sampled_from(DTYPES),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    smoothing=st.sampled_from([0.0, 0.3]),
+    weighted=st.booleans(),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    ignore_index=st.sampled_from([-100, 0]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_k_dimensional(n, n_classes, spatial, dtype, reduction, smoothing, weighted,
+                                  ignore_frac, ignore_index, seed):
+    # (N, C, d1, ..., dK): tiles of positions up to 256 classes, rows of classes above
+    for backend in ("torch", "triton"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUSED_LOSSES_BACKEND", backend)
+            device = "cpu" if backend == "torch" else _kernel_device()
+            x = random_logits((n, n_classes, *spatial), dtype, device, seed=seed)
+            t = class_target((n, *spatial), n_classes, device, ignore_index, ignore_frac, seed)
             w = class_weight(n_classes, dtype, device, seed) if weighted else None
             check(x, t, w, reduction=reduction, label_smoothing=smoothing,
                   ignore_index=ignore_index)
