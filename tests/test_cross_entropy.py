@@ -43,8 +43,9 @@ def check(input, target, weight=None, grad_target=False, slack=1.0, **kwargs):
                                     **kwargs)
     # The terms that cancel in d loss / d input: p_y and 1, times the row's weight and
     # upstream gradient over the mean's denominator. That is the gradient of uniform logits.
-    _, uniform = loss_and_grads(F.cross_entropy, dict(ref_inputs, input=ref_inputs["input"] * 0),
-                                {"input"}, round_to=out_dtype, **kwargs)
+    uniform_inputs = dict(ref_inputs, input=torch.zeros_like(ref_inputs["input"]))
+    _, uniform = loss_and_grads(F.cross_entropy, uniform_inputs, {"input"}, round_to=out_dtype,
+                                **kwargs)
     terms = float(uniform["input"].abs().max())
     assert ours.dtype == out_dtype
     assert ours.device == input.device
