@@ -239,6 +239,7 @@ def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tens
     )
     return grad
 
+
 def detached_without_grad_mode(*tensors):
     """The operands as a loss's autograd Function should get them: detached where grad mode
     is off (``torch.no_grad``, ``inference_mode``). No graph is built there, yet the Function

@@ -418,7 +418,8 @@ def _ce_columns_kernel(
     inner = (pid - outer * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
     in_inner = inner < n_inner
     row = outer * n_inner + inner  # position index: targets, losses and statistics
-    cols = tl.arange(0, BLOCK_C)[:, None]
+    # int64: class x class stride exceeds 2^31 for a 16-class 512^3 volume
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)[:, None]
     in_tile = (cols < n_cols) & in_inner[None, :]
     x_ptrs = x_ptr + outer * stride_x_outer + cols * stride_x_col + inner[None, :] * stride_x_inner
     t_ptrs = (target_ptr + outer * stride_t_outer + cols * stride_t_col
