@@ -110,6 +110,20 @@ def _ce_denominator_kernel(
 
 
 @triton.jit
+def _ce_class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT: tl.constexpr):
+    """For class index(es) ``y``: counted (in range, not ignored), out of range (the loss is
+    NaN), and the class weight w_y (0 where not counted)."""
+    valid = y != ignore_index
+    ok = valid & (y >= 0) & (y < n_cols)
+    bad = valid & ((y < 0) | (y >= n_cols))
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.where(ok, 1.0, 0.0)
+    return ok, bad, w_y
+
+
+@triton.jit
 def _ce_class_coef(
     t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -238,13 +252,7 @@ def _ce_kernel(
         n_read = n_cols
     else:
         y = tl.load(target_ptr + row).to(tl.int64)
-        valid = y != ignore_index
-        ok = valid & (y >= 0) & (y < n_cols)
-        bad = valid & ((y < 0) | (y >= n_cols))
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y, mask=ok, other=0.0).to(tl.float32)
-        else:
-            w_y = tl.where(ok, 1.0, 0.0)
+        ok, bad, w_y = _ce_class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
         n_read = tl.where(ok, n_cols, 0)
     smooth_w = n_cols * 1.0  # sum of the class weights W (C without weights)
     if HAS_SMOOTHING and HAS_WEIGHT and not PROB_TARGET:
@@ -433,13 +441,7 @@ def _ce_columns_kernel(
         bad = in_inner & False
     else:
         y = tl.load(target_ptr + row, mask=in_inner, other=ignore_index).to(tl.int64)
-        valid = y != ignore_index
-        ok = valid & (y >= 0) & (y < n_cols)
-        bad = valid & ((y < 0) | (y >= n_cols))
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y, mask=ok, other=0.0).to(tl.float32)
-        else:
-            w_y = tl.where(ok, 1.0, 0.0)
+        ok, bad, w_y = _ce_class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
     mask = in_tile & ok[None, :]
     smooth_w = n_cols * 1.0
     if HAS_SMOOTHING and HAS_WEIGHT and not PROB_TARGET:
