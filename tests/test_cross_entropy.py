@@ -472,7 +472,10 @@ def test_hypothesis_k_dimensional(n, n_classes, spatial, dtype, reduction, smoot
             x = random_logits((n, n_classes, *spatial), dtype, device, seed=seed)
             t = class_target((n, *spatial), n_classes, device, ignore_index, ignore_frac, seed)
             w = class_weight(n_classes, dtype, device, seed) if weighted else None
-            check(x, t, w, reduction=reduction, label_smoothing=smoothing,
+            # torch's own float32 smoothing gradient (the eager path) is up to ~2x the
+            # tolerance off where p_c and e / C cancel over hundreds of rows; the kernels are not
+            slack = 3.0 if backend == "torch" and smoothing else 1.0
+            check(x, t, w, slack=slack, reduction=reduction, label_smoothing=smoothing,
                   ignore_index=ignore_index)
 
 
