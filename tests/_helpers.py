@@ -21,6 +21,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import fused_losses as fl
 
 # rtol: 2 ulps of the output dtype (float32: more, for sums over 262k terms).
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float64: 1e-12}
@@ -133,3 +136,26 @@ def check_upstream_gradients(x, ref_x, ours, theirs, dtype) -> None:
     both(lambda a, b: (a * 0).backward() or (b * 0).backward())
     both(twice)
     both(two_losses)
+
+
+# Each loss and torch's, for the tests that run all three the same way.
+LOSS_PAIRS = {
+    "cross_entropy": (fl.cross_entropy, F.cross_entropy),
+    "bce": (fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+    "huber": (fl.huber_loss, F.huber_loss),
+}
+
+
+def loss_operands(loss: str, shape, device, seed: int = 0):
+    """bfloat16 logits of ``shape`` and a target for ``loss`` (class indices, 0/1 labels or
+    values), drawn on the CPU from ``seed`` and ``seed + 1``."""
+    dtype = torch.bfloat16
+    x = random_logits(shape, dtype, "cpu", seed=seed)
+    if loss == "cross_entropy":
+        g = torch.Generator().manual_seed(seed + 1)
+        t = torch.randint(0, shape[1], shape[:1], generator=g)
+    elif loss == "bce":
+        t = (random_logits(shape, dtype, "cpu", seed=seed + 1) > 0).to(dtype)
+    else:
+        t = random_logits(shape, dtype, "cpu", seed=seed + 1)
+    return x.to(device), t.to(device)

@@ -9,44 +9,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _helpers import assert_close, random_logits
-
-import fused_losses as fl
+from _helpers import LOSS_PAIRS, assert_close, loss_operands
 
 pytestmark = pytest.mark.cuda
 
-LOSSES = {
-    "cross_entropy": (fl.cross_entropy, F.cross_entropy),
-    "bce": (fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
-    "huber": (fl.huber_loss, F.huber_loss),
-}
-
 
 def operands(loss, device, seed):
-    shape = (64, 40000 if loss == "cross_entropy" else 4096)
-    x = random_logits(shape, torch.bfloat16, device, seed=seed)
-    if loss == "cross_entropy":
-        g = torch.Generator().manual_seed(seed + 1)
-        t = torch.randint(0, shape[1], shape[:1], generator=g).to(device)
-    elif loss == "bce":
-        t = (random_logits(shape, torch.bfloat16, device, seed=seed + 1) > 0).to(torch.bfloat16)
-    else:
-        t = random_logits(shape, torch.bfloat16, device, seed=seed + 1)
-    return x, t
+    return loss_operands(loss, (64, 40000 if loss == "cross_entropy" else 4096), device, seed)
 
 
 def reference(loss, x, t):
     ref_x = x.detach().cpu().double().requires_grad_(True)
     t = t.cpu().double() if t.is_floating_point() else t.cpu()
-    out = LOSSES[loss][1](ref_x, t)
+    out = LOSS_PAIRS[loss][1](ref_x, t)
     (out * 0.5).backward()
     return out.detach(), ref_x.grad
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", list(LOSS_PAIRS))
 def test_cuda_graph_capture_and_replay(loss):
-    ours = LOSSES[loss][0]
+    ours = LOSS_PAIRS[loss][0]
     x, t = operands(loss, "cuda", seed=0)
     x.requires_grad_(True)
     half = torch.tensor(0.5, device="cuda", dtype=torch.bfloat16)
@@ -79,9 +61,9 @@ def test_cuda_graph_capture_and_replay(loss):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", list(LOSS_PAIRS))
 def test_tensors_on_a_gpu_other_than_the_current_one(loss):
-    ours = LOSSES[loss][0]
+    ours = LOSS_PAIRS[loss][0]
     x, t = operands(loss, "cuda:1", seed=0)
     x.requires_grad_(True)
     with torch.cuda.device(0):

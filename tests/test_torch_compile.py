@@ -14,7 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, check_upstream_gradients, loss_and_grads, random_logits
+from _helpers import (
+    LOSS_PAIRS,
+    assert_close,
+    check_upstream_gradients,
+    loss_and_grads,
+    loss_operands,
+    random_logits,
+)
 
 import fused_losses as fl
 
@@ -101,26 +108,6 @@ def test_huber_broadcast_target(backend, device, compiler):
           {"input", "target"}, dtype)
 
 
-LOSSES = {
-    "cross_entropy": (fl.cross_entropy, F.cross_entropy),
-    "bce": (fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
-    "huber": (fl.huber_loss, F.huber_loss),
-}
-
-
-def operands(loss, shape, device):
-    """Logits (bfloat16) and a target for ``loss``, made on the CPU from fixed seeds."""
-    dtype = torch.bfloat16
-    x = random_logits(shape, dtype, "cpu")
-    if loss == "cross_entropy":
-        t = torch.randint(0, shape[1], shape[:1], generator=torch.Generator().manual_seed(1))
-    elif loss == "bce":
-        t = (random_logits(shape, dtype, "cpu", seed=1) > 0).to(dtype)
-    else:
-        t = random_logits(shape, dtype, "cpu", seed=1)
-    return x.to(device), t.to(device)
-
-
 def upstream_gradients(compiled_fn, theirs, x, t):
     """A compiled backward holds no state between calls: scaled, used twice, a second
     backward through a retained graph, two losses off one forward."""
@@ -140,22 +127,22 @@ def no_donated_buffers():
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", list(LOSS_PAIRS))
 def test_upstream_gradients(backend, device, compiler, loss):
-    ours, theirs = LOSSES[loss]
-    x, t = operands(loss, (8, 50), device)
+    ours, theirs = LOSS_PAIRS[loss]
+    x, t = loss_operands(loss, (8, 50), device)
     with no_donated_buffers():
         upstream_gradients(compiled(ours, compiler), theirs, x, t)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", list(LOSS_PAIRS))
 def test_inductor(loss):
     """The kernels inside an Inductor graph at a language-model shape, after a compiled op:
     values and gradients, then the upstream-gradient patterns through the same graph (one
     compilation per loss: gpu_check.sh gives this file its own time)."""
-    ours, theirs = LOSSES[loss]
-    x, t = operands(loss, (64, 32000 if loss == "cross_entropy" else 8192), "cuda")
+    ours, theirs = LOSS_PAIRS[loss]
+    x, t = loss_operands(loss, (64, 32000 if loss == "cross_entropy" else 8192), "cuda")
 
     def fn(input, target):
         return ours(input * 1.0, target)
