@@ -37,8 +37,9 @@ def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
     are written and every other tensor only read. (A compiled launch needs no such list:
     torch finds its stores in the kernel's IR.)
     """
+    compiling = torch.compiler.is_compiling()
     if is_interpreted(kernel):
-        if torch.compiler.is_compiling():
+        if compiling:
             _launch_interpreted_op(kernel, grid, writes, kwargs)
             return
     elif _wrap_triton is not None:
@@ -48,7 +49,7 @@ def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
         kernel = _wrapped[key]
     # Triton launches on the *current* device; the tensors may live on another (a model split
     # over GPUs). Inductor's generated code sets the device itself.
-    index = None if torch.compiler.is_compiling() else _cuda_index(kwargs)
+    index = None if compiling else _cuda_index(kwargs)
     if index is not None and index != torch.cuda.current_device():
         with torch.cuda.device(index):
             kernel[grid](**kwargs)
