@@ -58,11 +58,18 @@ class Capture:
         self.launches = []
 
     def __enter__(self):
-        import fused_losses.kernels as pkg
+        from fused_losses.kernels import (  # noqa: F401  (every module that launches)
+            _common,
+            _elementwise,
+            bce,
+            cross_entropy,
+            cross_entropy_nd,
+            huber,
+        )
 
         # every kernel module imports ``launch`` by name: patch each binding
-        self._saved = [(m, m.launch) for m in vars(pkg).values()
-                       if hasattr(m, "launch") and hasattr(m, "__file__")]
+        modules = (_common, _elementwise, bce, cross_entropy, cross_entropy_nd, huber)
+        self._saved = [(m, m.launch) for m in modules if hasattr(m, "launch")]
 
         def record(kernel, grid, writes, **kwargs):
             self.launches.append((kernel, grid, kwargs))
@@ -139,14 +146,25 @@ def _variants():
                 for smoothing, weighted in ((0.0, False), (0.1, True)):
                     calls.append(("ce", n_cols, dtype, reduction, smoothing, weighted, False))
             calls.append(("ce", n_cols, dtype, "mean", 0.1, True, True))  # probabilities
-    # K-dimensional tiles (_ce_columns_kernel): few classes and the most there are
-    for n_cols in (21, ce.COLUMNS_MAX_CLASSES):
+        # softcap and z-loss (Gemma's LM head: bf16, plain and smoothed)
+        calls.append(("ce", n_cols, torch.bfloat16, "mean", 0.0, False, False, False, 30.0,
+                      1e-4))
+        calls.append(("ce", n_cols, torch.bfloat16, "none", 0.1, True, False, False, 30.0))
+    # few rows of a long vocabulary: rows split among programs (stats, combine, gradient)
+    for dtype in (torch.bfloat16, torch.float32):
+        for smoothing, weighted, softcap in ((0.0, False, None), (0.1, True, 30.0)):
+            calls.append(("ce", 131072, dtype, "mean", smoothing, weighted, False, False,
+                          softcap, 0.0, 2))
+    calls.append(("ce", 131072, torch.bfloat16, "mean", 0.1, True, True, False, None, 0.0, 2))
+    # K-dimensional tiles (cross_entropy_nd): few classes and the most there are
+    for n_cols in (21, ce.cross_entropy_nd.MAX_CLASSES):
         for dtype in (torch.bfloat16, torch.float32):
             for reduction in ("mean", "none"):
                 for smoothing, weighted in ((0.0, False), (0.1, True)):
                     calls.append(("ce", n_cols, dtype, reduction, smoothing, weighted, False,
                                   True))
             calls.append(("ce", n_cols, dtype, "mean", 0.1, True, True, True))
+        calls.append(("ce", n_cols, torch.bfloat16, "mean", 0.1, False, False, True, 5.0))
     # BCE / Huber: every operand mode (full, per column, per row, scalar) and pass (fused
     # forward, loss-only forward, backward with a scalar or a full upstream gradient, target
     # and weight gradients) at the (64, 8192) in bfloat16; float32, and the tile shapes
@@ -172,18 +190,21 @@ def _variants():
     return calls
 
 
-def _run_ce(n_cols, dtype, reduction, smoothing, weighted, prob, columns=False):
+def _run_ce(n_cols, dtype, reduction, smoothing, weighted, prob, columns=False, softcap=None,
+            z_loss=0.0, n_rows=None):
     from fused_losses.kernels import cross_entropy as ce
 
-    shape = (1, n_cols, 40) if columns else (1, 2, n_cols)  # (outer, C, inner) or rows
+    n_rows = n_rows or 2
+    shape = (1, n_cols, 40) if columns else (1, n_rows, n_cols)  # (outer, C, inner) or rows
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     if prob:
-        t = torch.rand(shape if columns else (2, n_cols), requires_grad=True)
+        t = torch.rand(shape if columns else (n_rows, n_cols), requires_grad=True)
     else:
-        t = torch.randint(0, n_cols, (40 if columns else 2,))
+        t = torch.randint(0, n_cols, (40 if columns else n_rows,))
     w = torch.rand(n_cols, dtype=dtype if not prob else torch.float32) if weighted else None
-    loss = ce.CrossEntropyFunction.apply(x, t, w, -100, reduction, smoothing, prob, False, dtype,
-                                         columns)
+    opts = ce.Options(reduction=reduction, smoothing=smoothing, softcap=softcap,
+                      z_loss=z_loss, prob_target=prob)
+    loss, _ = ce.CrossEntropyFunction.apply(x, t, w, opts, columns, dtype)
     loss.sum().backward(retain_graph=True)
     loss.sum().backward()  # the second backward recomputes: the backward-only variant
 

@@ -5,13 +5,15 @@ the Triton interpreter and on CUDA. The order of the checks follows PyTorch's (w
 wins when an input is wrong in two ways); ``tests/test_errors.py`` compares every message
 with the installed torch.
 
-Nothing here reads a CUDA tensor's values: the one data-dependent check, the range of
-class-index targets, runs only for CPU targets (no host sync on the GPU hot path). On CUDA an
-out-of-range target yields NaN for its row instead (see ``kernels/cross_entropy.py``).
+Nothing here decides where a call runs. The data-dependent checks (the range of class-index
+targets, ``check_target_values``) are separate, for the caller to run where reading values on
+the host costs nothing (CPU tensors): on CUDA an out-of-range target yields NaN for its row
+instead (see ``kernels/cross_entropy.py``).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import warnings
@@ -19,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import _reduction
-
-from ._backend import functorch_wrapped
 
 # The names PyTorch's C++ messages use for dtypes ("expected ... but got Int").
 _SCALAR_TYPE_NAMES = {
@@ -108,7 +108,8 @@ def check_cross_entropy(
     label_smoothing: float,
     input_dtype: torch.dtype | None = None,
 ) -> CrossEntropySpec:
-    """Every check ``torch.nn.functional.cross_entropy`` makes, with its exception and words.
+    """Every check ``torch.nn.functional.cross_entropy`` makes but the target values', with
+    its exception and words, in its order.
 
     ``input`` has at least one dimension and a floating dtype (the caller hands 0-d and
     integer inputs to torch itself, which raises its own errors for them). ``input_dtype``:
@@ -173,15 +174,51 @@ def check_cross_entropy(
                 f"expected scalar type {scalar_type_name(input_dtype)} but found "
                 f"{scalar_type_name(weight.dtype)}"
             )
-
-    if not (target.is_cuda or torch.compiler.is_compiling() or functorch_wrapped(target)):
-        # A host sync that torch.compile cannot trace: under it, a bad target's row is NaN
-        # (as on CUDA), or the compiled gather's own bounds check raises. Under vmap the
-        # eager path runs, and torch's own op checks.
-        check_target_range(target, n_classes, ignore_index)
+    if input.dim() > 2 and target.dtype == torch.uint8 and target.numel() > 0:
+        # torch's K-dimensional path takes int64 targets only (its 1-D and 2-D ones Byte too)
+        raise RuntimeError("expected scalar type Long but found Byte")
 
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
     return CrossEntropySpec(False, n_classes, smoothing)
+
+
+def check_target_values(target: torch.Tensor, spec: CrossEntropySpec, weight, ignore_index: int,
+                        reduction: str) -> None:
+    """The checks of class-index targets that read their values (CPU tensors only), in
+    torch's order: ``IndexError("Target 7 is out of bounds.")`` for the first bad class
+    index, then the error torch's weighted, smoothed mean raises for uint8 targets (its
+    ``gather`` takes int64 indices only) unless every target is ignored there."""
+    t = target.to(torch.int64)
+    bad = (t != ignore_index) & ((t < 0) | (t >= spec.n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+    if uint8_weighted_smoothed_mean(target, spec, weight, reduction):
+        # torch compares uint8 targets with ignore_index in uint8 in its smoothing term
+        if bool((t != ignore_index % 256).any()):
+            raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+
+
+def uint8_weighted_smoothed_mean(target, spec: CrossEntropySpec, weight, reduction) -> bool:
+    """A call torch refuses when any target is counted (see ``check_target_values``): on
+    CUDA, where the values are not read, it is refused whenever there are targets."""
+    return (target.dtype == torch.uint8 and weight is not None and spec.smoothing > 0.0
+            and reduction == "mean" and target.numel() > 0)
+
+
+def check_cross_entropy_extras(softcap, z_loss) -> tuple[float | None, float]:
+    """``softcap`` (None, or a finite number > 0) and ``z_loss`` (a finite number >= 0), or
+    ``ValueError``."""
+    if softcap is not None:
+        if not _real(softcap) or not 0.0 < float(softcap) < math.inf:
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+        softcap = float(softcap)
+    if not _real(z_loss) or not 0.0 <= float(z_loss) < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return softcap, float(z_loss)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor) -> None:
@@ -217,14 +254,6 @@ def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor) -> None
             raise RuntimeError(
                 f"Expected target size [{', '.join(map(str, expected))}], got {_shape(target)}"
             )
-
-
-def check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    """``IndexError("Target 7 is out of bounds.")`` for the first bad class index (CPU only)."""
-    t = target.to(torch.int64)
-    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
-    if bool(bad.any()):
-        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
 
 
 def check_float_argument(fn: str, name: str, position: int, value) -> float:

@@ -1,8 +1,9 @@
 """The public functional API: the signatures of ``torch.nn.functional``, validate -> dispatch.
 
-Each function checks its arguments with torch's exceptions and words (``_validation``), then
-runs the Triton kernels (``fused_losses.kernels``) or the eager path (``_reference``), as
-``_backend`` decides. Extras beyond torch's signature are keyword-only.
+Each function checks its arguments with torch's exceptions and words (``_validation``), works
+out torch's result dtype (autocast included), then runs the Triton kernels or the eager
+formula (``fused_losses.kernels.eager``), as ``_dispatch.use_kernels`` decides. Extras beyond
+torch's signature are keyword-only.
 """
 
 from __future__ import annotations
@@ -13,43 +14,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _reference
+from . import _dispatch
 from ._validation import (
     check_binary_cross_entropy_with_logits,
     check_cross_entropy,
+    check_cross_entropy_extras,
     check_float_argument,
     check_huber,
     check_int,
+    check_target_values,
     check_tensor,
     resolve_reduction,
+    uint8_weighted_smoothed_mean,
 )
+from .kernels import eager
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "huber_loss"]
-
-
-# torch.autocast runs these three losses in float32: it casts every floating operand but a
-# float64 one to float32 before the op, so the result is float32 (float64 where an operand
-# is), class weights in float32 go with bfloat16 logits, and so on. The kernels read any
-# dtype and compute in float32 anyway, so the large operands (input, target) are not copied:
-# only the dtypes torch would see change, and the small weights are cast.
-
-
-def _autocast_on(input: torch.Tensor) -> bool:
-    """Whether torch.autocast is enabled for the input's device."""
-    try:
-        return torch.is_autocast_enabled(input.device.type)
-    except RuntimeError:  # a device type autocast does not know
-        return False
-
-
-def _autocast_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype autocast hands a float32 op for an operand of ``dtype``."""
-    floating = dtype.is_floating_point and dtype != torch.float64
-    return torch.float32 if floating else dtype
-
-
-def _autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None else t.to(_autocast_dtype(t.dtype))
 
 
 def cross_entropy(
@@ -62,8 +42,11 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
     inplace_backward: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy between input logits and target, as
     :func:`torch.nn.functional.cross_entropy`.
 
@@ -77,6 +60,13 @@ def cross_entropy(
     :math:`\sum_n w_{y_n}` over the non-ignored targets. For probability targets
     :math:`\ell_n = -\sum_c w_c t'_{n,c} \log \operatorname{softmax}(x_n)_c` with
     :math:`t' = (1-\epsilon) t + \epsilon / C`, and ``mean`` divides by the number of rows.
+
+    With ``softcap`` the logits are first replaced by ``softcap * tanh(logits / softcap)``
+    (Gemma 2/3's final-logit softcapping). With ``z_loss`` each counted row adds
+    ``z_loss * lse**2`` (PaLM's auxiliary loss, ``lse`` the log-sum-exp of the softcapped
+    logits), reduced like the loss but **unweighted**: ``none`` adds it per row, ``sum`` sums
+    it, ``mean`` divides it by the number of non-ignored rows (by every row for probability
+    targets), whatever the class weights.
 
     On CUDA the loss and its gradient come from fused Triton kernels (float32 math inside);
     elsewhere from eager PyTorch in float32. The result has the input's dtype (for probability
@@ -93,6 +83,14 @@ def cross_entropy(
         reduce (bool, optional): deprecated (see ``reduction``). Default: ``None``
         reduction (str, optional): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``
         label_smoothing (float, optional): in :math:`[0.0, 1.0]`. Default: ``0.0``
+        softcap (float, optional, keyword-only): cap the logits at ``±softcap`` with
+            ``softcap * tanh(logits / softcap)`` before anything else; ``> 0``. Default:
+            ``None``
+        z_loss (float, optional, keyword-only): the weight of the z-loss, ``>= 0``.
+            Default: ``0.0``
+        return_z_loss (bool, optional, keyword-only): return ``(loss, z_term)``, ``z_term``
+            the reduced z-loss part of the loss alone, for logging (computed in the same
+            pass, not differentiable; zeros without ``z_loss``). Default: ``False``
         inplace_backward (bool, optional, keyword-only): on the kernel path, write the
             gradient into the logits' storage instead of a new logits-sized buffer (the
             logits hold garbage afterwards). Refused for a leaf tensor that requires grad; a
@@ -116,57 +114,52 @@ def cross_entropy(
     reduction = resolve_reduction(size_average, reduce, reduction)
     ignore_index = check_int(fn, "ignore_index", 5, ignore_index)
     label_smoothing = check_float_argument(fn, "label_smoothing", 6, label_smoothing)
+    softcap, z_loss = check_cross_entropy_extras(softcap, z_loss)
 
     if input.dim() == 0 or not input.is_floating_point():
         # Nothing a kernel runs: torch raises (or answers) for these itself.
-        return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction,
+        loss = F.cross_entropy(input, target, weight, None, ignore_index, None, reduction,
                                label_smoothing)
-    autocast = _autocast_on(input)
+        return (loss, torch.zeros_like(loss)) if return_z_loss else loss
+    autocast = _dispatch.autocast_on(input)
     if autocast:
-        weight = _autocast_cast(weight)
-    input_dtype = _autocast_dtype(input.dtype) if autocast else input.dtype
+        weight = _dispatch.autocast_cast(weight)
+    input_dtype = _dispatch.autocast_dtype(input.dtype) if autocast else input.dtype
     spec = check_cross_entropy(input, target, weight, ignore_index, label_smoothing,
                                input_dtype)
+    if not spec.prob_target:
+        if _dispatch.reads_values_on_host(target):
+            check_target_values(target, spec, weight, ignore_index, reduction)
+        elif uint8_weighted_smoothed_mean(target, spec, weight, reduction):
+            raise RuntimeError("gather(): Expected dtype int32/int64 for index")
     if inplace_backward and input.is_leaf and input.requires_grad:
         raise RuntimeError(
             "cross_entropy(..., inplace_backward=True) would overwrite a leaf tensor that "
             "requires grad; pass a non-leaf tensor (the output of the layer before the loss)"
         )
 
-    n_rows = input.numel() // max(spec.n_classes, 1)
     wide = [input.dtype]
     if spec.prob_target:
         wide += [target.dtype] + ([weight.dtype] if weight is not None else [])
     # torch's result dtype: the input's; for probabilities, input, target and weight promoted
     out_dtype = functools.reduce(torch.promote_types, wide)
     if autocast:
-        out_dtype = _autocast_dtype(out_dtype)
-    if (
-        _backend.use_kernels(input)
-        and n_rows > 0
-        and spec.n_classes > 0
-        and torch.float64 not in wide
-    ):
-        kernels = _backend.kernels_for(input)
-        return kernels.cross_entropy.cross_entropy(
-            input, target, weight, ignore_index, reduction, spec.smoothing, spec.prob_target,
-            inplace_backward, out_dtype,
-        )
-    return _reference.cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, spec.prob_target,
-        out_dtype,
-    )
-
-
-def _kernel_operands(input: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """True when the kernels can read every operand: kernel dtypes (bool weights too), all on
-    the input's device. Anything else runs eagerly, where torch decides (and raises)."""
-    return all(
-        t is None
-        or (t.device == input.device
-            and (t.dtype in _backend.KERNEL_DTYPES or t.dtype == torch.bool))
-        for t in others
-    )
+        out_dtype = _dispatch.autocast_dtype(out_dtype)
+    opts = eager.Options(ignore_index, reduction, spec.smoothing, softcap, z_loss,
+                         spec.prob_target, inplace_backward)
+    # torch's smoothing term compares uint8 targets with ignore_index in uint8 (-100 counts
+    # as 156): only the eager path reproduces that, where the two comparisons can differ.
+    uint8_quirk = (target.dtype == torch.uint8 and spec.smoothing > 0.0
+                   and not 0 <= ignore_index < 256)
+    if _dispatch.use_kernels(input, target, weight, other_dtypes=(torch.int64, torch.uint8),
+                             supported=not uint8_quirk):
+        loss, z = _dispatch.kernels("cross_entropy").cross_entropy(input, target, weight, opts,
+                                                                   out_dtype)
+    else:
+        loss, z = eager.cross_entropy(input, target, weight, opts, out_dtype)
+    if not return_z_loss:
+        return loss
+    return loss, (z if z is not None else torch.zeros_like(loss))
 
 
 def binary_cross_entropy_with_logits(
@@ -229,20 +222,14 @@ def binary_cross_entropy_with_logits(
     check_binary_cross_entropy_with_logits(input, target, weight, pos_weight)
     # torch's loss has the target's dtype (it is computed in place in ``1 - target``)
     out_dtype = target.dtype
-    if _autocast_on(input):
-        weight, pos_weight = _autocast_cast(weight), _autocast_cast(pos_weight)
-        out_dtype = _autocast_dtype(out_dtype)
-
-    if (
-        _backend.use_kernels(input)
-        and input.numel() > 0
-        and _kernel_operands(input, target, weight, pos_weight)
-    ):
-        kernels = _backend.kernels_for(input)
-        return kernels.bce.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                            reduction, out_dtype)
-    return _reference.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                       reduction, out_dtype)
+    if _dispatch.autocast_on(input):
+        weight, pos_weight = _dispatch.autocast_cast(weight), _dispatch.autocast_cast(pos_weight)
+        out_dtype = _dispatch.autocast_dtype(out_dtype)
+    if _dispatch.use_kernels(input, target, weight, pos_weight):
+        return _dispatch.kernels("bce").binary_cross_entropy_with_logits(
+            input, target, weight, pos_weight, reduction, out_dtype)
+    return eager.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
+                                                  reduction).to(out_dtype)
 
 
 def huber_loss(
@@ -295,20 +282,16 @@ def huber_loss(
     shape, reduction, delta = check_huber(input, target, reduction, delta, weight)
 
     out_dtype = input.dtype
-    if _autocast_on(input):
-        weight = _autocast_cast(weight)
-        out_dtype = _autocast_dtype(out_dtype)
+    if _dispatch.autocast_on(input):
+        weight = _dispatch.autocast_cast(weight)
+        out_dtype = _dispatch.autocast_dtype(out_dtype)
     if weight is not None:
         # torch multiplies the unweighted loss (the broadcast shape, the input's dtype) by the
         # weight: its promotion, 0-d rules included
         unweighted = torch.empty((0,) * min(len(shape), 1), dtype=out_dtype, device="meta")
         out_dtype = torch.result_type(unweighted, weight)
-    if (
-        _backend.use_kernels(input)
-        and math.prod(shape) > 0
-        and _kernel_operands(input, target, weight)
-        and target.dtype != torch.bool
-    ):
-        kernels = _backend.kernels_for(input)
-        return kernels.huber.huber_loss(input, target, weight, reduction, delta, out_dtype)
-    return _reference.huber_loss(input, target, weight, reduction, delta, out_dtype)
+    if _dispatch.use_kernels(input, target, weight, numel=math.prod(shape),
+                             supported=target.dtype != torch.bool):
+        return _dispatch.kernels("huber").huber_loss(input, target, weight, reduction, delta,
+                                                     out_dtype)
+    return eager.huber_loss(input, target, weight, reduction, delta).to(out_dtype)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._validation import check_cross_entropy_extras
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss"]
 
@@ -21,8 +22,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     Args:
         weight, size_average, ignore_index, reduce, reduction, label_smoothing: as
             :class:`torch.nn.CrossEntropyLoss`.
-        inplace_backward (bool, keyword-only): see :func:`fused_losses.cross_entropy`.
-            Default: ``False``
+        softcap, z_loss, return_z_loss, inplace_backward (keyword-only): see
+            :func:`fused_losses.cross_entropy`. Defaults: ``None``, ``0.0``, ``False``,
+            ``False``
     """
 
     def __init__(
@@ -34,12 +36,17 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_z_loss: bool = False,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.softcap, self.z_loss = check_cross_entropy_extras(softcap, z_loss)
+        self.return_z_loss = return_z_loss
         self.inplace_backward = inplace_backward
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
         return F.cross_entropy(
             input,
             target,
@@ -47,8 +54,17 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            return_z_loss=self.return_z_loss,
             inplace_backward=self.inplace_backward,
         )
+
+    def extra_repr(self) -> str:
+        extras = [f"{name}={getattr(self, name)}" for name, default in
+                  (("softcap", None), ("z_loss", 0.0), ("return_z_loss", False))
+                  if getattr(self, name) != default]
+        return ", ".join(extras)
 
 
 class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):

@@ -5,6 +5,9 @@ Imported by every kernel file; nothing here is loss-specific.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -23,46 +26,137 @@ _wrapped: dict[int, object] = {}
 
 
 def is_interpreted(kernel) -> bool:
-    """True when Triton built ``kernel`` for its interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton built ``kernel`` for its interpreter (``TRITON_INTERPRET=1`` when it
+    was defined)."""
     return not isinstance(kernel, JITFunction)
 
 
 def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
-    """``kernel[grid](**kwargs)``, through ``torch.library.wrap_triton`` where it exists.
+    """``kernel[grid](**kwargs)``: compiled for CUDA tensors, interpreted for CPU tensors.
 
-    ``wrap_triton`` makes the launch visible to torch.compile (no graph break) and is a
-    direct call in eager mode. Interpreted kernels are not ``JITFunction``s and run as they
-    are, or, while torch.compile traces, as the opaque op ``fused_losses::interpret``, which
-    is told that the tensors named in ``writes`` (the pointers this launch stores through)
-    are written and every other tensor only read. (A compiled launch needs no such list:
-    torch finds its stores in the kernel's IR.)
+    CUDA launches go through ``torch.library.wrap_triton`` where it exists, which makes them
+    visible to torch.compile (no graph break) and is a direct call in eager mode. CPU tensors
+    run the same kernel under the Triton interpreter (``interpret``), whatever imported triton
+    first and however: the choice is made per launch, not when the kernels are defined. While
+    torch.compile traces, an interpreted launch becomes the opaque op
+    ``fused_losses::interpret``, which is told that the tensors named in ``writes`` (the
+    pointers this launch stores through) are written and every other tensor only read. (A
+    compiled launch needs no such list: torch finds its stores in the kernel's IR.)
     """
     compiling = torch.compiler.is_compiling()
-    if is_interpreted(kernel):
+    device = _device_of(kwargs)
+    if device is None or device.type == "cpu" or is_interpreted(kernel):
         if compiling:
             _launch_interpreted_op(kernel, grid, writes, kwargs)
-            return
-    elif _wrap_triton is not None:
+        else:
+            interpret(kernel, grid, kwargs)
+        return
+    if _wrap_triton is not None:
         key = id(kernel)
         if key not in _wrapped:
             _wrapped[key] = _wrap_triton(kernel)
         kernel = _wrapped[key]
     # Triton launches on the *current* device; the tensors may live on another (a model split
     # over GPUs). Inductor's generated code sets the device itself.
-    index = None if compiling else _cuda_index(kwargs)
-    if index is not None and index != torch.cuda.current_device():
-        with torch.cuda.device(index):
+    if not compiling and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device.index):
             kernel[grid](**kwargs)
         return
     kernel[grid](**kwargs)
 
 
-def _cuda_index(kwargs: dict) -> int | None:
-    """The CUDA device of a launch's tensors (all on one device: check_same_device)."""
+def _device_of(kwargs: dict) -> torch.device | None:
+    """The device of a launch's tensors (all on one device: the dispatch checks it)."""
     for value in kwargs.values():
         if isinstance(value, torch.Tensor):
-            return value.device.index if value.is_cuda else None
+            return value.device
     return None
+
+
+# ------------------------------------------------------------------------------------------
+# The Triton interpreter, per launch
+#
+# Triton fixes at decoration time whether a @triton.jit function is compiled or interpreted
+# (TRITON_INTERPRET, read when it is defined), and so does every helper of its standard
+# library (tl.max, tl.sum...), defined when triton is first imported. A process that imported
+# triton before asking for the interpreter (any torch.optim optimizer, torch._dynamo,
+# transformers...) could not interpret a kernel: "Cannot call @triton.jit'd outside of the
+# scope of a kernel". So a CPU launch runs the kernel's Python function as an
+# InterpretedFunction, in a scope where every JITFunction it calls is interpreted too.
+# ------------------------------------------------------------------------------------------
+
+_interpreted: dict[object, object] = {}  # Python function -> its InterpretedFunction
+_interpreter_lock = threading.RLock()
+
+
+def interpret(kernel, grid: tuple, kwargs: dict) -> None:
+    """Run ``kernel[grid](**kwargs)`` under the Triton interpreter (CPU tensors)."""
+    with _interpreter_scope():
+        _as_interpreted(kernel)[grid](**kwargs)
+
+
+def _as_interpreted(kernel):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    fn = kernel.fn
+    if fn not in _interpreted:
+        _interpreted[fn] = InterpretedFunction(fn)
+    return _interpreted[fn]
+
+
+@contextlib.contextmanager
+def _interpreter_scope():
+    """While an interpreted kernel runs: JITFunctions it calls are interpreted, Triton's
+    ``interpret`` knob is on, float32 -> bfloat16 casts round as on the GPU, and the numpy
+    warnings of the interpreter's arithmetic (log2(0) of an empty row, inf - inf selected
+    away by tl.where) are silenced: the GPU computes the same values without a word."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    with _interpreter_lock:
+        saved_call = JITFunction.__call__
+        saved_cast = interpreter.InterpreterBuilder.cast_impl
+        knobs = getattr(triton, "knobs", None)
+        saved_knob = knobs.runtime.interpret if knobs is not None else None
+
+        def call(self, *args, **kwargs):  # a helper called from an interpreted kernel
+            return _as_interpreted(self)(*args, **kwargs)
+
+        JITFunction.__call__ = call
+        interpreter.InterpreterBuilder.cast_impl = _gpu_rounding_cast(saved_cast)
+        if knobs is not None:
+            knobs.runtime.interpret = True
+        try:
+            with np.errstate(all="ignore"):
+                yield
+        finally:
+            JITFunction.__call__ = saved_call
+            interpreter.InterpreterBuilder.cast_impl = saved_cast
+            if knobs is not None:
+                knobs.runtime.interpret = saved_knob
+
+
+def _gpu_rounding_cast(original):
+    """The interpreter's cast, rounding float32 -> bfloat16 to nearest-even as the GPU does.
+
+    Symptom it fixes: under the interpreter, ``x.to(tl.bfloat16)`` truncates the mantissa (up
+    to 1 ulp low, and a double rounding compounds it), while compiled kernels round to
+    nearest-even (``cvt.rn.bf16.f32``). The interpreter's explicit ``rtne`` path is no help:
+    it drops the carry when the mantissa is all ones.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.ascontiguousarray(src.data, dtype=np.float32)
+            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
+            return interpreter.TensorHandle(rounded.view(np.uint16), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    return cast_impl
 
 
 def non_null(**pointers: torch.Tensor | None) -> tuple[str, ...]:
@@ -132,7 +226,7 @@ def _interpret(kernel: str, grid: list[int], names: str, written: list[torch.Ten
     for alias in aliases:
         key, index = alias.split("=")
         kwargs[key] = written[int(index)]
-    _INTERPRETED[kernel][tuple(grid)](**kwargs)
+    interpret(_INTERPRETED[kernel], tuple(grid), kwargs)
 
 
 @_interpret.register_fake
@@ -152,20 +246,6 @@ def num_warps_for(block_size: int, elems_per_thread: int = 16, max_warps: int = 
     """
     warps = block_size // (32 * elems_per_thread)
     return max(1, min(max_warps, next_power_of_2(warps)))
-
-
-def check_same_device(input: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """torch's RuntimeError for operands on another device than the input.
-
-    A kernel handed a CPU pointer (or another GPU's) would read out of bounds, so this runs
-    before every launch; torch's own ops raise the same way.
-    """
-    for name, t in others.items():
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                "Expected all tensors to be on the same device, but found at least two "
-                f"devices, {input.device} and {t.device}! ({name} is on {t.device})"
-            )
 
 
 def float32_scratch(n: int, device: torch.device) -> torch.Tensor:
@@ -272,31 +352,3 @@ def differentiable_backward(needs_input_grad, grad_out, loss_fn, *inputs):
         grads = iter(torch.autograd.grad(loss, wrt, grad_out, create_graph=True))
     return tuple(next(grads) if need else None
                  for need in needs_input_grad[:len(inputs)])
-
-
-def match_gpu_rounding_in_interpreter() -> None:
-    """Make the Triton interpreter round float32 -> bfloat16 casts to nearest-even, as the GPU.
-
-    Symptom it fixes: under TRITON_INTERPRET=1, ``x.to(tl.bfloat16)`` truncates the mantissa
-    (up to 1 ulp low, and a double rounding compounds it), while compiled kernels round to
-    nearest-even (``cvt.rn.bf16.f32``). The interpreter's explicit ``rtne`` path is no help: it
-    drops the carry when the mantissa is all ones. Only the interpreter is patched; compiled
-    kernels are untouched.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    original = builder.cast_impl
-    if getattr(original, "_rounds_like_gpu", False):
-        return
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = np.ascontiguousarray(src.data, dtype=np.float32)
-            rounded = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(rounded.view(np.uint16), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    cast_impl._rounds_like_gpu = True
-    builder.cast_impl = cast_impl

@@ -32,12 +32,11 @@ Offsets are int64 (rows x cols may exceed 2^31); math is float32 whatever the dt
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import eager
 from ._common import (
-    check_same_device,
     detached_without_grad_mode,
     differentiable_backward,
     float32_scratch,
@@ -256,8 +255,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True
             ctx.grad = None
-            loss_fn = lambda x, t: F.binary_cross_entropy_with_logits(  # noqa: E731
-                x.float(), t.float(), _float(w), pos_weight=_float(pw), reduction=ctx.reduction)
+            loss_fn = lambda x, t: eager.binary_cross_entropy_with_logits(  # noqa: E731
+                x, t, w, pw, ctx.reduction)
             return (*differentiable_backward(needs, grad_out, loss_fn, x, t), None, None, None,
                     None)
         grad_x = grad_t = None
@@ -276,10 +275,6 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         return grad_x, grad_t, None, None, None, None
 
 
-def _float(t):
-    return None if t is None else t.float()
-
-
 # ------------------------------------------------------------------------------------------
 # entry point (arguments already validated by fused_losses.functional)
 # ------------------------------------------------------------------------------------------
@@ -288,7 +283,6 @@ def _float(t):
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction, out_dtype):
     """The kernels' loss for a validated call with floating input and target of one shape,
     at least one element, and weights that broadcast to it; the result in ``out_dtype``."""
-    check_same_device(input, target=target, weight=weight, pos_weight=pos_weight)
     shape = input.shape
     w = None if weight is None else weight.expand(shape)
     pw = None if pos_weight is None else pos_weight.expand(shape)

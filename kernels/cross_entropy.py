@@ -1,30 +1,34 @@
-"""Cross-entropy over class logits: kernels, launchers and the autograd.Function, top to bottom.
+"""Cross-entropy over rows of class logits: kernels, launchers and the autograd.Function.
 
-Design (see ../shared/PERFORMANCE.md, "Designs and what they move"):
+Design (see ../shared/PERFORMANCE.md, "Designs and what they move"); the arithmetic is in
+``_ce_math.py``, the K-dimensional (N, C, d1, ..., dK) layout in ``cross_entropy_nd.py``.
 
-- One program per row (a token, or a position of a K-dimensional input). Its log-sum-exp is
-  computed online in one read pass over the row, in float32, with ``exp2``.
-- ``mean``/``sum`` with an input that needs its gradient (the language-model case): the
-  forward kernel writes the gradient right after the log-sum-exp, re-reading the row while it
-  is still in L2 (the second pass runs backwards, so the blocks read last are re-read first,
-  and eviction hints keep the row in L2 ahead of the gradient streaming out).
-  Rows of up to ``SINGLE_BLOCK_MAX`` classes are held in registers instead: one read, one
-  write. The backward then only scales that buffer by the upstream gradient, and a kernel
-  that reads the upstream gradient on the device skips even that when it is 1.
+- ``_ce_row_kernel``: one program per row (a token). Its statistics (max, sum of exponentials,
+  the smoothing sums) are computed online in one read pass, in float32, with ``exp2``; then
+  its loss and z-loss term. ``mean``/``sum`` with an input that needs its gradient (training)
+  write the gradient in the same program, right after: rows of up to ``SINGLE_BLOCK_MAX``
+  classes are held in registers (one read of the logits, one write of the gradient); longer
+  rows are re-read backwards while they are still in L2, with eviction hints keeping the row
+  there ahead of the gradient streaming out. The backward then only scales that buffer by
+  the upstream gradient on the device (``scale_by_upstream_``: no traffic when it is 1).
   HBM traffic: logits read once (+ the L2 re-read), gradient written once.
-- ``none``, a second backward (``retain_graph=True``), and gradients for probability targets
-  keep the forward to the read pass and compute the gradient in the backward from the saved
-  log-sum-exp (one more read of the logits; the per-row upstream gradient is known there).
-- The mean's denominator (the summed weights of non-ignored targets) is computed on the device
-  before the main kernel, so no value ever crosses to the host.
+- Few rows and a long vocabulary (``split_plan``): each row is split among several programs
+  (``_ce_stats_kernel``), their statistics merged (``_ce_combine_kernel``) and the gradient
+  written by ``_ce_grad_kernel``, a program per split again, so the GPU's SMs are all busy.
+- ``none``, a second backward (``retain_graph=True``) and gradients for probability targets
+  keep the forward to the statistics and compute the gradient in the backward
+  (``_ce_grad_kernel``) from the saved statistics: one more read of the logits.
+- The mean's denominators (summed weights, and the count of rows for the z-loss) are computed
+  on the device before the main kernel: no value ever crosses to the host.
+
+The launchers below (``denominators``, ``row_losses``, ``partial_stats``, ``combine_stats``,
+``grad_from_stats``) are the building blocks of the LM head and the vocab-parallel loss too:
+``partial_stats`` and ``grad_from_stats`` take a block of a row's classes, ``[class_offset,
+class_offset + width)`` of ``n_classes``, so a target outside the block is "elsewhere" (another
+chunk, another rank), and the gradient can be written into any buffer, the logits included.
 
 Rows are addressed as (outer, inner) pairs with their own strides, so a causal-LM shift view
-``logits[:, :-1, :]`` or a channels-last K-dimensional input runs without a copy. The class
-dimension must have unit stride there (it is copied otherwise), except for the usual
-K-dimensional layout: a contiguous (N, C, d1, ..., dK) input of up to ``COLUMNS_MAX_CLASSES``
-classes (segmentation) runs ``_ce_columns_kernel``, the same arithmetic over tiles of every
-class x a block of consecutive positions, loaded along the positions, its gradient written in
-the input's layout.
+``logits[:, :-1, :]`` or a channels-last input runs without a copy (classes with unit stride).
 
 Out-of-range class targets on CUDA are not checked on the host (that would be a sync): the
 row's loss and gradient are NaN instead, and so is a ``mean``. CPU targets are checked by
@@ -34,14 +38,24 @@ row's loss and gradient are NaN instead, and so is a ``mean``. CPU targets are c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cross_entropy_nd, eager
+from ._ce_math import (
+    block_stats,
+    class_factors,
+    class_target,
+    flags,
+    grad_block,
+    grad_factors,
+    logits,
+    merge_stats,
+    row_loss,
+    softmax,
+    target_grad_block,
+)
 from ._common import (
-    LN2,
-    LOG2E,
-    check_same_device,
     detached_without_grad_mode,
     differentiable_backward,
     float32_scratch,
@@ -66,13 +80,26 @@ LOOP_WARPS = 32
 # the re-read and the gradient's stores are "evict first", so the gradient streaming out does
 # not push the rest of the row out of L2 before the re-read reaches it.
 L2_HINTS = True
-# K-dimensional inputs (N, C, d1, ..., dK) of up to COLUMNS_MAX_CLASSES classes run in their own
-# layout (_ce_columns_kernel): tiles of every class x COLUMNS_TILE / C positions, 16 or more
-# consecutive positions per class, so loads are coalesced along the positions.
-COLUMNS_MAX_CLASSES = 256
-COLUMNS_TILE = 4096
-COLUMNS_WARPS = 8
+# Few rows of many classes: split each row among programs of SPLIT_BLOCK-class blocks
+# (SPLIT_WARPS warps), at least SPLIT_MIN_COLS classes each, until there are about two
+# programs per SM (a GPU's count; an H100's 132 SMs elsewhere, so the interpreter tests it).
+SPLIT_BLOCK = 4096
+SPLIT_WARPS = 8
+# The gradient from saved statistics (its own launch: nothing to hold) loops over blocks of
+# up to GRAD_BLOCK classes, 16 per thread.
+GRAD_BLOCK = 8192
+SPLIT_MIN_COLS = 4096
+DEFAULT_SMS = 132
 DENOM_BLOCK = 1024
+STATS = 5  # partial statistics per row: m, s, a, k, z_y (see _ce_math.py)
+
+
+Options = eager.Options
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -80,555 +107,671 @@ def _ce_denominator_kernel(
     # pointers
     target_ptr,
     weight_ptr,
-    partial_ptr,
+    partial_ptr,  # out: (2, n_programs) float32: summed weights, count
     # sizes
     n_rows,
-    n_cols,
+    n_classes,
+    n_programs,
     # scalars
     ignore_index,
     # flags
     HAS_WEIGHT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Partial sums of the mean's denominator: weight (or 1) of every non-ignored target.
-
-    read N targets (and N gathered weights), write N / BLOCK_SIZE partials.
+    """Partial sums of the mean's denominators over the counted targets: their weights (the
+    loss's) and their number (the z-loss's). An out-of-range target makes both NaN: a mean is
+    never a finite wrong number. read N targets (and N gathered weights), write 8 B a program.
     """
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    in_bounds = offs < n_rows
-    y = tl.load(target_ptr + offs, mask=in_bounds, other=0).to(tl.int64)
-    counted = in_bounds & (y != ignore_index)
-    in_range = (y >= 0) & (y < n_cols)
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + y, mask=counted & in_range, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_SIZE], 1.0, tl.float32)
-    # An out-of-range target makes the whole mean NaN: never a finite wrong loss.
-    w = tl.where(counted, tl.where(in_range, w, float("nan")), 0.0)
-    tl.store(partial_ptr + pid, tl.sum(w, axis=0))
+    y = tl.load(target_ptr + offs, mask=offs < n_rows, other=0).to(tl.int64)
+    y = tl.where(offs < n_rows, y, ignore_index)  # (uint8 targets cannot hold -100)
+    ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    nan = tl.where(bad, float("nan"), 0.0)
+    tl.store(partial_ptr + pid, tl.sum(w_y + nan, axis=0))
+    tl.store(partial_ptr + n_programs + pid, tl.sum(tl.where(ok, 1.0, 0.0) + nan, axis=0))
 
 
 @triton.jit
-def _ce_class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT: tl.constexpr):
-    """For class index(es) ``y``: counted (in range, not ignored), out of range (the loss is
-    NaN), and the class weight w_y (0 where not counted)."""
-    valid = y != ignore_index
-    ok = valid & (y >= 0) & (y < n_cols)
-    bad = valid & ((y < 0) | (y >= n_cols))
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + y, mask=ok, other=0.0).to(tl.float32)
-    else:
-        w_y = tl.where(ok, 1.0, 0.0)
-    return ok, bad, w_y
-
-
-@triton.jit
-def _ce_class_coef(
-    t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-):
-    """Per-class factor of a row's loss: w_c * t'_c for probability targets (t' the smoothed
-    target, at ``t_ptrs``), w_c for the label-smoothing term of class-index targets. Zero
-    where masked. ``cols`` are class indices, of a block of one row or a tile of columns."""
-    if HAS_WEIGHT:
-        coef = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    else:
-        coef = tl.where(mask, 1.0, 0.0)
-    if PROB_TARGET:
-        t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTHING:
-            t = tl.where(mask, t * (1.0 - smoothing) + smoothing / n_cols, 0.0)
-        coef = coef * t
-    return coef
-
-
-@triton.jit
-def _ce_grad_block(
-    # the block: softmax, logits, class indices, load mask, store mask
-    p, x, cols, mask, in_row,
-    # pointers to the block's targets, gradients, target gradients; the class weights
-    t_ptrs, g_ptrs, gt_ptrs, weight_ptr,
-    # per-row values (broadcast against the block)
-    y, w_y, m, log2_s, tsum, smooth_w, scale, ok, bad, n_cols, smoothing,
-    # flags
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    X_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, WRITE_EVICT: tl.constexpr,
-):
-    """Write d loss / d logits (and d loss / d probabilities) for one block of a row (or a
-    tile of columns), given its softmax ``p``:
-
-    class targets:        w_y (p_c - [c = y])                                (no smoothing)
-                          p_c ((1-e) w_y + e W / C) - (1-e) w_y [c = y] - e w_c / C
-    probability targets:  p_c S - w_c t'_c,  S = sum_c w_c t'_c;  d/dt_c = -(1-e) w_c log p_c
-    """
-    coef = 0.0
-    if PROB_TARGET or HAS_SMOOTHING:
-        coef = _ce_class_coef(t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
-                              PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-    if X_GRAD:
-        if PROB_TARGET:
-            d = (p * tsum - coef) * scale
-        else:
-            hit = tl.where(cols == y, 1.0, 0.0)
-            if HAS_SMOOTHING:
-                w_hot = (1.0 - smoothing) * w_y
-                d = (p * (w_hot + smoothing * smooth_w / n_cols) - w_hot * hit
-                     - smoothing * coef / n_cols)
-            else:
-                d = w_y * (p - hit)
-            # Ignored rows get exactly zero (even when the mean's denominator is 0, as
-            # torch), out-of-range targets NaN.
-            d = tl.where(ok, d * scale, tl.where(bad, float("nan"), 0.0))
-        tl.store(g_ptrs, d.to(g_ptrs.dtype.element_ty), mask=in_row,
-                 eviction_policy=WRITE_EVICT)
-    if TARGET_GRAD:
-        w_c = _ce_class_coef(t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
-                             False, HAS_WEIGHT, False)
-        log_p = (x - m) - log2_s * LN2
-        dt = (smoothing - 1.0) * w_c * log_p * scale
-        tl.store(gt_ptrs, dt.to(gt_ptrs.dtype.element_ty), mask=in_row,
-                 eviction_policy=WRITE_EVICT)
-
-
-@triton.jit
-def _ce_kernel(
+def _ce_row_kernel(
     # pointers
     x_ptr,  # logits: rows of n_cols, unit class stride, row = (outer, inner)
     target_ptr,  # class indices (n_rows,) or probabilities (n_rows, n_cols), contiguous
     weight_ptr,  # class weights (n_cols,)
-    loss_ptr,  # out: float32 per-row loss (forward)
-    stats_ptr,  # out (forward) / in (backward): float32 (2, n_rows): row max, log2(sum exp)
-    tsum_ptr,  # out (forward) / in (backward): float32 per-row sum_c w_c t'_c (prob targets)
-    grad_ptr,  # out: d loss / d logits in the logits' dtype, rows like x_ptr's
-    grad_target_ptr,  # out: d loss / d probabilities (n_rows, n_cols), contiguous
-    denom_ptr,  # in: the mean's denominator (device scalar)
-    weight_sum_ptr,  # in: sum of the class weights (smoothing with weights)
-    grad_out_ptr,  # in: upstream gradient, one scalar or one per row
+    loss_ptr,  # out: float32 per-row loss
+    z_ptr,  # out: float32 per-row z-loss term (when z_loss != 0)
+    stats_ptr,  # out: float32 (3, n_rows): m~, log2 s, k (k with smoothing or probabilities)
+    grad_ptr,  # out (WRITE_GRAD): d loss / d logits, rows like x_ptr's (may be x_ptr itself)
+    scale_ptr,  # in (WRITE_GRAD): float32 (2,) upstream factors, see upstream_scales
     # sizes
+    n_rows,
     n_cols,
     n_inner,
-    n_rows,
     # strides, in elements
     stride_x_outer,
     stride_x_inner,
     stride_g_outer,
     stride_g_inner,
-    stride_grad_out,
     # scalars
     ignore_index,
     smoothing,
-    grad_scale,
+    softcap,
+    z_loss,
     # flags
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_LSE: tl.constexpr,  # forward: log-sum-exp and loss; else load the saved stats
-    X_GRAD: tl.constexpr,
-    TARGET_GRAD: tl.constexpr,
-    HAS_DENOM: tl.constexpr,
-    HAS_GRAD_OUT: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # the row held in registers (BLOCK_SIZE >= n_cols)
     BLOCK_SIZE: tl.constexpr,
     READ_EVICT: tl.constexpr,  # eviction policies ("" is the default): pass 1's loads,
-    REREAD_EVICT: tl.constexpr,  # pass 2's loads,
-    WRITE_EVICT: tl.constexpr,  # and the gradients' stores
+    REREAD_EVICT: tl.constexpr,  # pass 2's loads and the gradient's stores
 ):
+    """A row's statistics, loss and z-loss term; with WRITE_GRAD its gradient right after.
+
+    read n_cols (+ n_cols probabilities), write n_cols when WRITE_GRAD (looped rows re-read
+    n_cols from L2); 12-20 B of per-row results.
+    """
     # int64 row offsets: 16k rows x 262k classes is over 2^32 elements.
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
     inner = row - outer * n_inner
     x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
-    g_row = grad_ptr + outer * stride_g_outer + inner * stride_g_inner
     t_row = target_ptr + row * n_cols
     offs = tl.arange(0, BLOCK_SIZE)
 
     # The row's target. Ignored rows and out-of-range targets read no logits (n_read = 0).
     if PROB_TARGET:
         y = -1
-        w_y = 1.0
         ok = True
         bad = False
+        w_y = 1.0
         n_read = n_cols
     else:
         y = tl.load(target_ptr + row).to(tl.int64)
-        ok, bad, w_y = _ce_class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
+        ok, bad, w_y = class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
         n_read = tl.where(ok, n_cols, 0)
-    smooth_w = n_cols * 1.0  # sum of the class weights W (C without weights)
-    if HAS_SMOOTHING and HAS_WEIGHT and not PROB_TARGET:
-        smooth_w = tl.load(weight_sum_ptr)
 
-    # ---- pass 1 (forward): online log-sum-exp, and the sums the loss needs ----------------
-    # The log-sum-exp is kept as (m, log2 s): softmax = exp2((x - m) log2e - log2 s) and
-    # lse - x = (m - x) + ln s stay exact for huge logits, where m + ln s would absorb ln s.
-    # Sums are taken relative to a logit of the row (``ref``) so that W lse - sum_c w_c x_c
-    # does not cancel catastrophically when all logits are large (the loss is shift-invariant).
-    # read n_cols (+ n_cols targets for probability targets)
-    if COMPUTE_LSE:
-        acc_x = 0.0  # sum_c coef_c (x_c - ref)
-        tsum = 0.0  # sum_c coef_c (probability targets: S)
-        if SINGLE_BLOCK:
-            mask = offs < n_read
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            m = tl.max(x, axis=0)
-            m = tl.where(m == float("-inf"), 0.0, m)  # an empty or all -inf row: no NaN
-            ref = m
-            e = tl.exp2((x - m) * LOG2E)
-            s = tl.sum(e, axis=0)
-            if PROB_TARGET or HAS_SMOOTHING:
-                coef = _ce_class_coef(t_row + offs, weight_ptr, offs, mask, n_cols, smoothing,
-                                      PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-                acc_x = tl.sum(tl.where(mask, coef * (x - ref), 0.0), axis=0)
-                tsum = tl.sum(coef, axis=0)
-        else:
-            ref = tl.load(x_row, mask=n_read > 0, other=0.0).to(tl.float32)
-            m = float("-inf")
-            s = 0.0
-            for start in range(0, n_read, BLOCK_SIZE):
-                cols = start + offs
-                mask = cols < n_read
-                x = tl.load(x_row + cols, mask=mask, other=float("-inf"),
-                            eviction_policy=READ_EVICT).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                # a row that is -inf so far must not produce (-inf) - (-inf) = NaN
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = s * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe) * LOG2E), 0)
-                m = m_new
-                if PROB_TARGET or HAS_SMOOTHING:
-                    coef = _ce_class_coef(t_row + cols, weight_ptr, cols, mask, n_cols,
-                                          smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-                    acc_x += tl.sum(tl.where(mask, coef * (x - ref), 0.0), axis=0)
-                    tsum += tl.sum(coef, axis=0)
-            m = tl.where(m == float("-inf"), 0.0, m)
-        log2_s = tl.log2(s)
-        lse_ref = (m - ref) + log2_s * LN2  # lse - ref
-
-        if PROB_TARGET:
-            loss = tsum * lse_ref - acc_x  # sum_c w_c t'_c (lse - x_c)
-            tl.store(tsum_ptr + row, tsum)
-        else:
-            x_y = tl.load(x_row + y, mask=ok, other=0.0).to(tl.float32)
-            loss = w_y * (lse_ref - (x_y - ref))
-            if HAS_SMOOTHING:
-                smooth = smooth_w * lse_ref - acc_x  # sum_c w_c (lse - x_c)
-                loss = (1.0 - smoothing) * loss + smoothing / n_cols * smooth
-            loss = tl.where(ok, loss, tl.where(bad, float("nan"), 0.0))
-            # ignored rows: finite statistics, so their softmax below is exactly zero
-            m = tl.where(ok, m, 0.0)
-            log2_s = tl.where(ok, log2_s, 0.0)
-        tl.store(loss_ptr + row, loss)
-        tl.store(stats_ptr + row, m)
-        tl.store(stats_ptr + n_rows + row, log2_s)
+    # ---- pass 1: the row's statistics (read n_cols) ---------------------------------------
+    if SINGLE_BLOCK:
+        mask = offs < n_read
+        z = logits(x_row + offs, mask, softcap, SOFTCAP, READ_EVICT)
+        m, e, s, a, k = block_stats(z, t_row + offs, weight_ptr + offs, mask, n_cols,
+                                    smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
     else:
-        m = tl.load(stats_ptr + row)
-        log2_s = tl.load(stats_ptr + n_rows + row)
-        if PROB_TARGET:
-            tsum = tl.load(tsum_ptr + row)
-        else:
-            tsum = 0.0
+        m = float("-inf")
+        s = 0.0
+        a = 0.0
+        k = 0.0
+        for start in range(0, n_read, BLOCK_SIZE):
+            cols = start + offs
+            mask = cols < n_read
+            z = logits(x_row + cols, mask, softcap, SOFTCAP, READ_EVICT)
+            m_b, e_b, s_b, a_b, k_b = block_stats(z, t_row + cols, weight_ptr + cols, mask,
+                                                  n_cols, smoothing, PROB_TARGET, HAS_WEIGHT,
+                                                  HAS_SMOOTHING)
+            m, s, a, k = merge_stats(m, s, a, k, m_b, s_b, a_b, k_b)
 
-    # ---- pass 2: the gradient ------------------------------------------------------------
-    # write n_cols (+ n_cols for the target gradient); read n_cols unless held in registers
-    if X_GRAD or TARGET_GRAD:
-        gt_row = grad_target_ptr + row * n_cols
-        scale = grad_scale
-        if HAS_DENOM:
-            scale = scale / tl.load(denom_ptr)
-        if HAS_GRAD_OUT:
-            scale = scale * tl.load(grad_out_ptr + row * stride_grad_out).to(tl.float32)
+    z_y = 0.0
+    if not PROB_TARGET:
+        z_y = logits(x_row + y, ok, softcap, SOFTCAP, "")
+    loss, z_term, m_safe, log2_s = row_loss(m, s, a, k, z_y, w_y, ok, bad, n_cols, smoothing,
+                                            z_loss, PROB_TARGET, HAS_SMOOTHING)
+    tl.store(loss_ptr + row, loss)
+    if z_loss != 0.0:
+        tl.store(z_ptr + row, z_term)
+    tl.store(stats_ptr + row, m_safe)
+    tl.store(stats_ptr + n_rows + row, log2_s)
+    if PROB_TARGET or HAS_SMOOTHING:
+        tl.store(stats_ptr + 2 * n_rows + row, k)
+
+    # ---- pass 2: the gradient (write n_cols; looped rows re-read n_cols) -----------------
+    if WRITE_GRAD:
+        hot, extra, kc = grad_factors(m_safe, log2_s, k, w_y, tl.load(scale_ptr),
+                                      tl.load(scale_ptr + 1), n_cols, smoothing, PROB_TARGET,
+                                      HAS_SMOOTHING)
+        g_row = grad_ptr + outer * stride_g_outer + inner * stride_g_inner
         if SINGLE_BLOCK:
-            mask = offs < n_read
-            if COMPUTE_LSE:
-                p = e * (1.0 / s)  # the exponentials of pass 1, still in registers
+            # p from the exponentials of pass 1, still in registers; the class factors are
+            # loaded again (from L1/L2: registers are the row's)
+            k_c = 0.0
+            if PROB_TARGET or HAS_SMOOTHING:
+                k_c = class_factors(t_row + offs, weight_ptr + offs, offs < n_read, n_cols,
+                                    smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+            if SOFTCAP:  # (the softcapped logits stay in registers, not their exponentials)
+                p = softmax(z, m_safe, log2_s)
             else:
-                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                p = tl.exp2((x - m) * LOG2E - log2_s)
-            _ce_grad_block(p, x, offs, mask, offs < n_cols, t_row + offs, g_row + offs,
-                           gt_row + offs, weight_ptr, y, w_y, m, log2_s, tsum, smooth_w, scale,
-                           ok, bad, n_cols, smoothing,
-                           PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD,
-                           WRITE_EVICT)
+                p = e * (1.0 / s)
+            d = grad_block(p, z, offs, y.to(tl.int32), k_c, hot, extra, kc, ok, bad, softcap,
+                           PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+            tl.store(g_row + offs, d.to(g_row.dtype.element_ty), mask=offs < n_cols)
         else:
             # Backwards over the row: the blocks pass 1 read last are the likeliest in L2.
             n_blocks = tl.cdiv(n_cols, BLOCK_SIZE)
             for i in range(0, n_blocks):
                 cols = (n_blocks - 1 - i) * BLOCK_SIZE + offs
                 mask = cols < n_read
-                x = tl.load(x_row + cols, mask=mask, other=float("-inf"),
-                            eviction_policy=REREAD_EVICT).to(tl.float32)
-                p = tl.exp2((x - m) * LOG2E - log2_s)
-                _ce_grad_block(p, x, cols, mask, cols < n_cols, t_row + cols, g_row + cols,
-                               gt_row + cols, weight_ptr, y, w_y, m, log2_s, tsum, smooth_w,
-                               scale, ok, bad, n_cols, smoothing,
-                               PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD,
-                               WRITE_EVICT)
+                z = logits(x_row + cols, mask, softcap, SOFTCAP, REREAD_EVICT)
+                if PROB_TARGET or HAS_SMOOTHING:
+                    k_c = class_factors(t_row + cols, weight_ptr + cols, mask, n_cols,
+                                        smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
+                else:
+                    k_c = 0.0
+                p = softmax(z, m_safe, log2_s)
+                d = grad_block(p, z, cols, y.to(tl.int32), k_c, hot, extra, kc, ok, bad,
+                               softcap, PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+                tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < n_cols,
+                         eviction_policy=REREAD_EVICT)
 
 
 @triton.jit
-def _ce_columns_kernel(
+def _ce_stats_kernel(
     # pointers
-    x_ptr,  # logits (n_outer, n_cols, n_inner), any strides: the K-dimensional layout
-    target_ptr,  # class indices (n_outer * n_inner,), contiguous; or probabilities like x
-    weight_ptr,  # class weights (n_cols,)
-    loss_ptr,  # out: float32 per-position loss (forward)
-    stats_ptr,  # out (forward) / in (backward): float32 (2, n_rows): max, log2(sum exp)
-    tsum_ptr,  # out (forward) / in (backward): float32 per-position sum_c w_c t'_c
-    grad_ptr,  # out: d loss / d logits, (n_outer, n_cols, n_inner) with the strides stride_g_*
-    grad_target_ptr,  # out: d loss / d probabilities, laid out like grad_ptr
-    denom_ptr,  # in: the mean's denominator (device scalar)
-    weight_sum_ptr,  # in: sum of the class weights (smoothing with weights)
-    grad_out_ptr,  # in: upstream gradient, one scalar or one per position
+    x_ptr,  # logits: a block of classes [class_offset, class_offset + n_cols) of each row
+    target_ptr,  # class indices (n_rows,), or probabilities of the block (n_rows, n_cols)
+    weight_ptr,  # class weights (n_classes,): the whole row's
+    partial_ptr,  # out: float32 (n_splits, 5, n_rows): m, s, a, k, z_y of each split (a
+    #               and k with smoothing or probabilities only)
     # sizes
+    n_rows,
     n_cols,
     n_inner,
-    n_rows,  # positions: n_outer * n_inner
-    n_inner_blocks,
+    n_classes,
+    class_offset,
+    split_width,
+    n_splits,
     # strides, in elements
     stride_x_outer,
-    stride_x_col,
     stride_x_inner,
-    stride_t_outer,
-    stride_t_col,
-    stride_t_inner,
-    stride_g_outer,
-    stride_g_col,
-    stride_g_inner,
-    stride_grad_out,
     # scalars
     ignore_index,
     smoothing,
-    grad_scale,
+    softcap,
     # flags
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_LSE: tl.constexpr,
-    X_GRAD: tl.constexpr,
-    TARGET_GRAD: tl.constexpr,
-    HAS_DENOM: tl.constexpr,
-    HAS_GRAD_OUT: tl.constexpr,
-    BLOCK_C: tl.constexpr,  # all the classes: next power of two >= n_cols
-    BLOCK_I: tl.constexpr,  # positions per program
+    SOFTCAP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
-    """_ce_kernel for few classes of a K-dimensional input, read in its own layout.
+    """Statistics of one split of a row: classes [split * split_width, + split_width) of the
+    block. z_y is the target's logit where the target is in this split, else 0.
 
-    An (N, C, d1, ..., dK) input has its classes strided by d1 * ... * dK and its positions
-    contiguous, so one program takes a BLOCK_C x BLOCK_I tile (every class of BLOCK_I
-    consecutive positions), loads it coalesced along the positions, and reduces over the
-    classes (axis 0). The gradient is written in the same layout: nothing is transposed or
-    copied. The formulas are _ce_kernel's (single block: the tile is held in registers).
-
-    read n_cols per position (+ n_cols targets for probabilities); write n_cols per position
-    when the gradient is computed; write or read 2-3 float32 per position.
+    read split_width (+ as many probabilities), write 20 B.
     """
     pid = tl.program_id(0).to(tl.int64)
-    outer = pid // n_inner_blocks
-    inner = (pid - outer * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
-    in_inner = inner < n_inner
-    row = outer * n_inner + inner  # position index: targets, losses and statistics
-    # int64: class x class stride exceeds 2^31 for a 16-class 512^3 volume
-    cols = tl.arange(0, BLOCK_C).to(tl.int64)[:, None]
-    in_tile = (cols < n_cols) & in_inner[None, :]
-    x_ptrs = x_ptr + outer * stride_x_outer + cols * stride_x_col + inner[None, :] * stride_x_inner
-    t_ptrs = (target_ptr + outer * stride_t_outer + cols * stride_t_col
-              + inner[None, :] * stride_t_inner)
+    row = pid // n_splits
+    split = (pid - row * n_splits).to(tl.int32)  # int32 columns: half the registers
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
+    t_row = target_ptr + row * n_cols
+    c_start = split * split_width
+    c_end = tl.minimum(c_start + split_width, n_cols)
+    offs = tl.arange(0, BLOCK_SIZE)
 
-    # Each position's target. Ignored positions and out-of-range targets read no logits.
     if PROB_TARGET:
-        y = tl.full([BLOCK_I], -1, tl.int64)
-        w_y = tl.full([BLOCK_I], 1.0, tl.float32)
-        ok = in_inner
-        bad = in_inner & False
+        y = -1
+        ok = True
     else:
-        y = tl.load(target_ptr + row, mask=in_inner, other=ignore_index).to(tl.int64)
-        ok, bad, w_y = _ce_class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
-    mask = in_tile & ok[None, :]
-    smooth_w = n_cols * 1.0
-    if HAS_SMOOTHING and HAS_WEIGHT and not PROB_TARGET:
-        smooth_w = tl.load(weight_sum_ptr)
+        y = tl.load(target_ptr + row).to(tl.int64)
+        ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    n_end = tl.where(ok, c_end, c_start)  # rows not counted read nothing
 
-    # ---- the log-sum-exp of every position of the tile (pass 1 of _ce_kernel) ------------
-    if COMPUTE_LSE:
-        x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # ignored positions: no NaN
-        e = tl.exp2((x - m[None, :]) * LOG2E)
-        s = tl.sum(e, axis=0)
-        log2_s = tl.log2(s)
-        lse_ref = log2_s * LN2  # lse - m
-        tsum = tl.zeros([BLOCK_I], tl.float32)
-        acc_x = tl.zeros([BLOCK_I], tl.float32)
+    m = float("-inf")
+    s = 0.0
+    a = 0.0
+    k = 0.0
+    for start in range(c_start, n_end, BLOCK_SIZE):
+        cols = start + offs
+        mask = cols < n_end
+        z = logits(x_row + cols, mask, softcap, SOFTCAP, "")
+        m_b, e_b, s_b, a_b, k_b = block_stats(z, t_row + cols, weight_ptr + class_offset + cols,
+                                              mask, n_classes, smoothing, PROB_TARGET,
+                                              HAS_WEIGHT, HAS_SMOOTHING)
+        m, s, a, k = merge_stats(m, s, a, k, m_b, s_b, a_b, k_b)
+    y_local = (y - class_offset).to(tl.int32)  # (rows not counted: never used)
+    mine = ok & (y_local >= c_start) & (y_local < c_end)
+    z_y = logits(x_row + y_local, mine, softcap, SOFTCAP, "")
+    out = partial_ptr + split * 5 * n_rows + row
+    tl.store(out, m)
+    tl.store(out + n_rows, s)
+    if PROB_TARGET or HAS_SMOOTHING:
+        tl.store(out + 2 * n_rows, a)
+        tl.store(out + 3 * n_rows, k)
+    tl.store(out + 4 * n_rows, tl.where(mine, z_y, 0.0))
+
+
+@triton.jit
+def _ce_combine_kernel(
+    # pointers
+    partial_ptr,  # in: float32 (n_parts, 5, n_rows) statistics of a partition of each row
+    target_ptr,  # class indices (n_rows,) (unused for probabilities)
+    weight_ptr,  # class weights (n_classes,)
+    loss_ptr,  # out: float32 per-row loss
+    z_ptr,  # out: float32 per-row z-loss term (when z_loss != 0)
+    stats_ptr,  # out: float32 (3, n_rows): m~, log2 s, k
+    # sizes
+    n_rows,
+    n_parts,
+    n_classes,
+    # scalars
+    ignore_index,
+    smoothing,
+    z_loss,
+    # flags
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Merge the statistics of every part of BLOCK_SIZE rows, then their loss (read 20 B per
+    row and part, write 20 B per row)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    in_rows = rows < n_rows
+    m = tl.full([BLOCK_SIZE], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_SIZE], tl.float32)
+    a = tl.zeros([BLOCK_SIZE], tl.float32)
+    k = tl.zeros([BLOCK_SIZE], tl.float32)
+    z_y = tl.zeros([BLOCK_SIZE], tl.float32)
+    for part in range(0, n_parts):
+        ptrs = partial_ptr + part * 5 * n_rows + rows
+        m_p = tl.load(ptrs, mask=in_rows, other=float("-inf"))
+        s_p = tl.load(ptrs + n_rows, mask=in_rows, other=0.0)
+        a_p = tl.zeros([BLOCK_SIZE], tl.float32)
+        k_p = tl.zeros([BLOCK_SIZE], tl.float32)
         if PROB_TARGET or HAS_SMOOTHING:
-            coef = _ce_class_coef(t_ptrs, weight_ptr, cols, mask, n_cols, smoothing,
-                                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-            acc_x = tl.sum(tl.where(mask, coef * (x - m[None, :]), 0.0), axis=0)
-            tsum = tl.sum(coef, axis=0)
-        if PROB_TARGET:
-            loss = tsum * lse_ref - acc_x
-            tl.store(tsum_ptr + row, tsum, mask=in_inner)
-        else:
-            x_y = tl.sum(tl.where(cols == y[None, :], x, 0.0), axis=0)
-            loss = w_y * (lse_ref - (x_y - m))
-            if HAS_SMOOTHING:
-                loss = (1.0 - smoothing) * loss + smoothing / n_cols * (smooth_w * lse_ref - acc_x)
-            loss = tl.where(ok, loss, tl.where(bad, float("nan"), 0.0))
-            m = tl.where(ok, m, 0.0)
-            log2_s = tl.where(ok, log2_s, 0.0)
-        tl.store(loss_ptr + row, loss, mask=in_inner)
-        tl.store(stats_ptr + row, m, mask=in_inner)
-        tl.store(stats_ptr + n_rows + row, log2_s, mask=in_inner)
+            a_p = tl.load(ptrs + 2 * n_rows, mask=in_rows, other=0.0)
+            k_p = tl.load(ptrs + 3 * n_rows, mask=in_rows, other=0.0)
+        m, s, a, k = merge_stats(m, s, a, k, m_p, s_p, a_p, k_p)
+        z_y += tl.load(ptrs + 4 * n_rows, mask=in_rows, other=0.0)
+    if PROB_TARGET:
+        ok = in_rows
+        bad = in_rows & False
+        w_y = tl.full([BLOCK_SIZE], 1.0, tl.float32)
     else:
-        m = tl.load(stats_ptr + row, mask=in_inner, other=0.0)
-        log2_s = tl.load(stats_ptr + n_rows + row, mask=in_inner, other=0.0)
-        if PROB_TARGET:
-            tsum = tl.load(tsum_ptr + row, mask=in_inner, other=0.0)
-        else:
-            tsum = tl.zeros([BLOCK_I], tl.float32)
+        y = tl.load(target_ptr + rows, mask=in_rows, other=0).to(tl.int64)
+        y = tl.where(in_rows, y, ignore_index)
+        ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    loss, z_term, m_safe, log2_s = row_loss(m, s, a, k, z_y, w_y, ok, bad, n_classes,
+                                            smoothing, z_loss, PROB_TARGET, HAS_SMOOTHING)
+    tl.store(loss_ptr + rows, loss, mask=in_rows)
+    if z_loss != 0.0:
+        tl.store(z_ptr + rows, z_term, mask=in_rows)
+    tl.store(stats_ptr + rows, m_safe, mask=in_rows)
+    tl.store(stats_ptr + n_rows + rows, log2_s, mask=in_rows)
+    tl.store(stats_ptr + 2 * n_rows + rows, k, mask=in_rows)
 
-    # ---- the gradient --------------------------------------------------------------------
-    if X_GRAD or TARGET_GRAD:
-        scale = tl.full([BLOCK_I], grad_scale, tl.float32)
-        if HAS_DENOM:
-            scale = scale / tl.load(denom_ptr)
-        if HAS_GRAD_OUT:
-            g_out = tl.load(grad_out_ptr + row * stride_grad_out, mask=in_inner, other=0.0)
-            scale = scale * g_out.to(tl.float32)
-        if COMPUTE_LSE:
-            p = e * (1.0 / s)[None, :]
+
+@triton.jit
+def _ce_grad_kernel(
+    # pointers
+    x_ptr,  # logits: a block of classes [class_offset, class_offset + n_cols) of each row
+    target_ptr,  # class indices (n_rows,), or probabilities of the block (n_rows, n_cols)
+    weight_ptr,  # class weights (n_classes,): the whole row's
+    stats_ptr,  # in: float32 (3, n_rows): the whole row's m~, log2 s, k
+    scale_ptr,  # in: float32 (2,) or (n_rows, 2) upstream factors, see upstream_scales
+    grad_ptr,  # out: d loss / d logits, rows like x_ptr's (may be x_ptr itself)
+    grad_target_ptr,  # out: d loss / d probabilities (n_rows, n_cols), contiguous
+    # sizes
+    n_rows,
+    n_cols,
+    n_inner,
+    n_classes,
+    class_offset,
+    split_width,
+    n_splits,
+    # strides, in elements
+    stride_x_outer,
+    stride_x_inner,
+    stride_g_outer,
+    stride_g_inner,
+    stride_scale,  # 0 (one upstream gradient) or 2 (one per row)
+    # scalars
+    ignore_index,
+    smoothing,
+    softcap,
+    z_loss,
+    # flags
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    X_GRAD: tl.constexpr,
+    TARGET_GRAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """The gradient of one split of a row from the row's statistics.
+
+    read split_width (+ probabilities), write split_width (+ their gradient).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_splits
+    split = (pid - row * n_splits).to(tl.int32)  # int32 columns: half the registers
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
+    g_row = grad_ptr + outer * stride_g_outer + inner * stride_g_inner
+    t_row = target_ptr + row * n_cols
+    gt_row = grad_target_ptr + row * n_cols
+    c_start = split * split_width
+    c_end = tl.minimum(c_start + split_width, n_cols)
+    offs = tl.arange(0, BLOCK_SIZE)
+
+    if PROB_TARGET:
+        y = -1
+        ok = True
+        bad = False
+        w_y = 1.0
+    else:
+        y = tl.load(target_ptr + row).to(tl.int64)
+        ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    n_end = tl.where(ok, c_end, c_start)  # rows not counted read nothing (their gradient is 0)
+    y_local = (y - class_offset).to(tl.int32)  # the one-hot column, if in this block
+    m_safe = tl.load(stats_ptr + row)
+    log2_s = tl.load(stats_ptr + n_rows + row)
+    k = 0.0
+    if PROB_TARGET or HAS_SMOOTHING:
+        k = tl.load(stats_ptr + 2 * n_rows + row)
+    scale = tl.load(scale_ptr + row * stride_scale)
+    hot, extra, kc = grad_factors(m_safe, log2_s, k, w_y, scale,
+                                  tl.load(scale_ptr + row * stride_scale + 1), n_classes,
+                                  smoothing, PROB_TARGET, HAS_SMOOTHING)
+    for start in range(c_start, c_end, BLOCK_SIZE):
+        cols = start + offs
+        mask = cols < n_end
+        z = logits(x_row + cols, mask, softcap, SOFTCAP, "")
+        if PROB_TARGET or HAS_SMOOTHING:
+            k_c = class_factors(t_row + cols, weight_ptr + class_offset + cols, mask,
+                                n_classes, smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
         else:
-            x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp2((x - m[None, :]) * LOG2E - log2_s[None, :])
-        g_offs = outer * stride_g_outer + cols * stride_g_col + inner[None, :] * stride_g_inner
-        _ce_grad_block(p, x, cols, mask, in_tile, t_ptrs, grad_ptr + g_offs,
-                       grad_target_ptr + g_offs, weight_ptr, y[None, :], w_y[None, :],
-                       m[None, :], log2_s[None, :], tsum[None, :], smooth_w, scale[None, :],
-                       ok[None, :], bad[None, :], n_cols, smoothing,
-                       PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, X_GRAD, TARGET_GRAD, "")
+            k_c = 0.0
+        if X_GRAD:
+            p = softmax(z, m_safe, log2_s)
+            d = grad_block(p, z, cols, y_local, k_c, hot, extra, kc, ok, bad, softcap,
+                           PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+            tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < c_end)
+        if TARGET_GRAD:
+            w_c = class_factors(t_row + cols, weight_ptr + class_offset + cols, mask,
+                                n_classes, smoothing, False, HAS_WEIGHT, False)
+            dt = target_grad_block(z, m_safe, log2_s, w_c, scale, smoothing)
+            tl.store(gt_row + cols, dt.to(gt_row.dtype.element_ty), mask=cols < c_end)
 
 
 # ------------------------------------------------------------------------------------------
-# launchers
+# launchers: the building blocks (rows are (outer, inner, C) views with unit class stride)
 # ------------------------------------------------------------------------------------------
 
 
 def block_config(n_cols: int) -> tuple[int, int, bool]:
-    """(BLOCK_SIZE, num_warps, SINGLE_BLOCK) for rows of ``n_cols`` classes."""
+    """(BLOCK_SIZE, num_warps, SINGLE_BLOCK) for one program per row of ``n_cols`` classes."""
     block = next_power_of_2(n_cols)
     if block <= SINGLE_BLOCK_MAX:
         return block, num_warps_for(block, elems_per_thread=32), True
     return LOOP_BLOCK, LOOP_WARPS, False
 
 
-def _denominator(target, weight, n_cols, ignore_index):
-    """Device scalar: summed weights (or count) of the non-ignored targets, NaN if any is
-    out of range. Fixed-order partial sums, so it is bitwise reproducible."""
+def split_plan(n_rows: int, n_cols: int, device: torch.device) -> int:
+    """Programs per row for ``n_rows`` rows of ``n_cols`` classes: 1, or for few rows of
+    more classes than a program holds in registers, enough splits of at least SPLIT_MIN_COLS
+    classes to give every SM two programs."""
+    if n_cols <= SINGLE_BLOCK_MAX:
+        return 1
+    sms = DEFAULT_SMS
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if n_rows >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, n_rows), n_cols // SPLIT_MIN_COLS))
+
+
+def _split_width(n_cols: int, n_splits: int, block: int) -> tuple[int, int]:
+    """(classes per split, a multiple of ``block``; the number of splits that makes)."""
+    width = triton.cdiv(triton.cdiv(n_cols, n_splits), block) * block
+    return width, triton.cdiv(n_cols, width)
+
+
+def _rows(x: torch.Tensor) -> dict:
+    """Row addressing of an (outer, inner, C) view."""
+    n_outer, n_inner, n_cols = x.shape
+    return dict(n_rows=n_outer * n_inner, n_cols=n_cols, n_inner=n_inner,
+                stride_x_outer=x.stride(0), stride_x_inner=x.stride(1))
+
+
+def denominators(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                 n_classes: int) -> torch.Tensor:
+    """Device float32 (2,): the summed weights (or count) of the counted class targets, the
+    mean's denominator, and their count, the z-loss mean's; NaN if a target is out of range.
+    Fixed-order partial sums, so bitwise reproducible."""
     n_rows = target.numel()
-    partial = float32_scratch(triton.cdiv(n_rows, DENOM_BLOCK), target.device)
+    n_programs = triton.cdiv(n_rows, DENOM_BLOCK)
+    partial = float32_scratch(2 * n_programs, target.device)
     launch(
         _ce_denominator_kernel,
-        (partial.numel(),),
+        (n_programs,),
         writes=("partial_ptr",),
         target_ptr=target,
         weight_ptr=weight if weight is not None else target,
         partial_ptr=partial,
         n_rows=n_rows,
-        n_cols=n_cols,
+        n_classes=n_classes,
+        n_programs=n_programs,
         ignore_index=ignore_index,
         HAS_WEIGHT=weight is not None,
         BLOCK_SIZE=DENOM_BLOCK,
     )
-    return partial.sum()
+    return partial.view(2, n_programs).sum(1)
 
 
-def _launch_ce(
-    x, target, weight, *, loss, stats, tsum, grad, grad_target, denom, weight_sum, grad_out,
-    ignore_index, smoothing, grad_scale, prob_target, compute_lse, columns,
-):
-    """One launch of ``_ce_kernel`` over rows x (n_outer, n_inner, C) or, with ``columns``,
-    of ``_ce_columns_kernel`` over x (n_outer, C, n_inner), contiguous, with its gradients
-    (and the probability targets) laid out like it."""
-    if columns:
-        n_outer, n_cols, n_inner = x.shape
-    else:
-        n_outer, n_inner, n_cols = x.shape
-    dummy = stats  # any tensor: pointers of disabled features are never dereferenced
-    common = dict(
-        writes=non_null(loss_ptr=loss, stats_ptr=stats if compute_lse else None,
-                        tsum_ptr=tsum if compute_lse and prob_target else None, grad_ptr=grad,
-                        grad_target_ptr=grad_target),
-        x_ptr=x,
-        target_ptr=target,
-        weight_ptr=weight if weight is not None else dummy,
-        loss_ptr=loss if loss is not None else dummy,
-        stats_ptr=stats,
-        tsum_ptr=tsum,
-        grad_target_ptr=grad_target if grad_target is not None else dummy,
-        denom_ptr=denom if denom is not None else dummy,
-        weight_sum_ptr=weight_sum if weight_sum is not None else dummy,
-        grad_out_ptr=grad_out if grad_out is not None else dummy,
-        n_cols=n_cols,
-        n_inner=n_inner,
-        n_rows=n_outer * n_inner,
-        stride_grad_out=grad_out.stride(0) if grad_out is not None and grad_out.dim() else 0,
-        ignore_index=ignore_index,
-        smoothing=smoothing,
-        grad_scale=grad_scale,
-        PROB_TARGET=prob_target,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=smoothing > 0.0,
-        COMPUTE_LSE=compute_lse,
-        X_GRAD=grad is not None,
-        TARGET_GRAD=grad_target is not None,
-        HAS_DENOM=denom is not None,
-        HAS_GRAD_OUT=grad_out is not None,
-    )
-    if columns:
-        block_c = next_power_of_2(n_cols)
-        block_i = min(next_power_of_2(n_inner), max(1, COLUMNS_TILE // block_c))
-        n_inner_blocks = triton.cdiv(n_inner, block_i)
-        g = x  # the gradients are contiguous like x
-        t = target if prob_target else x
-        launch(
-            _ce_columns_kernel,
-            (n_outer * n_inner_blocks,),
-            grad_ptr=grad if grad is not None else dummy,
-            n_inner_blocks=n_inner_blocks,
-            stride_x_outer=x.stride(0),
-            stride_x_col=x.stride(1),
-            stride_x_inner=x.stride(2),
-            stride_t_outer=t.stride(0),
-            stride_t_col=t.stride(1),
-            stride_t_inner=t.stride(2),
-            stride_g_outer=g.stride(0),
-            stride_g_col=g.stride(1),
-            stride_g_inner=g.stride(2),
-            BLOCK_C=block_c,
-            BLOCK_I=block_i,
-            num_warps=COLUMNS_WARPS,
-            **common,
-        )
-        return
+def row_losses(x, target, weight, opts: Options, *, grad=None, scales=None):
+    """Per-row loss, z-loss term (None without z-loss) and statistics (3, N) of the rows of
+    ``x`` (outer, inner, C); with ``grad`` (rows like x's; x itself for in place), the
+    gradient too, for ``scales`` (device float32 (2,): d out / d loss_n and d out / d z_n).
+    Few rows of many classes are split among programs (``split_plan``)."""
+    n_outer, n_inner, n_cols = x.shape
+    n_rows = n_outer * n_inner
+    n_splits = split_plan(n_rows, n_cols, x.device)
+    if n_splits > 1:
+        partials = partial_stats(x, target, weight, opts, n_splits=n_splits)
+        loss, z, stats = combine_stats(partials, target, weight, opts, n_cols)
+        if grad is not None:
+            grad_from_stats(x, target, weight, stats, scales, opts, grad=grad,
+                            n_splits=n_splits)
+        return loss, z, stats
 
+    loss = float32_scratch(n_rows, x.device)
+    z = float32_scratch(n_rows, x.device) if opts.z_loss else None
+    stats = float32_scratch(3 * n_rows, x.device)
     block, num_warps, single = block_config(n_cols)
     g = grad if grad is not None else x
-    rereads = not single and compute_lse and (grad is not None or grad_target is not None)
+    rereads = not single and grad is not None
     read_evict, reread_evict = ("evict_last", "evict_first") if rereads and L2_HINTS else ("", "")
     launch(
-        _ce_kernel,
-        (n_outer * n_inner,),
+        _ce_row_kernel,
+        (n_rows,),
+        writes=non_null(loss_ptr=loss, z_ptr=z, stats_ptr=stats, grad_ptr=grad),
+        x_ptr=x,
+        target_ptr=target,
+        weight_ptr=weight if weight is not None else stats,
+        loss_ptr=loss,
+        z_ptr=z if z is not None else loss,
+        stats_ptr=stats,
         grad_ptr=g,
-        stride_x_outer=x.stride(0),
-        stride_x_inner=x.stride(1),
+        scale_ptr=scales if scales is not None else stats,
+        **_rows(x),
         stride_g_outer=g.stride(0),
         stride_g_inner=g.stride(1),
+        z_loss=opts.z_loss,
+        **flags(opts, weight),
+        WRITE_GRAD=grad is not None,
         SINGLE_BLOCK=single,
         BLOCK_SIZE=block,
         READ_EVICT=read_evict,
         REREAD_EVICT=reread_evict,
-        WRITE_EVICT=reread_evict,
         num_warps=num_warps,
-        **common,
     )
+    return loss, z, stats.view(3, n_rows)
+
+
+def partial_stats(x, target, weight, opts: Options, *, class_offset: int = 0,
+                  n_classes: int | None = None, n_splits: int = 1) -> torch.Tensor:
+    """Statistics of a block of classes of each row, in ``n_splits`` parts.
+
+    ``x``: (outer, inner, width) logits, classes ``[class_offset, class_offset + width)`` of
+    rows of ``n_classes`` (default: width). ``target``: the rows' class indices (global:
+    a target outside the block is elsewhere, not out of range) or the block's probabilities
+    (rows, width), contiguous; ``weight``: all ``n_classes`` class weights. Returns float32
+    (parts, 5, rows): max m, sum of exponentials s relative to it, the smoothing sums a and k
+    (written with smoothing or probability targets only),
+    and the target's logit z_y where it falls in the part (0 elsewhere). Parts of a row, of
+    several blocks, or of several ranks (gathered) merge with ``combine_stats``.
+    """
+    dims = _rows(x)
+    width, n_splits = _split_width(dims["n_cols"], n_splits, SPLIT_BLOCK)
+    partial = float32_scratch(n_splits * STATS * dims["n_rows"], x.device)
+    launch(
+        _ce_stats_kernel,
+        (dims["n_rows"] * n_splits,),
+        writes=("partial_ptr",),
+        x_ptr=x,
+        target_ptr=target,
+        weight_ptr=weight if weight is not None else partial,
+        partial_ptr=partial,
+        **dims,
+        n_classes=n_classes or dims["n_cols"],
+        class_offset=class_offset,
+        split_width=width,
+        n_splits=n_splits,
+        **flags(opts, weight),
+        BLOCK_SIZE=min(SPLIT_BLOCK, next_power_of_2(width)),
+        num_warps=SPLIT_WARPS,
+    )
+    return partial.view(n_splits, STATS, dims["n_rows"])
+
+
+def combine_stats(partials: torch.Tensor, target, weight, opts: Options, n_classes: int):
+    """Merge partial statistics (parts, 5, rows) into each row's loss, z-loss term (None
+    without z-loss) and statistics (3, rows) for ``grad_from_stats``."""
+    n_parts, _, n_rows = partials.shape
+    device = partials.device
+    loss = float32_scratch(n_rows, device)
+    z = float32_scratch(n_rows, device) if opts.z_loss else None
+    stats = float32_scratch(3 * n_rows, device)
+    block = min(1024, next_power_of_2(n_rows))
+    scalars = flags(opts, weight)
+    del scalars["softcap"], scalars["SOFTCAP"]
+    launch(
+        _ce_combine_kernel,
+        (triton.cdiv(n_rows, block),),
+        writes=non_null(loss_ptr=loss, z_ptr=z, stats_ptr=stats),
+        partial_ptr=partials,
+        target_ptr=target,
+        weight_ptr=weight if weight is not None else partials,
+        loss_ptr=loss,
+        z_ptr=z if z is not None else loss,
+        stats_ptr=stats,
+        n_rows=n_rows,
+        n_parts=n_parts,
+        n_classes=n_classes,
+        z_loss=opts.z_loss,
+        **scalars,
+        BLOCK_SIZE=block,
+        num_warps=num_warps_for(block, elems_per_thread=4),
+    )
+    return loss, z, stats.view(3, n_rows)
+
+
+def grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad=None,
+                    grad_target=None, class_offset: int = 0, n_classes: int | None = None,
+                    n_splits: int = 1) -> None:
+    """Write d out / d x into ``grad`` (rows like x's; x itself for in place) and d out / d
+    probabilities into ``grad_target``, for a block of classes as in ``partial_stats``,
+    from the whole rows' statistics (3, rows) and the upstream ``scales``: float32 (2,) or
+    (rows, 2), d out / d loss_n and d out / d z_n."""
+    dims = _rows(x)
+    block = SPLIT_BLOCK if n_splits > 1 else min(GRAD_BLOCK, next_power_of_2(dims["n_cols"]))
+    width, n_splits = _split_width(dims["n_cols"], n_splits, block)
+    g = grad if grad is not None else x
+    launch(
+        _ce_grad_kernel,
+        (dims["n_rows"] * n_splits,),
+        writes=non_null(grad_ptr=grad, grad_target_ptr=grad_target),
+        x_ptr=x,
+        target_ptr=target,
+        weight_ptr=weight if weight is not None else stats,
+        stats_ptr=stats,
+        scale_ptr=scales,
+        grad_ptr=g,
+        grad_target_ptr=grad_target if grad_target is not None else stats,
+        **dims,
+        n_classes=n_classes or dims["n_cols"],
+        class_offset=class_offset,
+        split_width=width,
+        n_splits=n_splits,
+        stride_g_outer=g.stride(0),
+        stride_g_inner=g.stride(1),
+        stride_scale=scales.stride(0) if scales.dim() == 2 else 0,
+        z_loss=opts.z_loss,
+        **flags(opts, weight),
+        X_GRAD=grad is not None,
+        TARGET_GRAD=grad_target is not None,
+        BLOCK_SIZE=block,
+        num_warps=num_warps_for(block),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# reductions: what the per-row results become, and the upstream factors of each row
+# ------------------------------------------------------------------------------------------
+
+
+def _mean_denominators(opts: Options, denom, n_rows: int):
+    """(the loss's denominator, the z-loss's) of a mean: the summed weights and the count
+    of the counted class targets (``denominators``), or the number of rows for probability
+    targets."""
+    if opts.prob_target:
+        return n_rows, n_rows
+    return denom[0], denom[1]
+
+
+def reduce_rows(loss, z, opts: Options, denom, n_rows: int):
+    """(the loss as reduced, the z-loss term as reduced: None without z-loss). A weighted
+    mean whose weights sum to zero is NaN, as torch's (its 0/0 of the unsmoothed part)."""
+    if opts.reduction == "none":
+        return (loss if z is None else loss + z), z
+    if opts.reduction == "sum":
+        z = None if z is None else z.sum()
+        return (loss.sum() if z is None else loss.sum() + z), z
+    d_w, d_n = _mean_denominators(opts, denom, n_rows)
+    out = loss.sum() / d_w
+    if not opts.prob_target:
+        out = torch.where(d_w == 0, float("nan"), out)
+    if z is None:
+        return out, None
+    z = z.sum() / d_n
+    return out + z, z
+
+
+def upstream_scales(opts: Options, denom, n_rows: int, grad_out, device) -> torch.Tensor:
+    """The kernels' upstream factors of each row: float32 (2,) for one upstream gradient
+    ``grad_out`` (None: 1) or (rows, 2) for ``none``: d out / d loss_n, and 2 z_loss d out /
+    d z_n (the z-loss's gradient is 2 z_loss lse p_c; 0 without z-loss). A weighted mean over
+    zero weight has a NaN gradient on the rows it counts, as torch's."""
+    if opts.reduction == "none":
+        g = grad_out.reshape(-1).float()
+        return torch.stack([g, g * (2.0 * opts.z_loss)], dim=1)
+    if opts.reduction == "sum":
+        scales = torch.tensor([1.0, 2.0 * opts.z_loss], device=device)
+    else:
+        d_w, d_n = _mean_denominators(opts, denom, n_rows)
+        if opts.prob_target:
+            scales = torch.tensor([1.0 / n_rows, 2.0 * opts.z_loss / n_rows], device=device)
+        else:
+            inv_w = torch.where(d_w == 0, float("nan"), 1.0 / d_w)
+            inv_n = (2.0 * opts.z_loss) / d_n if opts.z_loss else torch.zeros_like(d_n)
+            scales = torch.stack([inv_w, inv_n])
+    return scales if grad_out is None else scales * grad_out.float()
 
 
 # ------------------------------------------------------------------------------------------
@@ -637,76 +780,53 @@ def _launch_ce(
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy of logits ``x`` of shape (outer, inner, C) (unit class stride) against
-    class indices (outer * inner,) or probabilities (outer * inner, C); with ``columns``, of
-    logits (outer, C, inner), contiguous, against class indices (outer * inner,) or
-    probabilities (outer, C, inner), contiguous."""
+    """Cross-entropy of logits ``x`` (outer, inner, C) (unit class stride) against class
+    indices (outer * inner,) or probabilities (outer * inner, C); with ``columns``, of logits
+    (outer, C, inner), contiguous, against class indices (outer * inner,) or probabilities
+    (outer, C, inner), contiguous (``cross_entropy_nd``). Returns (loss, z-loss term); the
+    second is for logging, not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, reduction, smoothing, prob_target,
-                inplace_backward, out_dtype, columns):
-        if columns:
-            n_outer, n_cols, n_inner = x.shape
-        else:
-            n_outer, n_inner, n_cols = x.shape
-        n_rows = n_outer * n_inner
-        device = x.device
+    def forward(ctx, x, target, weight, opts: Options, columns: bool, out_dtype):
+        nd = cross_entropy_nd if columns else None
+        n_cols = x.shape[1] if columns else x.shape[2]
+        n_rows = x.numel() // n_cols
         needs_x_grad = ctx.needs_input_grad[0]
-        needs_t_grad = prob_target and ctx.needs_input_grad[1]
+        needs_t_grad = opts.prob_target and ctx.needs_input_grad[1]
         # The gradient in the forward pays off when the upstream gradient is one scalar.
-        fused = needs_x_grad and reduction != "none" and not needs_t_grad and may_fuse_gradient()
-
-        loss = float32_scratch(n_rows, device)
-        stats = float32_scratch(2 * n_rows, device)  # row max, log2(sum exp)
-        tsum = float32_scratch(n_rows, device) if prob_target else stats
+        fused = (needs_x_grad and opts.reduction != "none" and not needs_t_grad
+                 and may_fuse_gradient())
         denom = None
-        grad_scale = 1.0
-        if reduction == "mean":
-            if prob_target:
-                grad_scale = 1.0 / n_rows  # torch divides by the number of rows here
-            else:
-                denom = _denominator(target, weight, n_cols, ignore_index)
-        weight_sum = None
-        if weight is not None and smoothing > 0.0 and not prob_target:
-            weight_sum = weight.sum(dtype=torch.float32)
-
-        grad = None
+        if opts.reduction == "mean" and not opts.prob_target:
+            denom = denominators(target, weight, opts.ignore_index, n_cols)
+        grad = scales = None
         if fused:
-            grad = x if inplace_backward else torch.empty(x.shape, dtype=x.dtype, device=device)
-        _launch_ce(
-            x, target, weight, loss=loss, stats=stats, tsum=tsum, grad=grad, grad_target=None,
-            denom=denom, weight_sum=weight_sum, grad_out=None, ignore_index=ignore_index,
-            smoothing=smoothing, grad_scale=grad_scale, prob_target=prob_target,
-            compute_lse=True, columns=columns,
-        )
-        if fused and inplace_backward:
+            grad = x if opts.inplace_backward else torch.empty(x.shape, dtype=x.dtype,
+                                                               device=x.device)
+            scales = upstream_scales(opts, denom, n_rows, None, x.device)
+        losses = nd.row_losses if nd else row_losses
+        loss, z, stats = losses(x, target, weight, opts, grad=grad, scales=scales)
+        if fused and opts.inplace_backward:
             # The logits' storage now holds their gradient: any other node that saved them
             # fails its version check (torch's clear error) instead of using garbage.
             torch.autograd.graph.increment_version(x)
-
-        if reduction == "none":
-            out = loss
-        elif reduction == "sum":
-            out = loss.sum()
-        elif prob_target:
-            out = loss.sum() / n_rows
-        else:
-            out = loss.sum() / denom
+        out, z_out = reduce_rows(loss, z, opts, denom, n_rows)
+        if z_out is None:
+            z_out = torch.zeros_like(out)
 
         ctx.grad = grad
-        ctx.overwritten = fused and inplace_backward
-        ctx.meta = (ignore_index, reduction, smoothing, prob_target, inplace_backward, grad_scale,
-                    columns)
-        ctx.save_for_backward(
-            None if ctx.overwritten else x, target, weight, stats, tsum, denom, weight_sum
-        )
-        return out.to(out_dtype)
+        ctx.overwritten = fused and opts.inplace_backward
+        ctx.opts, ctx.columns, ctx.n_rows = opts, columns, n_rows
+        ctx.save_for_backward(None if ctx.overwritten else x, target, weight, stats, denom)
+        z_out = z_out.to(out_dtype)
+        ctx.mark_non_differentiable(z_out)
+        return out.to(out_dtype), z_out
 
     @staticmethod
-    def backward(ctx, grad_out):
-        ignore_index, reduction, smoothing, prob_target, inplace, grad_scale, columns = ctx.meta
-        x, target, weight, stats, tsum, denom, weight_sum = ctx.saved_tensors
-        grad_x = grad_t = None
+    def backward(ctx, grad_out, _grad_z):
+        opts, columns = ctx.opts, ctx.columns
+        x, target, weight, stats, denom = ctx.saved_tensors
+        none = (None,) * 4
         if torch.is_grad_enabled():
             # create_graph=True: torch's ops, so that second derivatives are right (the
             # kernels' gradient would be a constant to autograd, its derivatives zero).
@@ -716,62 +836,40 @@ class CrossEntropyFunction(torch.autograd.Function):
                                    "logits with their gradient: create_graph=True needs them")
 
             def loss_fn(x, target):
-                return _torch_cross_entropy(x, target, weight, ignore_index, reduction,
-                                            smoothing, prob_target, columns)
+                # the eager formula's layout: (N, C, d...) with the classes on dim 1
+                if columns and not opts.prob_target:
+                    target = target.view(x.shape[0], x.shape[2])
+                elif not columns:
+                    x = x.reshape(-1, x.shape[-1])
+                return eager.cross_entropy_float(x, target, weight, opts)[0]
 
             return (*differentiable_backward(ctx.needs_input_grad[:2], grad_out, loss_fn, x,
-                                             target), None, None, None, None, None, None, None,
-                    None)
+                                             target), *none)
         if ctx.grad is not None:
             # First backward after a fused forward: the gradient is already there.
             grad_x, ctx.grad = ctx.grad, None
             scale_by_upstream_(grad_x, grad_out)
-        elif ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if ctx.overwritten:
-                raise RuntimeError(
-                    "cross_entropy(..., inplace_backward=True) overwrote the logits with their "
-                    "gradient, so its graph cannot be run backward a second time; call it "
-                    "without inplace_backward to use retain_graph=True"
-                )
-            if ctx.needs_input_grad[0]:
-                grad_x = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            else:
-                grad_x = None
-            if ctx.needs_input_grad[1]:
-                grad_t = torch.empty_like(target)
-            _launch_ce(
-                x, target, weight, loss=None, stats=stats, tsum=tsum,
-                grad=grad_x,
-                grad_target=grad_t, denom=denom, weight_sum=weight_sum,
-                grad_out=grad_out, ignore_index=ignore_index, smoothing=smoothing,
-                grad_scale=grad_scale, prob_target=prob_target, compute_lse=False,
-                columns=columns,
+            return grad_x, None, *none
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, *none
+        if ctx.overwritten:
+            raise RuntimeError(
+                "cross_entropy(..., inplace_backward=True) overwrote the logits with their "
+                "gradient, so its graph cannot be run backward a second time; call it "
+                "without inplace_backward to use retain_graph=True"
             )
-            if inplace and grad_x is not None:
-                torch.autograd.graph.increment_version(x)
-        return grad_x, grad_t, None, None, None, None, None, None, None, None
-
-
-def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, prob_target,
-                         columns):
-    """The loss of CrossEntropyFunction's arguments in torch's ops (float32), for a
-    differentiable backward. Out-of-range class targets give NaN as the kernels do, never an
-    out-of-bounds read: torch sees them as ignored, then their rows are set to NaN."""
-    if columns:  # (outer, C, inner): rows last, as the row layout has them
-        x = x.movedim(1, -1)
-        target = target.movedim(1, -1).reshape(-1, x.shape[-1]) if prob_target else target
-    x = x.reshape(-1, x.shape[-1]).float()
-    weight = None if weight is None else weight.float()
-    if prob_target:
-        return F.cross_entropy(x, target.float(), weight, reduction=reduction,
-                               label_smoothing=smoothing)
-    target = target.long()
-    bad = (target != ignore_index) & ((target < 0) | (target >= x.shape[-1]))
-    loss = F.cross_entropy(x, torch.where(bad, ignore_index, target), weight,
-                           ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=smoothing)
-    nan = torch.tensor(float("nan"), device=x.device)
-    return torch.where(bad if reduction == "none" else bad.any(), nan, loss)
+        grad_x = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (x if opts.inplace_backward
+                      else torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        if ctx.needs_input_grad[1]:
+            grad_t = torch.empty_like(target)
+        scales = upstream_scales(opts, denom, ctx.n_rows, grad_out, x.device)
+        grads = cross_entropy_nd.grad_from_stats if columns else grad_from_stats
+        grads(x, target, weight, stats, scales, opts, grad=grad_x, grad_target=grad_t)
+        if opts.inplace_backward and grad_x is not None:
+            torch.autograd.graph.increment_version(x)
+        return grad_x, grad_t, *none
 
 
 # ------------------------------------------------------------------------------------------
@@ -800,19 +898,17 @@ def _fold_rows(x: torch.Tensor) -> torch.Tensor:
     return x.view(sizes[0], sizes[1], n_cols)
 
 
-def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, prob_target,
-                  inplace_backward, out_dtype):
-    """The kernels' cross-entropy for a validated call with at least one row and class,
-    its result in ``out_dtype`` (torch's, which the caller works out)."""
-    check_same_device(input, target=target, weight=weight)
+def cross_entropy(input, target, weight, opts: Options, out_dtype):
+    """The kernels' (loss, z-loss term) for a validated call with at least one row and
+    class, in ``out_dtype`` (torch's, which the caller works out)."""
     # Under torch.compile, AOTAutograd copies a tensor a graph writes to (and the logits'
     # version counter cannot be bumped): writing the gradient into them would save nothing.
-    inplace_backward = inplace_backward and not torch.compiler.is_compiling()
+    if opts.inplace_backward and torch.compiler.is_compiling():
+        opts = opts._replace(inplace_backward=False)
     n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     # A K-dimensional input laid out (N, C, d1, ..., dK) (classes strided) with few classes
     # runs in that layout; otherwise rows of classes with unit stride (copied if need be).
-    columns = (input.dim() > 2 and input.is_contiguous() and n_cols > 1
-               and n_cols <= COLUMNS_MAX_CLASSES)
+    columns = cross_entropy_nd.takes(input)
     if input.dim() == 1:
         x, loss_shape = input.unsqueeze(0), ()
     elif input.dim() == 2:
@@ -823,17 +919,16 @@ def cross_entropy(input, target, weight, ignore_index, reduction, smoothing, pro
     else:
         x = input.movedim(1, -1)
         loss_shape = tuple(x.shape[:-1])
-    if prob_target and columns:
+    if opts.prob_target and columns:
         t = target.reshape(x.shape).contiguous()
-    elif prob_target:
+    elif opts.prob_target:
         t = target.unsqueeze(0) if target.dim() == 1 else target
         t = (t.movedim(1, -1) if t.dim() > 2 else t).reshape(-1, n_cols).contiguous()
     else:
         t = target.reshape(-1).contiguous()
     x, t, weight = detached_without_grad_mode(
         x if columns else _fold_rows(x), t, None if weight is None else weight.contiguous())
-    loss = CrossEntropyFunction.apply(
-        x, t, weight, ignore_index, reduction, smoothing, prob_target, inplace_backward,
-        out_dtype, columns,
-    )
-    return loss.view(loss_shape) if reduction == "none" else loss
+    loss, z = CrossEntropyFunction.apply(x, t, weight, opts, columns, out_dtype)
+    if opts.reduction == "none":
+        return loss.view(loss_shape), z.view(loss_shape)
+    return loss, z

@@ -20,12 +20,11 @@ sums):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import eager
 from ._common import (
-    check_same_device,
     detached_without_grad_mode,
     differentiable_backward,
     float32_scratch,
@@ -206,8 +205,7 @@ class HuberFunction(torch.autograd.Function):
             ctx.grad = None
 
             def loss_fn(x, t, w):
-                x, t, w = _expand(shape, x.float(), t.float(), None if w is None else w.float())
-                return F.huber_loss(x, t, reduction, delta, w)
+                return eager.huber_loss(x, t, w, reduction, delta)
 
             return (*differentiable_backward(needs, grad_out, loss_fn, *inputs), None, None,
                     None, None)
@@ -242,7 +240,6 @@ class HuberFunction(torch.autograd.Function):
 def huber_loss(input, target, weight, reduction, delta, out_dtype):
     """The kernels' loss for a validated call: floating input and target that broadcast to
     at least one element, ``weight`` None or of the input's shape, ``delta > 0``."""
-    check_same_device(input, target=target, weight=weight)
     shape = torch.broadcast_shapes(input.shape, target.shape)
     input, target, weight = detached_without_grad_mode(input, target, weight)
     return HuberFunction.apply(input, target, weight, shape, reduction, delta, out_dtype)

@@ -585,12 +585,3 @@ def test_operands_on_another_device_raise():
         fl.cross_entropy(x, torch.tensor([1, 2, 3, 4]))
     with pytest.raises(RuntimeError, match="same device"):
         fl.cross_entropy(x, torch.tensor([1, 2, 3, 4], device="cuda"), weight=torch.ones(10))
-
-
-def test_same_device_check():
-    from fused_losses.kernels._common import check_same_device
-
-    x = torch.randn(2, 3)
-    check_same_device(x, target=torch.zeros(2), weight=None)
-    with pytest.raises(RuntimeError, match="same device.*weight is on meta"):
-        check_same_device(x, weight=torch.empty(3, device="meta"))

@@ -1,0 +1,131 @@
+"""Kernels or eager PyTorch: the one place where every loss's call is routed.
+
+``FUSED_LOSSES_BACKEND`` (read at every call, so tests can switch it):
+
+- ``auto`` (default): CUDA tensors run the Triton kernels, everything else eager PyTorch.
+- ``torch``: always eager PyTorch (float32 math for half inputs, as the kernels do).
+- ``triton``: always the kernels. CPU tensors run them under the Triton interpreter, in any
+  process and after any import (``kernels/_common.launch`` decides per launch), which is how
+  CI tests the kernels without a GPU.
+
+Whatever the setting, a call runs eagerly (where torch's own ops decide, and raise) when the
+kernels would not compute it exactly as torch does: float64 operands (float64 callers want
+float64 arithmetic), an operand on another device than the input or of a dtype the kernels
+do not read, an empty input, tensors of a ``torch.func`` transform (functorch wrappers, which
+torch's ops support and the kernels' autograd Functions do not), or a case the loss itself
+declares unsupported.
+
+This module also works out the dtypes ``torch.autocast`` makes an op see: the losses run in
+float32 under it, and the kernels read any dtype, so only the small operands are cast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def backend_setting() -> str:
+    value = os.environ.get("FUSED_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"FUSED_LOSSES_BACKEND={value!r} is not one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+def triton_available() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
+
+
+def functorch_wrapped(x: torch.Tensor) -> bool:
+    """True for a tensor of a ``torch.func`` transform (a batched or grad-tracking wrapper).
+    Never while torch.compile traces: Dynamo cannot call the check, and it unwraps the
+    transforms it traces itself."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # pragma: no cover - a torch without that private helper
+        return False
+
+
+def use_kernels(input: torch.Tensor, *operands: torch.Tensor | None,
+                other_dtypes: tuple = (), numel: int | None = None,
+                supported: bool = True) -> bool:
+    """True when the Triton kernels run this call.
+
+    ``operands``: the call's other tensors (None where absent), each of which the kernels
+    read in a float dtype of theirs, bool, or one of ``other_dtypes``, on the input's
+    device. ``numel``: the elements the loss computes (default: the input's); ``supported``:
+    False where the loss's kernels do not cover the case.
+    """
+    setting = backend_setting()
+    if setting == "torch" or not supported or input.dtype not in KERNEL_DTYPES:
+        return False
+    if (input.numel() if numel is None else numel) == 0 or functorch_wrapped(input):
+        return False
+    for t in operands:
+        if t is None:
+            continue
+        if t.device != input.device:
+            return False
+        if t.dtype not in KERNEL_DTYPES and t.dtype != torch.bool and t.dtype not in other_dtypes:
+            return False
+    if setting == "auto":
+        return input.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("FUSED_LOSSES_BACKEND=triton, but triton is not installed")
+    if input.device.type not in ("cuda", "cpu"):
+        raise RuntimeError(
+            f"FUSED_LOSSES_BACKEND=triton runs on CUDA or (interpreted) CPU tensors, "
+            f"not on {input.device.type}"
+        )
+    return True
+
+
+def kernels(loss: str):
+    """The kernel file ``fused_losses.kernels.<loss>`` (the first call imports Triton). An
+    import statement, not importlib: torch.compile traces through it."""
+    from .kernels import bce, cross_entropy, huber
+
+    return {"bce": bce, "cross_entropy": cross_entropy, "huber": huber}[loss]
+
+
+def reads_values_on_host(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values on the host: not for CUDA tensors (a sync on
+    the hot path), not while torch.compile traces (it cannot), not inside a transform (the
+    eager path runs there, and torch's own ops check)."""
+    return not (t.is_cuda or torch.compiler.is_compiling() or functorch_wrapped(t))
+
+
+# ------------------------------------------------------------------------------------------
+# torch.autocast
+# ------------------------------------------------------------------------------------------
+
+
+def autocast_on(input: torch.Tensor) -> bool:
+    """Whether torch.autocast is enabled for the input's device."""
+    try:
+        return torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+def autocast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast hands a float32 op for an operand of ``dtype``: every floating
+    dtype but float64 becomes float32."""
+    floating = dtype.is_floating_point and dtype != torch.float64
+    return torch.float32 if floating else dtype
+
+
+def autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None else t.to(autocast_dtype(t.dtype))

@@ -1,0 +1,229 @@
+"""The cross-entropy's arithmetic, as @triton.jit helpers every cross-entropy kernel shares.
+
+A row's **statistics** over a range of its classes (a block of a row, a split of a long row
+among programs, a tensor-parallel rank's shard of the vocabulary):
+
+    m  the max of the (softcapped) logits z_c, -inf when there are none
+    s  sum_c exp(z_c - m~)                     m~ = m, or 0 where m = -inf (no -inf - -inf)
+    a  sum_c k_c (z_c - m~)                    k_c: w_c for the label-smoothing term of class
+    k  sum_c k_c                                    targets, w_c t'_c for probability targets
+
+Sums are taken relative to the range's own max, so they are exact for huge logits and combine
+exactly (``merge_stats``): a row's statistics are the merge of its blocks', of its splits', or
+of every rank's. The loss of a row then needs only them and the target's logit z_y:
+
+    lse  = m~ + ln s
+    loss = (1 - e) w_y (lse - z_y) + e / C (k ln s - a)      class targets, smoothing e
+         = k ln s - a                                        probability targets (k = S)
+    z    = z_loss lse^2                                      PaLM's auxiliary z-loss
+
+and its gradient with respect to z_c, with p_c = exp(z_c - lse), is
+
+    hot (p_c - [c = y]) + extra p_c - kc k_c
+
+with per-row factors from ``grad_factors``. Softcapping (Gemma 2/3: z = cap tanh(x / cap)) is
+applied as the logits are loaded and its derivative at the end (``logits``): it is one option
+in one place.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import LN2, LOG2E
+
+
+@triton.jit
+def softcapped(x, softcap):
+    """softcap * tanh(x / softcap), to float32 precision.
+
+    tanh is built on one exp2 (the interpreter has no libdevice): for |u| >= 1/4,
+    (1 - e) / (1 + e) with e = exp(-2|u|) has no cancellation; below, the odd series to u^9
+    (relative error < 1e-8 there).
+    """
+    u = x / softcap
+    a = tl.abs(u)
+    e = tl.exp2(-2.0 * LOG2E * a)  # exp(-2|u|), in (0, 1]
+    a2 = a * a
+    series = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
+        -0.05396825396825397 + a2 * 0.021869488536155203))))
+    t = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
+    return softcap * tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def softcap_slope(z, softcap):
+    """d z / d x = 1 - tanh^2 of softcapped logits ``z``, as torch's tanh backward computes
+    it (from the output: the input need not stay in registers)."""
+    t = z / softcap
+    return (1.0 - t) * (1.0 + t)
+
+
+@triton.jit
+def logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
+    """The logits of a block in float32, softcapped if SOFTCAP, -inf where masked."""
+    x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+    if SOFTCAP:
+        x = tl.where(mask, softcapped(x, softcap), float("-inf"))
+    return x
+
+
+@triton.jit
+def class_factors(t_ptrs, weight_ptrs, mask, n_classes, smoothing,
+                  PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr):
+    """k_c of a block: w_c t'_c for probability targets (t' = (1 - e) t + e / C, at
+    ``t_ptrs``), w_c for the smoothing term of class targets; 0 where masked."""
+    if HAS_WEIGHT:
+        k = tl.load(weight_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        k = tl.where(mask, 1.0, 0.0)
+    if PROB_TARGET:
+        t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTHING:
+            t = tl.where(mask, t * (1.0 - smoothing) + smoothing / n_classes, 0.0)
+        k = k * t
+    return k
+
+
+@triton.jit
+def block_stats(z, t_ptrs, weight_ptrs, mask, n_classes, smoothing,
+                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_SMOOTHING: tl.constexpr):
+    """(m, e, s, a, k) of one block, reduced over axis 0 (the classes: a block of a row, or a
+    tile of classes x positions); ``e`` = exp(z - m~), elementwise, for the caller to keep.
+    The class factors are loaded once the exponentials are summed: fewer live registers."""
+    m = tl.max(z, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp2((z - m_safe) * LOG2E)
+    s = tl.sum(e, axis=0)
+    if PROB_TARGET or HAS_SMOOTHING:
+        k_c = class_factors(t_ptrs, weight_ptrs, mask, n_classes, smoothing, PROB_TARGET,
+                            HAS_WEIGHT, HAS_SMOOTHING)
+        # k_c (z_c - m~) where in range: a -inf logit with k_c > 0 makes the smoothing term
+        # +inf, with k_c = 0 NaN, as torch's w_c * log_softmax
+        a = tl.sum(tl.where(mask, k_c * (z - m_safe), 0.0), axis=0)
+        k = tl.sum(k_c, axis=0)
+    else:
+        a = tl.zeros_like(s)
+        k = tl.zeros_like(s)
+    return m, e, s, a, k
+
+
+@triton.jit
+def merge_stats(m1, s1, a1, k1, m2, s2, a2, k2):
+    """The statistics of two class ranges of the same rows, merged (exact: each sum is moved
+    to the larger max). A range that is empty or all -inf (m = -inf, s = 0) adds nothing."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = s1 * tl.exp2((m1 - m_safe) * LOG2E) + s2 * tl.exp2((m2 - m_safe) * LOG2E)
+    a = (a1 + (tl.where(m1 == float("-inf"), 0.0, m1) - m_safe) * k1
+         + a2 + (tl.where(m2 == float("-inf"), 0.0, m2) - m_safe) * k2)
+    return m, s, a, k1 + k2
+
+
+@triton.jit
+def class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT: tl.constexpr):
+    """For class index(es) ``y``: counted (in range, not ignored), out of range (that row's
+    loss is NaN: no host check on a GPU), and the class weight w_y (0 where not counted)."""
+    valid = y != ignore_index
+    ok = valid & (y >= 0) & (y < n_classes)
+    bad = valid & ((y < 0) | (y >= n_classes))
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.where(ok, 1.0, 0.0)
+    return ok, bad, w_y
+
+
+@triton.jit
+def row_loss(m, s, a, k, z_y, w_y, ok, bad, n_classes, smoothing, z_loss,
+             PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(loss, z-loss term, m~, log2 s) of rows from their statistics. Rows not counted (an
+    ignored target) give 0 and finite m~, log2 s; out-of-range targets NaN."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log2_s = tl.log2(s)
+    ln_s = log2_s * LN2
+    if PROB_TARGET:
+        loss = k * ln_s - a
+    else:
+        loss = w_y * ((m_safe - z_y) + ln_s)
+        if HAS_SMOOTHING:
+            loss = (1.0 - smoothing) * loss + smoothing / n_classes * (k * ln_s - a)
+    lse = m_safe + ln_s
+    loss = tl.where(ok, loss, tl.where(bad, float("nan"), 0.0))
+    z_term = tl.where(ok, z_loss * lse * lse, tl.where(bad, float("nan"), 0.0))
+    return loss, z_term, tl.where(ok, m_safe, 0.0), tl.where(ok, log2_s, 0.0)
+
+
+@triton.jit
+def grad_factors(m_safe, log2_s, k, w_y, scale, z_scale, n_classes, smoothing,
+                 PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Per-row factors of d loss / d z_c = hot (p_c - [c = y]) + extra p_c - kc k_c, for an
+    upstream ``scale`` of the loss and ``z_scale`` (already times 2 z_loss) of the z-loss."""
+    lse = m_safe + log2_s * LN2
+    extra = z_scale * lse
+    if PROB_TARGET:
+        hot = tl.zeros_like(extra)
+        extra += scale * k  # p_c S - w_c t'_c
+        kc = scale
+    else:
+        hot = scale * w_y
+        kc = tl.zeros_like(extra)
+        if HAS_SMOOTHING:
+            hot = hot * (1.0 - smoothing)
+            kc = scale * smoothing / n_classes
+            extra += kc * k  # e/C (W p_c - w_c)
+    return hot, extra, kc
+
+
+@triton.jit
+def softmax(z, m_safe, log2_s):
+    """p_c = exp(z_c - lse) of a block, from its row's statistics."""
+    return tl.exp2((z - m_safe) * LOG2E - log2_s)
+
+
+@triton.jit
+def grad_block(p, z, cols, y, k_c, hot, extra, kc, ok, bad, softcap,
+               PROB_TARGET: tl.constexpr, HAS_K: tl.constexpr, SOFTCAP: tl.constexpr):
+    """d loss / d x of a block of (softcapped) logits ``z`` from their softmax ``p``: exact
+    zero for rows not counted, NaN for out-of-range targets. One fused multiply-add,
+    ``p (hot + extra) - hot``, at the target: ``p - 1`` is formed in float32 and rounded once
+    (confident rows keep their digits)."""
+    c = 0.0
+    if not PROB_TARGET:
+        c = tl.where(cols == y, hot, 0.0)
+    if HAS_K:
+        c += kc * k_c
+    d = tl.fma(p, hot + extra, -c)
+    if SOFTCAP:
+        d = d * softcap_slope(z, softcap)
+    return tl.where(ok, d, tl.where(bad, float("nan"), 0.0))
+
+
+@triton.jit
+def target_grad_block(z, m_safe, log2_s, w_c, scale, smoothing):
+    """d loss / d t_c of a block of probability targets: -(1 - e) w_c log p_c."""
+    log_p = (z - m_safe) - log2_s * LN2
+    return (smoothing - 1.0) * w_c * log_p * scale
+
+
+
+# ------------------------------------------------------------------------------------------
+# host side: what a call asks for, and the flags and scalars every kernel takes for it
+# ------------------------------------------------------------------------------------------
+
+
+def flags(opts, weight) -> dict:
+    """The constexpr flags of every cross-entropy kernel for ``opts`` (an ``eager.Options``), and
+    the scalars they come with."""
+    return dict(
+        ignore_index=opts.ignore_index,
+        smoothing=opts.smoothing,
+        softcap=opts.softcap or 1.0,
+        PROB_TARGET=opts.prob_target,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=opts.smoothing > 0.0,
+        SOFTCAP=opts.softcap is not None,
+    )

@@ -1,0 +1,297 @@
+"""One float32 formula per loss, in torch ops: the eager path, and the kernels' double backward.
+
+Every loss is written here once, differentiably, in float32 (float64 where an operand is):
+the CPU fallback runs it, and so does the backward of every kernel Function under
+``create_graph=True`` (the kernels' gradients are constants to autograd, so second
+derivatives need torch's ops). It imports torch only: the package runs without Triton.
+
+Cross-entropy is split into per-row parts and a reduction (``row_parts``, ``reduce_parts``),
+so that half-precision logits can run a block of rows at a time (``cross_entropy``): the loss
+and gradient of each block are computed in float32 in cache-sized pieces, and no float32 copy
+of the whole logits exists (torch's own bfloat16 loss keeps its log-softmax and two gradients
+of the logits' size).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Half-precision logits run in blocks of about this many float32 elements (4 MiB).
+BLOCK_ELEMENTS = 1 << 20
+
+
+class Options(NamedTuple):
+    """What a cross-entropy call asks for beyond its tensors (validated by the caller)."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    smoothing: float = 0.0
+    softcap: float | None = None
+    z_loss: float = 0.0
+    prob_target: bool = False
+    inplace_backward: bool = False
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any operand is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in the compute dtype; integer, bool and complex tensors as they are (torch's
+    promotion decides for them)."""
+    return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+
+# ------------------------------------------------------------------------------------------
+# cross-entropy
+# ------------------------------------------------------------------------------------------
+
+
+class Parts(NamedTuple):
+    """A cross-entropy's per-row terms, each to be divided by its own denominator in a mean
+    (torch divides its unsmoothed and its smoothing term separately)."""
+
+    terms: list  # per-row tensors (N, d1, ..., dK): the loss is their sum
+    z: torch.Tensor | None  # the z-loss term per row, or None
+
+
+def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+              opts: Options) -> Parts:
+    """The per-row terms of the loss of logits ``x`` (N, C, d1, ..., dK), classes on dim 1,
+    against class indices (N, d1, ..., dK) or probabilities shaped like ``x``.
+
+    Softcapping comes first (``softcap * tanh(x / softcap)``); then, with ``lp`` the
+    log-softmax, class targets give ``(1 - e) w_y (-lp_y)`` (zero where ignored, NaN for a
+    target out of range) and ``e / C sum_c w_c (-lp_c)``, probability targets
+    ``sum_c w_c t'_c (-lp_c)``; the z-loss is ``z_loss lse^2`` on the rows counted.
+    """
+    dtype = compute_dtype(x.dtype, *(t.dtype for t in (target, weight)
+                                     if t is not None and t.is_floating_point()))
+    z = x.to(dtype)
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    n_classes = z.shape[1]
+    lp = torch.log_softmax(z, 1)
+    weight = None if weight is None else weight.reshape(-1)  # (any shape of C elements)
+    w = None if weight is None else weight.to(dtype).view(-1, *([1] * (z.dim() - 2)))
+    eps = opts.smoothing
+    if opts.prob_target:
+        t = target.to(dtype)
+        if eps > 0:
+            t = t * (1.0 - eps) + eps / n_classes
+        k = t if w is None else t * w
+        terms = [-(k * lp).sum(1)]
+        z_rows = None
+        if opts.z_loss:
+            z_rows = opts.z_loss * torch.logsumexp(z, 1) ** 2
+        return Parts(terms, z_rows)
+
+    y = target.long()
+    counted = y != opts.ignore_index
+    bad = counted & ((y < 0) | (y >= n_classes))
+    ok = counted & ~bad
+    w_y = torch.ones_like(z[:, 0]) if weight is None else weight.to(dtype)[torch.where(ok, y, 0)]
+    # torch's nll_loss checks the targets' range (CPU: also where the values cannot be read
+    # on the host, under vmap or torch.compile). On a GPU, where it would assert, a target
+    # out of range gives NaN instead, as the kernels do. Rows not counted give exactly 0.
+    if y.is_cuda:
+        y = torch.where(bad, 0, y)
+    nan = torch.where(bad, math.nan, 0.0).to(dtype)
+    nll = F.nll_loss(lp, y, ignore_index=opts.ignore_index, reduction="none")
+    terms = [torch.where(ok, (1.0 - eps) * w_y * nll, nan)]
+    if eps > 0:
+        smooth = -(lp.sum(1) if w is None else (lp * w).sum(1))
+        terms.append(torch.where(_smoothing_counted(target, opts), eps / n_classes * smooth,
+                                 nan))
+    z_rows = None
+    if opts.z_loss:
+        z_rows = torch.where(ok, opts.z_loss * torch.logsumexp(z, 1) ** 2, nan)
+    return Parts(terms, z_rows)
+
+
+def _smoothing_counted(target: torch.Tensor, opts: Options) -> torch.Tensor:
+    """The rows torch's label-smoothing term counts. torch compares a uint8 target with
+    ``ignore_index`` in uint8 there (-100 matches 156), and as int64 everywhere else."""
+    ignore = opts.ignore_index
+    if target.dtype == torch.uint8:
+        ignore %= 256
+    return target.long() != ignore
+
+
+def part_denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: Options,
+                      n_classes: int) -> Parts:
+    """The denominators a mean divides each of ``row_parts``' terms by: the summed weights
+    of the rows each term counts (NaN if a target is out of range), the number of rows for
+    probability targets; the z-loss's is the count of rows counted (every row for
+    probabilities), unweighted."""
+    if opts.prob_target:
+        n_rows = target.numel() // n_classes
+        return Parts([n_rows], n_rows)
+    y = target.long()
+    counted = y != opts.ignore_index
+    bad = counted & ((y < 0) | (y >= n_classes))
+    ok = counted & ~bad
+    dtype = torch.float64 if weight is not None and weight.dtype == torch.float64 else None
+    if weight is None:
+        w_y = ok.float()
+    else:
+        w_y = torch.where(ok, weight.reshape(-1).to(dtype or torch.float32)[torch.where(ok, y, 0)],
+                          0.0)
+    nan = torch.where(bad.any(), math.nan, 0.0)
+    d_loss = w_y.sum() + nan
+    dens = [d_loss]
+    if opts.smoothing > 0:
+        smooth = _smoothing_counted(target, opts)
+        # torch's smoothing mean divides by its own count; it differs from the unsmoothed
+        # one only for uint8 targets with an ignore_index outside [0, 255], unweighted (the
+        # weighted case raises in torch: _validation).
+        dens.append(d_loss if weight is not None else smooth.sum().to(w_y.dtype) + nan)
+    return Parts(dens, ok.sum().to(w_y.dtype) + nan)
+
+
+def reduce_parts(parts: Parts, dens: Parts, reduction: str):
+    """(loss, z-loss term or None) reduced: per row, summed, or each term divided by its
+    denominator. Linear in the parts, so blocks of rows reduce to their sum."""
+    if reduction == "none":
+        loss = sum(parts.terms)
+        z = parts.z
+    elif reduction == "sum":
+        loss = sum(t.sum() for t in parts.terms)
+        z = None if parts.z is None else parts.z.sum()
+    else:
+        loss = sum(t.sum() / d for t, d in zip(parts.terms, dens.terms, strict=True))
+        z = None if parts.z is None else parts.z.sum() / dens.z
+    return (loss if z is None else loss + z), z
+
+
+def cross_entropy_float(x, target, weight, opts: Options):
+    """(loss, z-loss term or None) of ``x`` (N, C, d1, ..., dK) in float32 torch ops,
+    differentiable (the double backward of the kernels, and the eager path)."""
+    dens = part_denominators(target, weight, opts, x.shape[1])
+    return reduce_parts(row_parts(x, target, weight, opts), dens, opts.reduction)
+
+
+def _rows_per_block(x: torch.Tensor) -> int:
+    return max(1, BLOCK_ELEMENTS // max(1, x[0].numel()))
+
+
+class HalfCrossEntropy(torch.autograd.Function):
+    """``cross_entropy_float`` of half-precision logits, a block of rows at a time: each
+    block is upcast, its loss and (for ``mean``/``sum``) its gradient computed by autograd on
+    the formula, the gradient rounded once into a logits-sized buffer; the backward scales it
+    (``none``: recomputes each block with its rows' upstream gradients). Peak memory: the
+    gradient and one block's float32 temporaries."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, opts: Options):
+        dens = part_denominators(target, weight, opts, x.shape[1])
+        rows = _rows_per_block(x)
+        fused = ctx.needs_input_grad[0] and opts.reduction != "none"
+        grad = torch.empty_like(x) if fused else None
+        outs = []
+        for start in range(0, x.shape[0], rows):
+            block = slice(start, start + rows)
+            with torch.set_grad_enabled(fused):
+                xb = x[block].detach().float().requires_grad_(fused)
+                loss, z = reduce_parts(row_parts(xb, target[block], weight, opts), dens,
+                                       opts.reduction)
+            if fused:
+                (g,) = torch.autograd.grad(loss, xb)
+                grad[block] = g
+            outs.append((loss.detach(), None if z is None else z.detach()))
+        if opts.reduction == "none":
+            loss = torch.cat([o[0] for o in outs])
+            z = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
+        else:
+            loss = sum(o[0] for o in outs)
+            z = None if outs[0][1] is None else sum(o[1] for o in outs)
+        ctx.save_for_backward(x, target, weight)
+        ctx.opts, ctx.dens, ctx.grad = opts, dens, grad
+        if z is None:
+            z = torch.zeros_like(loss)
+        ctx.mark_non_differentiable(z)
+        return loss, z
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_z):
+        x, target, weight = ctx.saved_tensors
+        opts, dens = ctx.opts, ctx.dens
+        if torch.is_grad_enabled():  # create_graph=True: the formula on the whole input
+            ctx.grad = None
+            with torch.enable_grad():
+                loss, _ = cross_entropy_float(x, target, weight, opts)
+            return torch.autograd.grad(loss, x, grad_out, create_graph=True)[0], None, None, None
+        if ctx.grad is not None:  # the first backward after the forward wrote the gradient
+            grad, ctx.grad = ctx.grad, None
+            if not bool(grad_out == 1):  # (CPU tensors: no device to sync with)
+                grad.mul_(grad_out)
+            return grad, None, None, None
+        grad = torch.empty_like(x)
+        rows = _rows_per_block(x)
+        for start in range(0, x.shape[0], rows):
+            block = slice(start, start + rows)
+            with torch.enable_grad():
+                xb = x[block].detach().float().requires_grad_(True)
+                loss, _ = reduce_parts(row_parts(xb, target[block], weight, opts), dens,
+                                       opts.reduction)
+            g_out = grad_out[block] if opts.reduction == "none" else grad_out
+            (g,) = torch.autograd.grad(loss, xb, g_out.float())
+            grad[block] = g
+        return grad, None, None, None
+
+
+def cross_entropy(input, target, weight, opts: Options, out_dtype):
+    """The eager (loss, z-loss term or None), in ``out_dtype``, for a validated call.
+
+    float32 and float64 logits run the formula as it is (autograd keeps what it needs); half
+    precision ones a block of rows at a time (``HalfCrossEntropy``), except under
+    torch.compile and ``torch.func`` transforms, which trace the formula whole."""
+    x, t = input, target
+    if x.dim() == 1:  # (C,): one row; a (1,) target means the same as a 0-d one
+        x = x.unsqueeze(0)
+        t = t.unsqueeze(0) if opts.prob_target else t.reshape(1)
+    blocks = (x.dtype in (torch.float16, torch.bfloat16) and not opts.prob_target
+              and not torch.compiler.is_compiling() and not _functorch_wrapped(x)
+              and x.shape[0] > 0)
+    if blocks:
+        loss, z = HalfCrossEntropy.apply(x, t, weight, opts)
+        z = z if opts.z_loss else None
+    else:
+        loss, z = cross_entropy_float(x, t, weight, opts)
+    if input.dim() == 1 and opts.reduction == "none":
+        loss, z = loss.reshape(()), None if z is None else z.reshape(())
+    return loss.to(out_dtype), None if z is None else z.to(out_dtype)
+
+
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # pragma: no cover - a torch without that private helper
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+# BCE with logits, Huber: torch's own functions on float32 copies
+# ------------------------------------------------------------------------------------------
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+    """For floating input and target of one shape; float32 (float64 if an operand is)."""
+    dtype = compute_dtype(*(t.dtype for t in (input, target, weight, pos_weight)
+                            if t is not None))
+    return F.binary_cross_entropy_with_logits(
+        input.to(dtype), target.to(dtype), _up(weight, dtype), reduction=reduction,
+        pos_weight=_up(pos_weight, dtype))
+
+
+def huber_loss(input, target, weight, reduction, delta):
+    """For a floating input; input, target (and the weight with them) broadcast here."""
+    dtype = compute_dtype(*(t.dtype for t in (input, target, weight) if t is not None))
+    x, t = torch.broadcast_tensors(input.to(dtype), _up(target, dtype))
+    w = None if weight is None else _up(weight, dtype).expand(x.shape)
+    return F.huber_loss(x, t, reduction=reduction, delta=delta, weight=w)
