@@ -33,6 +33,8 @@ import triton.language as tl
 
 from ._common import LN2, LOG2E
 
+TWO_LOG2E = tl.constexpr(2.8853900817779268)  # exp(-2u) = exp2(-2u log2 e)
+
 
 @triton.jit
 def softcapped(x, softcap):
@@ -44,7 +46,7 @@ def softcapped(x, softcap):
     """
     u = x / softcap
     a = tl.abs(u)
-    e = tl.exp2(-2.0 * LOG2E * a)  # exp(-2|u|), in (0, 1]
+    e = tl.exp2(a * TWO_LOG2E * -1.0)  # exp(-2|u|), in (0, 1]
     a2 = a * a
     series = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
         -0.05396825396825397 + a2 * 0.021869488536155203))))

@@ -65,10 +65,10 @@ def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
     """The per-row terms of the loss of logits ``x`` (N, C, d1, ..., dK), classes on dim 1,
     against class indices (N, d1, ..., dK) or probabilities shaped like ``x``.
 
-    Softcapping comes first (``softcap * tanh(x / softcap)``); then, with ``lp`` the
-    log-softmax, class targets give ``(1 - e) w_y (-lp_y)`` (zero where ignored, NaN for a
-    target out of range) and ``e / C sum_c w_c (-lp_c)``, probability targets
-    ``sum_c w_c t'_c (-lp_c)``; the z-loss is ``z_loss lse^2`` on the rows counted.
+    Softcapping comes first (``z = softcap * tanh(x / softcap)``). Then class targets give
+    ``(1 - e) w_y (lse - z_y)`` (zero where ignored, NaN for a target out of range) and
+    ``e / C sum_c w_c (lse - z_c)``, probability targets ``sum_c w_c t'_c (lse - z_c)``; the
+    z-loss is ``z_loss lse^2`` on the rows counted.
     """
     dtype = compute_dtype(x.dtype, *(t.dtype for t in (target, weight)
                                      if t is not None and t.is_floating_point()))
@@ -76,19 +76,33 @@ def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
     n_classes = z.shape[1]
-    lp = torch.log_softmax(z, 1)
     weight = None if weight is None else weight.reshape(-1)  # (any shape of C elements)
     w = None if weight is None else weight.to(dtype).view(-1, *([1] * (z.dim() - 2)))
     eps = opts.smoothing
+    lse = None
+    if eps > 0 or opts.prob_target:
+        # Sums over the classes, k ln s - sum_c k_c (z_c - m) with s = sum_c exp(z_c - m):
+        # autograd forms their gradient k p_c - k_c without a sum of C terms (through
+        # log_softmax it sums C equal terms: 1e-3 off at 70k classes in float32).
+        m = z.detach().amax(1, keepdim=True)
+        m = torch.where(m == -math.inf, 0.0, m)  # a row that is all -inf: no NaN from -inf - -inf
+        zm = z - m
+        ln_s = zm.exp().sum(1).log()
+        lse = m.squeeze(1) + ln_s
+    else:
+        # m = lse, so z - m is the log-softmax, torch's fused op (as fast as its own loss)
+        zm = torch.log_softmax(z, 1)
+        ln_s = 0.0
+
     if opts.prob_target:
         t = target.to(dtype)
         if eps > 0:
             t = t * (1.0 - eps) + eps / n_classes
         k = t if w is None else t * w
-        terms = [-(k * lp).sum(1)]
+        terms = [k.sum(1) * ln_s - (k * zm).sum(1)]
         z_rows = None
         if opts.z_loss:
-            z_rows = opts.z_loss * torch.logsumexp(z, 1) ** 2
+            z_rows = opts.z_loss * lse**2
         return Parts(terms, z_rows)
 
     y = target.long()
@@ -96,21 +110,24 @@ def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
     bad = counted & ((y < 0) | (y >= n_classes))
     ok = counted & ~bad
     w_y = torch.ones_like(z[:, 0]) if weight is None else weight.to(dtype)[torch.where(ok, y, 0)]
-    # torch's nll_loss checks the targets' range (CPU: also where the values cannot be read
-    # on the host, under vmap or torch.compile). On a GPU, where it would assert, a target
-    # out of range gives NaN instead, as the kernels do. Rows not counted give exactly 0.
+    # lse - z_y = ln s - (z_y - m), z_y - m picked by torch's nll_loss, which checks the
+    # targets' range (CPU: also where the values cannot be read on the host, under vmap or
+    # torch.compile). On a GPU, where it would assert, a target out of range gives NaN
+    # instead, as the kernels do. Rows not counted give exactly 0.
     if y.is_cuda:
         y = torch.where(bad, 0, y)
     nan = torch.where(bad, math.nan, 0.0).to(dtype)
-    nll = F.nll_loss(lp, y, ignore_index=opts.ignore_index, reduction="none")
+    nll = ln_s + F.nll_loss(zm, y, ignore_index=opts.ignore_index, reduction="none")
     terms = [torch.where(ok, (1.0 - eps) * w_y * nll, nan)]
     if eps > 0:
-        smooth = -(lp.sum(1) if w is None else (lp * w).sum(1))
+        smooth = (n_classes if w is None else w.sum()) * ln_s - (zm if w is None
+                                                                  else zm * w).sum(1)
         terms.append(torch.where(_smoothing_counted(target, opts), eps / n_classes * smooth,
                                  nan))
     z_rows = None
     if opts.z_loss:
-        z_rows = torch.where(ok, opts.z_loss * torch.logsumexp(z, 1) ** 2, nan)
+        lse = torch.logsumexp(z, 1) if lse is None else lse
+        z_rows = torch.where(ok, opts.z_loss * lse**2, nan)
     return Parts(terms, z_rows)
 
 
@@ -126,31 +143,30 @@ def _smoothing_counted(target: torch.Tensor, opts: Options) -> torch.Tensor:
 def part_denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: Options,
                       n_classes: int) -> Parts:
     """The denominators a mean divides each of ``row_parts``' terms by: the summed weights
-    of the rows each term counts (NaN if a target is out of range), the number of rows for
-    probability targets; the z-loss's is the count of rows counted (every row for
-    probabilities), unweighted."""
+    (or the count) of the rows each term counts, NaN if a target is out of range; the number
+    of rows for probability targets. The z-loss's is the count of the rows the unsmoothed
+    term counts (every row for probabilities), unweighted."""
     if opts.prob_target:
         n_rows = target.numel() // n_classes
         return Parts([n_rows], n_rows)
     y = target.long()
-    counted = y != opts.ignore_index
-    bad = counted & ((y < 0) | (y >= n_classes))
-    ok = counted & ~bad
+    bad = (y != opts.ignore_index) & ((y < 0) | (y >= n_classes))
+    in_range = ~bad
     dtype = torch.float64 if weight is not None and weight.dtype == torch.float64 else None
-    if weight is None:
-        w_y = ok.float()
-    else:
-        w_y = torch.where(ok, weight.reshape(-1).to(dtype or torch.float32)[torch.where(ok, y, 0)],
-                          0.0)
+    w_y = torch.ones_like(y, dtype=dtype or torch.float32)
+    if weight is not None:
+        w_y = weight.reshape(-1).to(w_y.dtype)[torch.where((y >= 0) & (y < n_classes), y, 0)]
     nan = torch.where(bad.any(), math.nan, 0.0)
-    d_loss = w_y.sum() + nan
-    dens = [d_loss]
+
+    def summed(counted):
+        return torch.where(counted & in_range, w_y, 0.0).sum() + nan
+
+    ok = (y != opts.ignore_index) & in_range
+    dens = [summed(ok)]
     if opts.smoothing > 0:
-        smooth = _smoothing_counted(target, opts)
-        # torch's smoothing mean divides by its own count; it differs from the unsmoothed
-        # one only for uint8 targets with an ignore_index outside [0, 255], unweighted (the
-        # weighted case raises in torch: _validation).
-        dens.append(d_loss if weight is not None else smooth.sum().to(w_y.dtype) + nan)
+        # torch's smoothing term has its own mask: it differs from the unsmoothed one for
+        # uint8 targets with an ignore_index outside [0, 255]
+        dens.append(summed(_smoothing_counted(target, opts)))
     return Parts(dens, ok.sum().to(w_y.dtype) + nan)
 
 

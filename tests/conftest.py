@@ -37,6 +37,16 @@ def device(backend):
     return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
+@pytest.fixture(params=["whole rows", "split rows"])
+def row_plan(request, monkeypatch):
+    """Runs the test with each row of more than 32k classes in one program, and split among
+    several (the plan for few rows): the SM count the plan assumes, 1 or 4096."""
+    from fused_losses.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "SPLIT_SMS", 1 if request.param == "whole rows" else 4096)
+    return request.param
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

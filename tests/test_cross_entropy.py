@@ -107,7 +107,7 @@ def test_small_and_register_sized_rows(backend, device, n_classes):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_large_vocabularies(backend, device, n_classes, dtype):
+def test_large_vocabularies(backend, device, row_plan, n_classes, dtype):
     x = random_logits((3, n_classes), dtype, device, scale=4.0)
     t = class_target((3,), n_classes, device)
     t[1] = -100
@@ -306,7 +306,7 @@ def test_non_finite_logits(backend, device):
 
 
 @pytest.mark.parametrize("n_classes", [40, 40000])
-def test_upstream_gradients(backend, device, n_classes):
+def test_upstream_gradients(backend, device, row_plan, n_classes):
     x = random_logits((5, n_classes), torch.bfloat16, device).requires_grad_(True)
     t = class_target((5,), n_classes, device)
     ref_x = x.detach().double().cpu().requires_grad_(True)
@@ -314,7 +314,7 @@ def test_upstream_gradients(backend, device, n_classes):
     check_upstream_gradients(x, ref_x, lambda: fl.cross_entropy(x, t),
                              lambda: F.cross_entropy(ref_x, t.cpu()), torch.bfloat16)
 
-def test_deterministic(backend, device):
+def test_deterministic(backend, device, row_plan):
     x = random_logits((9, 50000), torch.bfloat16, device).requires_grad_(True)
     t = class_target((9,), 50000, device, ignore_frac=0.2)
     runs = []
@@ -377,7 +377,7 @@ def test_double_backward(backend, device, reduction, prob):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("n_classes", [50, 40000])
-def test_inplace_backward(backend, device, reduction, n_classes):
+def test_inplace_backward(backend, device, row_plan, reduction, n_classes):
     leaf = random_logits((4, n_classes), torch.float32, device).requires_grad_(True)
     t = class_target((4,), n_classes, device)
     ref_leaf = leaf.detach().double().cpu().requires_grad_(True)
