@@ -31,7 +31,10 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def backend_setting() -> str:
-    value = os.environ.get("FUSED_LOSSES_BACKEND", "auto").strip().lower() or "auto"
+    value = os.environ.get("FUSED_LOSSES_BACKEND")
+    if value is None:  # (every call reads it: a small loss's time is its Python)
+        return "auto"
+    value = value.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(
             f"FUSED_LOSSES_BACKEND={value!r} is not one of {', '.join(BACKENDS)}"
@@ -70,6 +73,8 @@ def use_kernels(input: torch.Tensor, *operands: torch.Tensor | None,
     """
     setting = backend_setting()
     if setting == "torch" or not supported or input.dtype not in KERNEL_DTYPES:
+        return False
+    if setting == "auto" and not input.is_cuda:  # the common CPU call: answered at once
         return False
     if (input.numel() if numel is None else numel) == 0 or functorch_wrapped(input):
         return False

@@ -363,7 +363,8 @@ def check_huber(
             "broadcasting. Please ensure they have the same size.",
             stacklevel=3,
         )
-    shape = broadcast_shape(input.shape, target.shape)
+    shape = input.shape if target.shape == input.shape else broadcast_shape(input.shape,
+                                                                            target.shape)
     if weight is None:
         reduction = resolve_reduction(None, None, reduction)
     elif weight.size() != input.size():

@@ -228,8 +228,8 @@ def binary_cross_entropy_with_logits(
     if _dispatch.use_kernels(input, target, weight, pos_weight):
         return _dispatch.kernels("bce").binary_cross_entropy_with_logits(
             input, target, weight, pos_weight, reduction, out_dtype)
-    return eager.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                  reduction).to(out_dtype)
+    return eager.as_dtype(eager.binary_cross_entropy_with_logits(
+        input, target, weight, pos_weight, reduction), out_dtype)
 
 
 def huber_loss(
@@ -294,4 +294,4 @@ def huber_loss(
                              supported=target.dtype != torch.bool):
         return _dispatch.kernels("huber").huber_loss(input, target, weight, reduction, delta,
                                                      out_dtype)
-    return eager.huber_loss(input, target, weight, reduction, delta).to(out_dtype)
+    return eager.as_dtype(eager.huber_loss(input, target, weight, reduction, delta), out_dtype)

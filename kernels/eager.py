@@ -41,10 +41,20 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _compute_dtype_of(*tensors: torch.Tensor | None) -> torch.dtype:
+    return compute_dtype(*(t.dtype for t in tensors if t is not None))
+
+
 def _up(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` in the compute dtype; integer, bool and complex tensors as they are (torch's
     promotion decides for them)."""
-    return t.to(dtype) if t is not None and t.is_floating_point() else t
+    return as_dtype(t, dtype) if t is not None and t.is_floating_point() else t
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without a dispatcher call when it is a no-op (a small loss's time is
+    its Python)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,7 +291,7 @@ def cross_entropy(input, target, weight, opts: Options, out_dtype):
         loss, z = cross_entropy_float(x, t, weight, opts)
     if input.dim() == 1 and opts.reduction == "none":
         loss, z = loss.reshape(()), None if z is None else z.reshape(())
-    return loss.to(out_dtype), None if z is None else z.to(out_dtype)
+    return as_dtype(loss, out_dtype), None if z is None else as_dtype(z, out_dtype)
 
 
 def _functorch_wrapped(x: torch.Tensor) -> bool:
@@ -298,16 +308,18 @@ def _functorch_wrapped(x: torch.Tensor) -> bool:
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
     """For floating input and target of one shape; float32 (float64 if an operand is)."""
-    dtype = compute_dtype(*(t.dtype for t in (input, target, weight, pos_weight)
-                            if t is not None))
+    dtype = _compute_dtype_of(input, target, weight, pos_weight)
     return F.binary_cross_entropy_with_logits(
-        input.to(dtype), target.to(dtype), _up(weight, dtype), reduction=reduction,
-        pos_weight=_up(pos_weight, dtype))
+        as_dtype(input, dtype), as_dtype(target, dtype), _up(weight, dtype),
+        reduction=reduction, pos_weight=_up(pos_weight, dtype))
 
 
 def huber_loss(input, target, weight, reduction, delta):
-    """For a floating input; input, target (and the weight with them) broadcast here."""
-    dtype = compute_dtype(*(t.dtype for t in (input, target, weight) if t is not None))
-    x, t = torch.broadcast_tensors(input.to(dtype), _up(target, dtype))
+    """For a floating input; input, target (and the weight with them) broadcast here (the
+    caller warned as torch does)."""
+    dtype = _compute_dtype_of(input, target, weight)
+    x, t = as_dtype(input, dtype), _up(target, dtype)
+    if x.shape != t.shape:
+        x, t = torch.broadcast_tensors(x, t)
     w = None if weight is None else _up(weight, dtype).expand(x.shape)
     return F.huber_loss(x, t, reduction=reduction, delta=delta, weight=w)

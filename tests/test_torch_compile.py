@@ -21,6 +21,7 @@ from _helpers import (
     loss_and_grads,
     loss_operands,
     random_logits,
+    reference_cross_entropy,
 )
 
 import fused_losses as fl
@@ -84,6 +85,36 @@ def test_cross_entropy_probabilities_k_dim(backend, device, compiler):
     check(compiler, lambda **a: fl.cross_entropy(**a, label_smoothing=0.1),
           lambda **a: F.cross_entropy(**a, label_smoothing=0.1),
           {"input": x, "target": t}, {"input", "target"}, dtype)
+
+
+SOFTCAP_CASES = {
+    "mean, softcap, z-loss": dict(softcap=5.0, z_loss=1e-2),
+    "none, weight, smoothing, softcap, z-loss": dict(reduction="none", weight=True,
+                                                     label_smoothing=0.1, softcap=2.0,
+                                                     z_loss=0.1),
+}
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+def test_cross_entropy_softcap_z_loss(backend, device, compiler, case):
+    kw = dict(SOFTCAP_CASES[case])
+    dtype = torch.bfloat16
+    x = random_logits((6, 40), dtype, device)
+    t = torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(1)).to(device)
+    t[2] = -100
+    inputs = {"input": x, "target": t}
+    if kw.pop("weight", False):
+        inputs["weight"] = random_logits((40,), dtype, device).abs() + 0.5
+    check(compiler, lambda **a: fl.cross_entropy(**a, **kw),
+          lambda **a: reference_cross_entropy(**a, **kw), inputs, {"input"}, dtype)
+    # the z-loss term from the same compiled call
+    _, z = compiled(lambda **a: fl.cross_entropy(**a, **kw, return_z_loss=True),
+                    compiler)(**inputs)
+    ref_inputs = {k: v.cpu().double() if v.is_floating_point() else v.cpu()
+                  for k, v in inputs.items()}
+    _, ref_z = reference_cross_entropy(**ref_inputs, **kw, return_z_loss=True)
+    assert_close(z, ref_z, dtype, "z-loss term")
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)
