@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from . import cross_entropy_nd, eager
+from ._autograd import detached_without_grad_mode, differentiable_backward, may_fuse_gradient
 from ._ce_math import (
     block_stats,
     class_factors,
@@ -56,16 +57,14 @@ from ._ce_math import (
     target_grad_block,
 )
 from ._common import (
-    detached_without_grad_mode,
-    differentiable_backward,
     float32_scratch,
     launch,
-    may_fuse_gradient,
     next_power_of_2,
     non_null,
     num_warps_for,
     scale_by_upstream_,
 )
+from .eager_stats import reduce_rows, upstream_scales
 
 # Rows up to this many classes are held in registers (32 float32 values per thread at 32
 # warps): one read of the logits, one write of the gradient. Longer rows loop over blocks.
@@ -134,6 +133,35 @@ def _ce_denominator_kernel(
 
 
 @triton.jit
+def _row_target(target_ptr, row, weight_ptr, n_classes, ignore_index,
+                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """A row's class target (-1 for probability targets), whether it is counted, whether it
+    is out of range (its loss is NaN), and its class weight w_y."""
+    if PROB_TARGET:
+        y = row * 0 - 1  # (an int64 tensor, as a class target's)
+        ok = True
+        bad = False
+        w_y = 1.0
+    else:
+        y = tl.load(target_ptr + row).to(tl.int64)
+        ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    return y, ok, bad, w_y
+
+
+@triton.jit
+def _split_program(n_splits, n_inner, split_width, n_cols):
+    """This program's row (int64), its (outer, inner) pair, its split, and the split's
+    classes [c_start, c_end) (int32: half the registers of int64 columns)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_splits
+    split = (pid - row * n_splits).to(tl.int32)
+    outer = row // n_inner
+    c_start = split * split_width
+    c_end = tl.minimum(c_start + split_width, n_cols)
+    return row, outer, row - outer * n_inner, split, c_start, c_end
+
+
+@triton.jit
 def _ce_row_kernel(
     # pointers
     x_ptr,  # logits: rows of n_cols, unit class stride, row = (outer, inner)
@@ -143,7 +171,7 @@ def _ce_row_kernel(
     z_ptr,  # out: float32 per-row z-loss term (when z_loss != 0)
     stats_ptr,  # out: float32 (3, n_rows): m~, log2 s, k (k with smoothing or probabilities)
     grad_ptr,  # out (WRITE_GRAD): d loss / d logits, rows like x_ptr's (may be x_ptr itself)
-    scale_ptr,  # in (WRITE_GRAD): float32 (2,) upstream factors, see upstream_scales
+    scale_ptr,  # in (WRITE_GRAD): float32 (2,) or (n_rows, 2) upstream factors
     # sizes
     n_rows,
     n_cols,
@@ -153,6 +181,7 @@ def _ce_row_kernel(
     stride_x_inner,
     stride_g_outer,
     stride_g_inner,
+    stride_scale,  # 0 (one upstream gradient) or 2 (one per row)
     # scalars
     ignore_index,
     smoothing,
@@ -183,16 +212,9 @@ def _ce_row_kernel(
     offs = tl.arange(0, BLOCK_SIZE)
 
     # The row's target. Ignored rows and out-of-range targets read no logits (n_read = 0).
-    if PROB_TARGET:
-        y = -1
-        ok = True
-        bad = False
-        w_y = 1.0
-        n_read = n_cols
-    else:
-        y = tl.load(target_ptr + row).to(tl.int64)
-        ok, bad, w_y = class_target(y, weight_ptr, n_cols, ignore_index, HAS_WEIGHT)
-        n_read = tl.where(ok, n_cols, 0)
+    y, ok, bad, w_y = _row_target(target_ptr, row, weight_ptr, n_cols, ignore_index,
+                                  PROB_TARGET, HAS_WEIGHT)
+    n_read = tl.where(ok, n_cols, 0)
 
     # ---- pass 1: the row's statistics (read n_cols) ---------------------------------------
     if SINGLE_BLOCK:
@@ -229,8 +251,9 @@ def _ce_row_kernel(
 
     # ---- pass 2: the gradient (write n_cols; looped rows re-read n_cols) -----------------
     if WRITE_GRAD:
-        hot, extra, kc = grad_factors(m_safe, log2_s, k, w_y, tl.load(scale_ptr),
-                                      tl.load(scale_ptr + 1), n_cols, smoothing, PROB_TARGET,
+        scales = scale_ptr + row * stride_scale
+        hot, extra, kc = grad_factors(m_safe, log2_s, k, w_y, tl.load(scales),
+                                      tl.load(scales + 1), n_cols, smoothing, PROB_TARGET,
                                       HAS_SMOOTHING)
         g_row = grad_ptr + outer * stride_g_outer + inner * stride_g_inner
         if SINGLE_BLOCK:
@@ -301,23 +324,13 @@ def _ce_stats_kernel(
 
     read split_width (+ as many probabilities), write 20 B.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_splits
-    split = (pid - row * n_splits).to(tl.int32)  # int32 columns: half the registers
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    row, outer, inner, split, c_start, c_end = _split_program(n_splits, n_inner, split_width,
+                                                              n_cols)
     x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
     t_row = target_ptr + row * n_cols
-    c_start = split * split_width
-    c_end = tl.minimum(c_start + split_width, n_cols)
     offs = tl.arange(0, BLOCK_SIZE)
-
-    if PROB_TARGET:
-        y = -1
-        ok = True
-    else:
-        y = tl.load(target_ptr + row).to(tl.int64)
-        ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    y, ok, bad, w_y = _row_target(target_ptr, row, weight_ptr, n_classes, ignore_index,
+                                  PROB_TARGET, HAS_WEIGHT)
     n_end = tl.where(ok, c_end, c_start)  # rows not counted read nothing
 
     m = float("-inf")
@@ -447,27 +460,15 @@ def _ce_grad_kernel(
 
     read split_width (+ probabilities), write split_width (+ their gradient).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_splits
-    split = (pid - row * n_splits).to(tl.int32)  # int32 columns: half the registers
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    row, outer, inner, split, c_start, c_end = _split_program(n_splits, n_inner, split_width,
+                                                              n_cols)
     x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
     g_row = grad_ptr + outer * stride_g_outer + inner * stride_g_inner
     t_row = target_ptr + row * n_cols
     gt_row = grad_target_ptr + row * n_cols
-    c_start = split * split_width
-    c_end = tl.minimum(c_start + split_width, n_cols)
     offs = tl.arange(0, BLOCK_SIZE)
-
-    if PROB_TARGET:
-        y = -1
-        ok = True
-        bad = False
-        w_y = 1.0
-    else:
-        y = tl.load(target_ptr + row).to(tl.int64)
-        ok, bad, w_y = class_target(y, weight_ptr, n_classes, ignore_index, HAS_WEIGHT)
+    y, ok, bad, w_y = _row_target(target_ptr, row, weight_ptr, n_classes, ignore_index,
+                                  PROB_TARGET, HAS_WEIGHT)
     n_end = tl.where(ok, c_end, c_start)  # rows not counted read nothing (their gradient is 0)
     y_local = (y - class_offset).to(tl.int32)  # the one-hot column, if in this block
     m_safe = tl.load(stats_ptr + row)
@@ -568,7 +569,7 @@ def denominators(target: torch.Tensor, weight: torch.Tensor | None, ignore_index
 def row_losses(x, target, weight, opts: Options, *, grad=None, scales=None):
     """Per-row loss, z-loss term (None without z-loss) and statistics (3, N) of the rows of
     ``x`` (outer, inner, C); with ``grad`` (rows like x's; x itself for in place), the
-    gradient too, for ``scales`` (device float32 (2,): d out / d loss_n and d out / d z_n).
+    gradient too, for the upstream ``scales`` (``upstream_scales``: (2,) or (rows, 2)).
     Few rows of many classes are split among programs (``split_plan``)."""
     n_outer, n_inner, n_cols = x.shape
     n_rows = n_outer * n_inner
@@ -603,6 +604,7 @@ def row_losses(x, target, weight, opts: Options, *, grad=None, scales=None):
         **_rows(x),
         stride_g_outer=g.stride(0),
         stride_g_inner=g.stride(1),
+        stride_scale=scales.stride(0) if scales is not None and scales.dim() == 2 else 0,
         z_loss=opts.z_loss,
         **flags(opts, weight),
         WRITE_GRAD=grad is not None,
@@ -724,55 +726,41 @@ def grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad=Non
 
 # ------------------------------------------------------------------------------------------
 # reductions: what the per-row results become, and the upstream factors of each row
+# (``reduce_rows`` and ``upstream_scales``: torch ops both backends share, in eager_stats.py)
 # ------------------------------------------------------------------------------------------
 
 
-def _mean_denominators(opts: Options, denom, n_rows: int):
-    """(the loss's denominator, the z-loss's) of a mean: the summed weights and the count
-    of the counted class targets (``denominators``), or the number of rows for probability
-    targets."""
-    if opts.prob_target:
-        return n_rows, n_rows
-    return denom[0], denom[1]
+def call_denominators(target, weight, opts: Options, n_classes: int):
+    """The mean's denominators of a whole call (``denominators``; None where ``reduce_rows``
+    and ``upstream_scales`` need none)."""
+    if opts.reduction != "mean" or opts.prob_target:
+        return None
+    return denominators(target, weight, opts.ignore_index, n_classes)
 
 
-def reduce_rows(loss, z, opts: Options, denom, n_rows: int):
-    """(the loss as reduced, the z-loss term as reduced: None without z-loss). A weighted
-    mean whose weights sum to zero is NaN, as torch's (its 0/0 of the unsmoothed part)."""
-    if opts.reduction == "none":
-        return (loss if z is None else loss + z), z
-    if opts.reduction == "sum":
-        z = None if z is None else z.sum()
-        return (loss.sum() if z is None else loss.sum() + z), z
-    d_w, d_n = _mean_denominators(opts, denom, n_rows)
-    out = loss.sum() / d_w
-    if not opts.prob_target:
-        out = torch.where(d_w == 0, float("nan"), out)
-    if z is None:
-        return out, None
-    z = z.sum() / d_n
-    return out + z, z
-
-
-def upstream_scales(opts: Options, denom, n_rows: int, grad_out, device) -> torch.Tensor:
-    """The kernels' upstream factors of each row: float32 (2,) for one upstream gradient
-    ``grad_out`` (None: 1) or (rows, 2) for ``none``: d out / d loss_n, and 2 z_loss d out /
-    d z_n (the z-loss's gradient is 2 z_loss lse p_c; 0 without z-loss). A weighted mean over
-    zero weight has a NaN gradient on the rows it counts, as torch's."""
-    if opts.reduction == "none":
-        g = grad_out.reshape(-1).float()
-        return torch.stack([g, g * (2.0 * opts.z_loss)], dim=1)
-    if opts.reduction == "sum":
-        scales = torch.tensor([1.0, 2.0 * opts.z_loss], device=device)
+def chunk_loss(logits, target, weight, opts: Options, denom, n_rows: int, grad_out=None,
+               write_grad: bool = False, grad_target=None):
+    """A block of rows (R, C) of a call of ``n_rows`` rows (``denom``: the whole call's
+    ``call_denominators``): (its part of the reduced loss, of the z-loss term or None). With
+    ``write_grad``, d out / d logits is written into ``logits`` in place, and d out / d
+    probabilities into ``grad_target``, for ``grad_out`` (None: 1; one value, or the block's
+    rows for ``none``). The LM head's chunks run through here (kernels/linear_cross_entropy.py).
+    """
+    x = logits.unsqueeze(0)
+    scales = None
+    if write_grad or grad_target is not None:
+        scales = upstream_scales(opts, denom, n_rows, grad_out, logits.device)
+    if grad_target is None:
+        loss, z, _ = row_losses(x, target, weight, opts, grad=x if write_grad else None,
+                                scales=scales)
     else:
-        d_w, d_n = _mean_denominators(opts, denom, n_rows)
-        if opts.prob_target:
-            scales = torch.tensor([1.0 / n_rows, 2.0 * opts.z_loss / n_rows], device=device)
-        else:
-            inv_w = torch.where(d_w == 0, float("nan"), 1.0 / d_w)
-            inv_n = (2.0 * opts.z_loss) / d_n if opts.z_loss else torch.zeros_like(d_n)
-            scales = torch.stack([inv_w, inv_n])
-    return scales if grad_out is None else scales * grad_out.float()
+        loss, z, stats = row_losses(x, target, weight, opts)
+        grad_from_stats(x, target, weight, stats, scales, opts, grad=x if write_grad else None,
+                        grad_target=grad_target)
+    return reduce_rows(loss, z, opts, denom, n_rows)
+
+
+scale_grad_ = scale_by_upstream_  # the LM head scales its gradients on the device, as here
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Half-precision logits run in blocks of about this many float32 elements (4 MiB).
-BLOCK_ELEMENTS = 1 << 20
+# Half-precision logits run in blocks of about this many float32 elements (16 MiB): few
+# enough blocks that their ops' overhead stays small (on a busy CPU above all), their
+# float32 temporaries a fraction of the logits' size.
+BLOCK_ELEMENTS = 1 << 22
 
 
 class Options(NamedTuple):
@@ -202,40 +204,60 @@ def cross_entropy_float(x, target, weight, opts: Options):
     return reduce_parts(row_parts(x, target, weight, opts), dens, opts.reduction)
 
 
-def _rows_per_block(x: torch.Tensor) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, x[0].numel()))
+def call_denominators(target, weight, opts: Options, n_classes: int) -> Parts:
+    """The denominators of a whole call, for its blocks of rows (``chunk_loss``)."""
+    return part_denominators(target, weight, opts, n_classes)
+
+
+def chunk_loss(logits, target, weight, opts: Options, dens: Parts, n_rows: int, grad_out=None,
+               write_grad: bool = False, grad_target=None, grad=None):
+    """A block of rows (R, C) of a larger call, float32 logits (``dens``: the whole call's
+    ``call_denominators``): (its part of the reduced loss, of the z-loss term or None). With
+    ``write_grad``, d out / d logits is written into ``logits`` in place, or into ``grad``
+    (and d out / d probabilities into ``grad_target``), for ``grad_out`` (None: 1; one value,
+    or the block's rows for ``none``): autograd on the formula, one block at a time. The
+    contract of ``cross_entropy.chunk_loss``, the kernels' twin."""
+    wrt = []
+    with torch.set_grad_enabled(write_grad or grad_target is not None):
+        z = logits.detach().requires_grad_(write_grad)
+        t = target if grad_target is None else target.detach().requires_grad_(True)
+        wrt = [v for v, need in ((z, write_grad), (t, grad_target is not None)) if need]
+        out, z_out = reduce_parts(row_parts(z, t, weight, opts), dens, opts.reduction)
+    if wrt:
+        grads = torch.autograd.grad(out, wrt, None if grad_out is None else grad_out.float())
+        if write_grad:
+            (logits if grad is None else grad).copy_(grads[0])
+        if grad_target is not None:
+            grad_target.copy_(grads[-1])
+    return out.detach(), None if z_out is None else z_out.detach()
+
+
+def scale_grad_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``grad *= grad_out`` in place, skipped when it is 1 (CPU tensors: reading it costs no
+    sync)."""
+    if not bool(grad_out == 1):
+        grad.mul_(grad_out)
+    return grad
 
 
 class HalfCrossEntropy(torch.autograd.Function):
-    """``cross_entropy_float`` of half-precision logits, a block of rows at a time: each
-    block is upcast, its loss and (for ``mean``/``sum``) its gradient computed by autograd on
-    the formula, the gradient rounded once into a logits-sized buffer; the backward scales it
+    """``cross_entropy_float`` of half-precision logits, a block of rows at a time
+    (``chunk_loss``): each block is upcast, its loss and (for ``mean``/``sum``) its gradient
+    computed, the gradient rounded once into a logits-sized buffer; the backward scales it
     (``none``: recomputes each block with its rows' upstream gradients). Peak memory: the
     gradient and one block's float32 temporaries."""
 
     @staticmethod
     def forward(ctx, x, target, weight, opts: Options):
         dens = part_denominators(target, weight, opts, x.shape[1])
-        rows = _rows_per_block(x)
         fused = ctx.needs_input_grad[0] and opts.reduction != "none"
         grad = torch.empty_like(x) if fused else None
         outs = []
-        for start in range(0, x.shape[0], rows):
-            block = slice(start, start + rows)
-            with torch.set_grad_enabled(fused):
-                xb = x[block].detach().float().requires_grad_(fused)
-                loss, z = reduce_parts(row_parts(xb, target[block], weight, opts), dens,
-                                       opts.reduction)
-            if fused:
-                (g,) = torch.autograd.grad(loss, xb)
-                grad[block] = g
-            outs.append((loss.detach(), None if z is None else z.detach()))
-        if opts.reduction == "none":
-            loss = torch.cat([o[0] for o in outs])
-            z = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
-        else:
-            loss = sum(o[0] for o in outs)
-            z = None if outs[0][1] is None else sum(o[1] for o in outs)
+        for block in _blocks(x):
+            outs.append(chunk_loss(x[block].float(), target[block], weight, opts, dens,
+                                   x.shape[0], write_grad=fused,
+                                   grad=grad[block] if fused else None))
+        loss, z = _join(outs, opts.reduction)
         ctx.save_for_backward(x, target, weight)
         ctx.opts, ctx.dens, ctx.grad = opts, dens, grad
         if z is None:
@@ -246,7 +268,7 @@ class HalfCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_z):
         x, target, weight = ctx.saved_tensors
-        opts, dens = ctx.opts, ctx.dens
+        opts = ctx.opts
         if torch.is_grad_enabled():  # create_graph=True: the formula on the whole input
             ctx.grad = None
             with torch.enable_grad():
@@ -254,21 +276,28 @@ class HalfCrossEntropy(torch.autograd.Function):
             return torch.autograd.grad(loss, x, grad_out, create_graph=True)[0], None, None, None
         if ctx.grad is not None:  # the first backward after the forward wrote the gradient
             grad, ctx.grad = ctx.grad, None
-            if not bool(grad_out == 1):  # (CPU tensors: no device to sync with)
-                grad.mul_(grad_out)
-            return grad, None, None, None
+            return scale_grad_(grad, grad_out), None, None, None
         grad = torch.empty_like(x)
-        rows = _rows_per_block(x)
-        for start in range(0, x.shape[0], rows):
-            block = slice(start, start + rows)
-            with torch.enable_grad():
-                xb = x[block].detach().float().requires_grad_(True)
-                loss, _ = reduce_parts(row_parts(xb, target[block], weight, opts), dens,
-                                       opts.reduction)
-            g_out = grad_out[block] if opts.reduction == "none" else grad_out
-            (g,) = torch.autograd.grad(loss, xb, g_out.float())
-            grad[block] = g
+        for block in _blocks(x):
+            g = grad_out[block] if opts.reduction == "none" else grad_out
+            chunk_loss(x[block].float(), target[block], weight, opts, ctx.dens, x.shape[0], g,
+                       write_grad=True, grad=grad[block])
         return grad, None, None, None
+
+
+def _blocks(x: torch.Tensor):
+    """Slices of about BLOCK_ELEMENTS elements along the first dimension."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, x[0].numel()))
+    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+
+
+def _join(outs, reduction: str):
+    """The (loss, z-loss term) of a call from its blocks' parts."""
+    losses = [o[0] for o in outs]
+    zs = [o[1] for o in outs]
+    if reduction == "none":
+        return torch.cat(losses), None if zs[0] is None else torch.cat(zs)
+    return sum(losses), None if zs[0] is None else sum(zs)
 
 
 def cross_entropy(input, target, weight, opts: Options, out_dtype):

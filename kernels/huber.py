@@ -24,11 +24,9 @@ import triton
 import triton.language as tl
 
 from . import eager
+from ._autograd import detached_without_grad_mode, differentiable_backward, may_fuse_gradient
 from ._common import (
-    detached_without_grad_mode,
-    differentiable_backward,
     float32_scratch,
-    may_fuse_gradient,
     non_null,
     scale_by_upstream_,
 )

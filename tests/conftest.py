@@ -4,24 +4,19 @@ Every differential test runs on two backends:
 
 - ``torch``: the eager fallback, on the CPU.
 - ``triton``: the Triton kernels: on CUDA where there is a GPU, else under the Triton
-  interpreter on the CPU (TRITON_INTERPRET=1, set here before anything imports triton). CI has
-  no GPU, so this is how it runs every kernel test; nothing kernel-related is skipped there.
+  interpreter on the CPU, which each CPU launch asks for itself (``kernels/_common.launch``),
+  as in a user's process: nothing is set here first. CI has no GPU, so this is how it runs
+  every kernel test; nothing kernel-related is skipped there.
 
 Tests marked ``cuda`` need a real GPU and are the only ones skipped without one.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Before triton is imported by anything: the kernels then build for the interpreter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 

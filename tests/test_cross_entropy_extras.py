@@ -65,9 +65,9 @@ def check(input, target, weight=None, grad_target=False, slack=1.0, **kwargs):
                                                 round_to=out_dtype, **kwargs)
         own["grad"] = own_grads["input"]
     assert ours.dtype == out_dtype
-    assert_close(ours, ref, out_dtype, "loss", slack, loss_terms, torch_float32=own["loss"])
+    assert_close(ours, ref, out_dtype, "loss", slack, loss_terms, torch_own=own["loss"])
     assert_close(grads["input"], ref_grads["input"], dtype, "d loss / d input", slack, terms,
-                 torch_float32=own["grad"])
+                 torch_own=own["grad"])
     if grad_target:
         assert_close(grads["target"], ref_grads["target"], target.dtype, "d loss / d target",
                      slack)
