@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -95,6 +96,14 @@ def use_kernels(input: torch.Tensor, *operands: torch.Tensor | None,
             f"not on {input.device.type}"
         )
     return True
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (``fused_losses.distributed`` runs those), without
+    importing DTensor where nothing has."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 def kernels(loss: str):

@@ -198,6 +198,18 @@ def check_target_values(target: torch.Tensor, spec: CrossEntropySpec, weight, ig
             raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
 
+def check_class_target_values(target: torch.Tensor, spec: CrossEntropySpec, weight,
+                              ignore_index: int, reduction: str, on_host: bool) -> None:
+    """The checks of class-index targets that depend on their values: read on the host
+    where ``on_host`` (``check_target_values``); elsewhere only what needs no value."""
+    if spec.prob_target:
+        return
+    if on_host:
+        check_target_values(target, spec, weight, ignore_index, reduction)
+    elif uint8_weighted_smoothed_mean(target, spec, weight, reduction):
+        raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+
+
 def uint8_weighted_smoothed_mean(target, spec: CrossEntropySpec, weight, reduction) -> bool:
     """A call torch refuses when any target is counted (see ``check_target_values``): on
     CUDA, where the values are not read, it is refused whenever there are targets."""
@@ -254,6 +266,26 @@ def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor) -> None
             raise RuntimeError(
                 f"Expected target size [{', '.join(map(str, expected))}], got {_shape(target)}"
             )
+
+
+# the names in F.linear's dtype message (C++'s type names)
+_CPP_TYPE_NAMES = {torch.float32: "float", torch.float64: "double",
+                   torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
+
+
+def check_linear_dtypes(input: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> None:
+    """``F.linear``'s errors for operands of different dtypes (outside autocast), its
+    words."""
+    if bias is not None and bias.dtype != weight.dtype:
+        raise RuntimeError("self and mat2 must have the same dtype, but got "
+                           f"{scalar_type_name(bias.dtype)} and "
+                           f"{scalar_type_name(weight.dtype)}")
+    if input.dtype != weight.dtype:
+        names = [_CPP_TYPE_NAMES.get(t.dtype, scalar_type_name(t.dtype))
+                 for t in (input, weight)]
+        raise RuntimeError("expected m1 and m2 to have the same dtype, but got: "
+                           f"{names[0]} != {names[1]}")
 
 
 def check_float_argument(fn: str, name: str, position: int, value) -> float:

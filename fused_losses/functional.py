@@ -17,15 +17,14 @@ import torch.nn.functional as F
 from . import _dispatch
 from ._validation import (
     check_binary_cross_entropy_with_logits,
+    check_class_target_values,
     check_cross_entropy,
     check_cross_entropy_extras,
     check_float_argument,
     check_huber,
     check_int,
-    check_target_values,
     check_tensor,
     resolve_reduction,
-    uint8_weighted_smoothed_mean,
 )
 from .kernels import eager
 
@@ -71,6 +70,11 @@ def cross_entropy(
     On CUDA the loss and its gradient come from fused Triton kernels (float32 math inside);
     elsewhere from eager PyTorch in float32. The result has the input's dtype (for probability
     targets, torch's promotion of input, target and weight).
+
+    DTensor logits sharded on the class dimension (torch's ``loss_parallel()`` situation)
+    run the vocab-parallel loss, one all-gather of per-row statistics
+    (``fused_losses.distributed``), and return a replicated DTensor; ``inplace_backward`` has
+    no effect there.
 
     Args:
         input (Tensor): logits, :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`.
@@ -121,17 +125,21 @@ def cross_entropy(
         loss = F.cross_entropy(input, target, weight, None, ignore_index, None, reduction,
                                label_smoothing)
         return (loss, torch.zeros_like(loss)) if return_z_loss else loss
+    if _dispatch.is_dtensor(input):
+        # logits sharded by class over a device mesh (torch's loss_parallel): the
+        # vocab-parallel loss, one all-gather of per-row statistics (distributed.py)
+        from .distributed import dtensor_cross_entropy
+
+        return dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
+                                     label_smoothing, softcap, z_loss, return_z_loss)
     autocast = _dispatch.autocast_on(input)
     if autocast:
         weight = _dispatch.autocast_cast(weight)
     input_dtype = _dispatch.autocast_dtype(input.dtype) if autocast else input.dtype
     spec = check_cross_entropy(input, target, weight, ignore_index, label_smoothing,
                                input_dtype)
-    if not spec.prob_target:
-        if _dispatch.reads_values_on_host(target):
-            check_target_values(target, spec, weight, ignore_index, reduction)
-        elif uint8_weighted_smoothed_mean(target, spec, weight, reduction):
-            raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+    check_class_target_values(target, spec, weight, ignore_index, reduction,
+                              _dispatch.reads_values_on_host(target))
     if inplace_backward and input.is_leaf and input.requires_grad:
         raise RuntimeError(
             "cross_entropy(..., inplace_backward=True) would overwrite a leaf tensor that "
