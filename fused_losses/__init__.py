@@ -1,6 +1,7 @@
 """fused_losses: fused Triton loss kernels that drop in for torch.nn's losses.
 
-``cross_entropy`` / ``CrossEntropyLoss``, ``binary_cross_entropy_with_logits`` /
+``cross_entropy`` / ``CrossEntropyLoss``, ``linear_cross_entropy`` /
+``LinearCrossEntropyLoss`` (the fused LM head), ``binary_cross_entropy_with_logits`` /
 ``BCEWithLogitsLoss`` and ``huber_loss`` / ``HuberLoss`` take exactly the arguments of their
 ``torch.nn.functional`` / ``torch.nn`` namesakes. CUDA tensors run the
 Triton kernels, everything else eager PyTorch; ``FUSED_LOSSES_BACKEND=auto|triton|torch``
@@ -8,7 +9,8 @@ overrides. Importing this package does not import triton.
 """
 
 from .functional import binary_cross_entropy_with_logits, cross_entropy, huber_loss
-from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss
+from .linear_cross_entropy import linear_cross_entropy
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
@@ -16,7 +18,9 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "HuberLoss",
+    "LinearCrossEntropyLoss",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "huber_loss",
+    "linear_cross_entropy",
 ]

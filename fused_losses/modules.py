@@ -7,13 +7,16 @@ Each subclasses torch's own loss, so ``isinstance`` checks, ``state_dict`` keys 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import functional as F
 from ._validation import check_cross_entropy_extras
+from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss"]
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -91,3 +94,78 @@ class HuberLoss(nn.HuberLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+# torch's module exists from torch 2.13 on: subclass it there (state_dict, repr and isinstance
+# are torch's); on an older torch, the same constructor and state (a ``linear`` submodule, a
+# ``weight`` buffer) on torch's weighted-loss base.
+_TorchLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", None)
+
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or nn.modules.loss._WeightedLoss):
+    """:class:`torch.nn.LinearCrossEntropyLoss` (torch >= 2.13; the same constructor and
+    state on an older torch), computed by :func:`fused_losses.linear_cross_entropy`: the
+    logits of ``self.linear`` are never materialized.
+
+    Args:
+        in_features, num_classes, out_features, bias, device, dtype, reduction, weight,
+            ignore_index, label_smoothing, options: as :class:`torch.nn.LinearCrossEntropyLoss`.
+        softcap, z_loss, return_z_loss, chunk_size, accum_dtype (keyword-only): see
+            :func:`fused_losses.linear_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options=None,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_z_loss: bool = False,
+        chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        kwargs = dict(out_features=out_features, bias=bias, device=device, dtype=dtype,
+                      reduction=reduction, weight=weight, ignore_index=ignore_index,
+                      label_smoothing=label_smoothing, options=options)
+        if _TorchLinearCrossEntropyLoss is not None:
+            super().__init__(in_features, num_classes, **kwargs)
+        else:  # torch 2.13's constructor
+            if weight is not None and weight.shape != (num_classes,):
+                raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got "
+                                   f"{tuple(weight.shape)}")
+            if label_smoothing < 0 or label_smoothing > 1.0:
+                raise RuntimeError("expected label_smoothing to be in range [0, 1], got "
+                                   f"{label_smoothing}")
+            super().__init__(weight=weight, reduction=reduction)
+            self.num_classes, self.out_features = num_classes, out_features
+            self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+            self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes),
+                                    bias=bias, device=device, dtype=dtype)
+            self.options = options
+        self.softcap, self.z_loss = check_cross_entropy_extras(softcap, z_loss)
+        self.return_z_loss, self.chunk_size, self.accum_dtype = (return_z_loss, chunk_size,
+                                                                 accum_dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        linear_weight = self.linear.weight.reshape(
+            (self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = None
+        if self.linear.bias is not None:
+            linear_bias = self.linear.bias.reshape((self.num_classes, *self.out_features))
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, options=self.options, softcap=self.softcap,
+            z_loss=self.z_loss, return_z_loss=self.return_z_loss, chunk_size=self.chunk_size,
+            accum_dtype=self.accum_dtype,
+        )

@@ -14,34 +14,30 @@ import torch.nn.functional as F
 import fused_losses as fl
 
 # name in fused_losses -> torch's counterpart; extras beyond torch must be keyword-only
-FUNCTIONS = {"cross_entropy": F.cross_entropy}
-MODULES = {"CrossEntropyLoss": torch.nn.CrossEntropyLoss}
-for _name, _torch_fn in {
+FUNCTIONS = {
+    "cross_entropy": F.cross_entropy,
     "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
     "huber_loss": F.huber_loss,
-}.items():
-    if hasattr(fl, _name):
-        FUNCTIONS[_name] = _torch_fn
-for _name, _torch_cls in {"BCEWithLogitsLoss": torch.nn.BCEWithLogitsLoss,
-                          "HuberLoss": torch.nn.HuberLoss}.items():
-    if hasattr(fl, _name):
-        MODULES[_name] = _torch_cls
-
-
-def _positional_part(fn):
-    """The parameters up to the first keyword-only one: what must equal torch's."""
-    params = list(inspect.signature(fn).parameters.values())
-    return [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+}
+MODULES = {
+    "CrossEntropyLoss": torch.nn.CrossEntropyLoss,
+    "BCEWithLogitsLoss": torch.nn.BCEWithLogitsLoss,
+    "HuberLoss": torch.nn.HuberLoss,
+}
+if hasattr(F, "linear_cross_entropy"):  # torch >= 2.13
+    FUNCTIONS["linear_cross_entropy"] = F.linear_cross_entropy
+    MODULES["LinearCrossEntropyLoss"] = torch.nn.LinearCrossEntropyLoss
 
 
 def _compare(ours, theirs):
-    mine = _positional_part(ours)
+    """torch's parameters first, with their names, kinds and defaults; then extras, all
+    keyword-only."""
+    mine = list(inspect.signature(ours).parameters.values())
     torch_params = list(inspect.signature(theirs).parameters.values())
-    assert [(p.name, p.kind, p.default) for p in mine] == [
+    assert [(p.name, p.kind, p.default) for p in mine[:len(torch_params)]] == [
         (p.name, p.kind, p.default) for p in torch_params
     ]
-    extras = [p for p in inspect.signature(ours).parameters.values() if p not in mine]
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in mine[len(torch_params):])
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -64,6 +60,7 @@ def test_all_exports():
     for name in fl.__all__:
         assert hasattr(fl, name)
     assert set(FUNCTIONS) | set(MODULES) <= set(fl.__all__)
+    assert {"linear_cross_entropy", "LinearCrossEntropyLoss"} <= set(fl.__all__)
 
 
 def test_kernels_install_inside_the_package():

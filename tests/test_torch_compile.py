@@ -118,6 +118,29 @@ def test_cross_entropy_softcap_z_loss(backend, device, compiler, case):
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("case", ["mean", "none, smoothing, softcap, z-loss"])
+def test_linear_cross_entropy(backend, device, compiler, case):
+    # the fused LM head in a compiled graph: the kernels' chunked Function (its gradients in
+    # the forward, or recomputed for none); the eager formula whole on the torch backend
+    kw = dict(chunk_size=7)
+    if case != "mean":
+        kw.update(reduction="none", label_smoothing=0.1, softcap=3.0, z_loss=0.01)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 16, generator=g).to(device)
+    w = (torch.randn(50, 16, generator=g) * 0.3).to(device)
+    b = torch.randn(50, generator=g).to(device)
+    t = torch.randint(0, 50, (20,), generator=g).to(device)
+
+    def reference(input, linear_weight, target, linear_bias):
+        return reference_cross_entropy(F.linear(input, linear_weight, linear_bias), target,
+                                       **{k: v for k, v in kw.items() if k != "chunk_size"})
+
+    check(compiler, lambda **a: fl.linear_cross_entropy(**a, **kw), reference,
+          {"input": x, "linear_weight": w, "target": t, "linear_bias": b},
+          {"input", "linear_weight", "linear_bias"}, torch.float32)
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
 def test_bce_with_logits(backend, device, compiler):
     dtype = torch.bfloat16
     x = random_logits((9, 33), dtype, device)
