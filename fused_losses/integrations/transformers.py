@@ -1,0 +1,627 @@
+"""Hugging Face ``transformers``: one call makes a causal LM train through the fused LM head.
+
+    from fused_losses.integrations import transformers as fl_hf
+
+    fl_hf.apply(model)                       # label_smoothing=, z_loss=, chunk_size= optional
+    loss = model(input_ids, labels=labels).loss      # (batch x seq, vocab) logits never exist
+    fl_hf.revert(model)                      # the stock model again
+
+From :func:`apply` on, a call **with** ``labels`` computes its loss with
+:func:`fused_losses.linear_cross_entropy` from the final hidden states and ``lm_head.weight``
+(and bias), chunk by chunk, exactly as the stock forward defines it: the causal shift,
+``ignore_index`` (-100), ``num_items_in_batch`` (the token sum divided by it: Trainer's
+gradient-accumulation fix), ``shift_labels``, ``logits_to_keep``, the final-logit softcapping of
+Gemma 2/3 (``config.final_logit_softcapping``), tied embeddings; the loss is float32, as the
+stock loss (which upcasts the logits) is. Its ``outputs.logits`` is ``None``: the logits were
+never computed, and ``None`` fails at the first use instead of standing in for them (a
+``ModelOutput`` leaves ``None`` fields out of its tuple and dict views, as it does for ``loss``
+without labels). A call **without** labels (generation, evaluating logits) runs the stock
+forward untouched and returns its logits.
+
+:func:`causal_lm_loss` is the plain path, for code that keeps the logits: a drop-in for
+transformers' ``ForCausalLMLoss`` (``model.loss_function = causal_lm_loss``) that runs
+:func:`fused_losses.cross_entropy` on the logits as they are, without their float32 copy.
+
+Design: where to hook
+---------------------
+transformers 4.50+ writes every ``*ForCausalLM.forward`` (and the multimodal
+``*ForConditionalGeneration`` ones) alike::
+
+    outputs = self.model(...)                  # family-specific plumbing (vision towers, ...)
+    hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+    logits = self.lm_head(hidden_states)
+    [logits = softcap * tanh(logits / softcap)]          # Gemma 2/3
+    loss = self.loss_function(logits=logits, labels=labels, vocab_size=..., **kwargs)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, ...)
+
+Rewriting that forward would duplicate each family's plumbing (and break with the next
+release); a custom ``loss_function`` alone comes too late (the logits exist by then); wrapping
+``lm_head`` in another module would rename the ``state_dict`` keys and untie the weights. So
+the stock forward keeps running, and three instance attributes (nothing class-wide, so other
+models are untouched) route the loss around the logits:
+
+1. ``model.forward``: a wrapper (``functools.wraps``, so ``inspect.signature`` -- which
+   Trainer and ``generate`` read -- still sees the stock signature). Without labels it calls
+   the stock forward. With labels it arms the head for the one call, and drops the
+   placeholder logits from the output.
+2. ``model.lm_head.forward``: ``nn.Linear``'s own while disarmed; armed, it keeps the hidden
+   states it was given and returns an empty ``(..., 0)`` placeholder, so the softcapping the
+   forward applies costs nothing. The module, its parameter, the tie and the
+   ``state_dict`` keys stay the same.
+3. ``model.loss_function`` (transformers' own setter): receives the placeholder, ``labels``
+   and the loss kwargs exactly as ``ForCausalLMLoss`` would, and computes the loss from the
+   kept hidden states and ``lm_head``'s weight. Reached without armed hidden states (the
+   stock forward called directly, bypassing the wrapper), it computes the loss from the real
+   logits it was given (:func:`causal_lm_loss`): the right loss on every path.
+
+An instance forward survives what calls ``model.forward`` directly (PEFT's ``LoraModel``),
+which module hooks would not. What the forward does with the logits between ``lm_head`` and
+the loss is checked once per class, from its source, when :func:`apply` is called: the one
+``self.lm_head(...)`` call, the logits going to ``self.loss_function`` and the output, and
+at most the softcapping, whose value is read from the same expression per call. Anything else
+(Cohere's ``logit_scale``, Granite's ``logits_scaling``, a loss computed without
+``self.loss_function``, a head other than ``nn.Linear``) is refused with the reason, rather
+than trained with a silently different loss.
+
+Under ``torch.compile`` the fused loss runs outside the graph (``torch.compiler.disable``:
+one graph break), so a compiled model keeps the memory saving (a compiled
+``linear_cross_entropy`` would compute the whole logits). Not supported: ``nn.DataParallel``
+(its replicas would share the bound forward; use DDP); FSDP1 or DeepSpeed ZeRO-3 flat
+parameters (the loss reads ``lm_head.weight`` after the head's forward, where those have
+resharded it; FSDP2's DTensor weight is one ``linear_cross_entropy`` takes, untested here);
+pickling the whole applied model (``torch.save(model)``: its forward is a closure; ``revert``
+first, or save the ``state_dict``, which is unchanged).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import inspect
+import textwrap
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_losses as fl
+
+try:
+    import transformers
+    from transformers.loss.loss_utils import ForCausalLMLoss
+except ImportError as e:  # pragma: no cover - the optional dependency is missing
+    raise ImportError(
+        "fused_losses.integrations.transformers needs Hugging Face transformers: "
+        'pip install "fused_losses[transformers]"'
+    ) from e
+
+__all__ = ["apply", "causal_lm_loss", "is_applied", "revert"]
+
+_ATTR = "_fused_losses_lm_head"  # the state, on the model and on its lm_head
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------------------
+# The plain path: the stock loss on the logits, without their float32 copy
+# ------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` through :func:`fused_losses.cross_entropy`.
+
+    The same arguments and result: ``labels`` shifted left (position ``t`` predicts
+    ``labels[t + 1]``; the last position is ignored) unless ``shift_labels`` are given;
+    ``ignore_index`` not counted; the mean over the counted tokens, or with
+    ``num_items_in_batch`` their sum divided by it; a float32 loss. On the kernels (CUDA)
+    the logits are read as they are, float32 math inside (bfloat16 logits get no float32
+    copy), and their gradient is written in the forward; the eager path (CPU) computes on a
+    float32 copy, as the stock loss does. Use it as ``model.loss_function = causal_lm_loss``
+    (``functools.partial(causal_lm_loss, label_smoothing=0.1)`` for the extras); the logits
+    still exist: :func:`apply` removes them.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    target = shift_labels.reshape(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    with _float32_result(logits):
+        loss = fl.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing, z_loss=z_loss)
+    return _per_item(loss.float(), num_items_in_batch)
+
+
+def _float32_result(x: torch.Tensor):
+    """A half-precision input's loss comes out in float32 under autocast (its math is float32
+    either way): the stock loss is float32, computed on an upcast copy we do not make."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if half and not torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, dtype=x.dtype)
+    return contextlib.nullcontext()
+
+
+def _per_item(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """transformers' ``fixed_cross_entropy``: a sum divided by ``num_items_in_batch``."""
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+# ------------------------------------------------------------------------------------------
+# What a class's forward does with the logits (checked once per class, from its source)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The forward's shape, as far as the loss is concerned."""
+
+    softcap: tuple | None  # how to read the softcap off the model: ("attr", name)/("call",)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+@functools.cache
+def _layout(cls: type) -> _Layout:
+    """Checks that ``cls.forward`` computes ``logits = self.lm_head(h)``, then at most the
+    final-logit softcapping, then hands the logits to ``self.loss_function`` and the output
+    only; raises ``_Unsupported`` with the reason otherwise."""
+    fn = inspect.unwrap(cls.forward)
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError) as e:
+        raise _Unsupported(f"the source of {cls.__name__}.forward cannot be read ({e}), so "
+                           "what it does with the logits cannot be checked") from e
+    tree = ast.parse(source)
+    func = tree.body[0]
+    if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef) or not func.args.args:
+        raise _Unsupported(f"{cls.__name__}.forward is not a plain method")
+    me = func.args.args[0].arg
+    parent = {}
+    for node in ast.walk(func):
+        for child in ast.iter_child_nodes(node):
+            parent[child] = node
+
+    def self_attr(node, name):
+        return (isinstance(node, ast.Attribute) and node.attr == name
+                and isinstance(node.value, ast.Name) and node.value.id == me)
+
+    def where(node):
+        stmt = node
+        while not isinstance(stmt, ast.stmt):
+            stmt = parent[stmt]
+        return f"`{ast.unparse(stmt).splitlines()[0].strip()}`"
+
+    heads = [n for n in ast.walk(func) if isinstance(n, ast.Call) and self_attr(n.func, "lm_head")]
+    if len(heads) != 1:
+        raise _Unsupported(f"{cls.__name__}.forward calls self.lm_head {len(heads)} times "
+                           "(expected once, on the final hidden states)")
+    assign = parent[heads[0]]
+    if (isinstance(assign, ast.Attribute) and assign.attr == "contiguous"
+            and isinstance(parent[assign], ast.Call) and not parent[assign].args):
+        assign = parent[parent[assign]]  # OPT's `self.lm_head(h).contiguous()`
+    if not (isinstance(assign, ast.Assign) and len(assign.targets) == 1
+            and isinstance(assign.targets[0], ast.Name)):
+        raise _Unsupported(f"{cls.__name__}.forward does not assign the logits of "
+                           f"self.lm_head to a name: {where(heads[0])}")
+    name = assign.targets[0].id
+
+    def is_logits(node):
+        return isinstance(node, ast.Name) and node.id == name
+
+    # the softcapping: `L = L / C; L = torch.tanh(L); L = L * C` or `L = tanh(L / C) * C`
+    def tanh_of(node):
+        return (isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords
+                and isinstance(node.func, ast.Attribute | ast.Name)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "tanh")
+
+    def divided(node):
+        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)
+                and is_logits(node.left)):
+            return node.right
+        return None
+
+    allowed, steps = set(), []
+    for stmt in ast.walk(func):
+        if stmt is assign or not isinstance(stmt, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            continue
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        if not any(is_logits(t) for t in targets):
+            continue
+        value = stmt.value
+        kind = None
+        if isinstance(stmt, ast.Assign) and len(targets) == 1:
+            if divided(value) is not None:
+                kind = ("div", divided(value))
+            elif tanh_of(value) and is_logits(value.args[0]):
+                kind = ("tanh", None)
+            elif (isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult)
+                  and is_logits(value.left)):
+                kind = ("mul", value.right)
+            elif (isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult)
+                  and tanh_of(value.left) and divided(value.left.args[0]) is not None):
+                kind = ("fused", value.right, divided(value.left.args[0]))
+        if kind is None:
+            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.lm_head "
+                               f"in {where(stmt)}, which the fused loss cannot reproduce")
+        steps.append((stmt, kind))
+        allowed.update(n for n in ast.walk(stmt) if is_logits(n))
+    cap = None
+    if steps:
+        kinds = [k[0] for _, k in steps]
+        same = ast.unparse
+        if kinds == ["div", "tanh", "mul"] and same(steps[0][1][1]) == same(steps[2][1][1]):
+            cap = steps[0][1][1]
+        elif kinds == ["fused"] and same(steps[0][1][1]) == same(steps[0][1][2]):
+            cap = steps[0][1][1]
+        else:
+            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.lm_head "
+                               f"in {where(steps[0][0])}, which the fused loss cannot "
+                               "reproduce")
+        # applied unconditionally, or under `if C is not None:` only
+        blocks = {id(parent[s]) for s, _ in steps}
+        block = parent[steps[0][0]]
+        test = getattr(block, "test", None)
+        left = test.left if isinstance(test, ast.Compare) else None
+        if isinstance(left, ast.NamedExpr):  # `if (c := self.config...) is not None:`
+            left = left.target
+        guarded = (isinstance(block, ast.If) and not block.orelse
+                   and isinstance(test, ast.Compare) and len(test.ops) == 1
+                   and isinstance(test.ops[0], ast.IsNot) and same(left) == same(cap)
+                   and isinstance(test.comparators[0], ast.Constant)
+                   and test.comparators[0].value is None)
+        if len(blocks) != 1 or not (block is func or guarded):
+            raise _Unsupported(f"{cls.__name__}.forward softcaps the logits under a condition "
+                               f"the fused loss cannot evaluate: {where(steps[0][0])}")
+        cap = _read_path(cap, func, me, cls)
+
+    # every other use of the logits: the loss function's `logits` and the output only
+    losses = 0
+    for node in ast.walk(func):
+        if not is_logits(node) or node in allowed or node is assign.targets[0]:
+            continue
+        up = parent[node]
+        if isinstance(up, ast.keyword) and up.arg == "logits":
+            call = parent[up]
+            if self_attr(call.func, "loss_function"):
+                losses += 1
+                continue
+            if _is_output_class(call.func, fn.__globals__):  # CausalLMOutputWithPast(...)
+                continue
+        if isinstance(up, ast.Call) and self_attr(up.func, "loss_function") \
+                and up.args and up.args[0] is node:
+            losses += 1
+            continue
+        if isinstance(up, ast.Tuple):  # a tuple output: `(logits,) + outputs[1:]`
+            continue
+        raise _Unsupported(f"{cls.__name__}.forward uses the logits of self.lm_head in "
+                           f"{where(node)}, which the fused loss cannot reproduce")
+    if losses != 1:
+        raise _Unsupported(f"{cls.__name__}.forward does not compute its loss from the logits "
+                           "with self.loss_function (transformers >= 4.50 layout expected)")
+    return _Layout(softcap=cap)
+
+
+def _read_path(node, func, me: str, cls: type, depth: int = 0) -> tuple:
+    """The steps that read ``node`` (``self.config.final_logit_softcapping``, a local assigned
+    from such a chain, ``self.config.get_text_config().x``) off the model at each call."""
+    if isinstance(node, ast.Name) and node.id == me:
+        return ()
+    if isinstance(node, ast.Attribute):
+        return (*_read_path(node.value, func, me, cls, depth), ("attr", node.attr))
+    if (isinstance(node, ast.Call) and not node.args and not node.keywords
+            and isinstance(node.func, ast.Attribute)):
+        return (*_read_path(node.func, func, me, cls, depth), ("call", None))
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return (("const", node.value),)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "getattr" and not node.keywords and len(node.args) == 3
+            and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+            and isinstance(node.args[2], ast.Constant) and node.args[2].value is None):
+        # `getattr(self.config.get_text_config(), "final_logit_softcapping", None)`
+        return (*_read_path(node.args[0], func, me, cls, depth),
+                ("getattr", node.args[1].value))
+    if isinstance(node, ast.Name) and depth < 4:
+        sources = [s.value for s in ast.walk(func)
+                   if (isinstance(s, ast.Assign) and len(s.targets) == 1
+                       and isinstance(s.targets[0], ast.Name) and s.targets[0].id == node.id)
+                   or (isinstance(s, ast.NamedExpr) and s.target.id == node.id)]
+        if len(sources) == 1:
+            return _read_path(sources[0], func, me, cls, depth + 1)
+    raise _Unsupported(f"{cls.__name__}.forward softcaps the logits by `{ast.unparse(node)}`, "
+                       "which the fused loss cannot read off the model")
+
+
+def _is_output_class(node, namespace: dict) -> bool:
+    """Whether ``node`` names a ``ModelOutput`` class in the forward's module."""
+    obj = namespace.get(node.id) if isinstance(node, ast.Name) else None
+    return isinstance(obj, type) and issubclass(obj, transformers.utils.ModelOutput)
+
+
+def _read(model, path: tuple | None):
+    if path is None:
+        return None
+    value = model
+    for op, arg in path:
+        if op == "const":
+            value = arg
+        elif op == "attr":
+            value = getattr(value, arg)
+        elif op == "getattr":
+            value = getattr(value, arg, None)
+        else:
+            value = value()
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# apply / revert
+# ------------------------------------------------------------------------------------------
+
+
+class _State:
+    """One model's integration: its options, and the armed call's hidden states."""
+
+    def __init__(self, cls_forward, layout: _Layout, options: dict, previous_loss):
+        self.cls_forward = cls_forward  # the class's forward, which the wrapper calls
+        self.signature = inspect.signature(cls_forward)
+        self.layout = layout
+        self.options = options
+        self.previous_loss = previous_loss  # the instance's own loss_function, if it had one
+        self.armed = False
+        self.softcap = None  # read off the model when armed
+        self.hidden = None  # what lm_head received, while armed
+        self.head = None  # the lm_head module that received it
+        self.final = None  # the placeholder the loss function received
+
+
+def apply(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+          chunk_size: int | None = None,
+          accum_dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Makes ``model``'s loss come from :func:`fused_losses.linear_cross_entropy` whenever it
+    is called with ``labels``: its ``(batch x seq, vocab)`` logits are never allocated.
+
+    Args:
+        model: a transformers causal LM (``*ForCausalLM``, or a multimodal
+            ``*ForConditionalGeneration`` with the same head) whose forward computes
+            ``self.lm_head(hidden_states)`` with an ``nn.Linear`` head and its loss with
+            ``self.loss_function`` (transformers' ``ForCausalLMLoss``). Apply before
+            ``torch.compile``.
+        label_smoothing, z_loss: as :func:`fused_losses.cross_entropy` (defaults: the stock
+            loss).
+        chunk_size: tokens per chunk of the head (default: as
+            :func:`fused_losses.linear_cross_entropy`).
+        accum_dtype: the dtype ``lm_head``'s gradient accumulates in over the chunks
+            (float32 by default; ``None``: the weight's own dtype, without a float32
+            weight-sized buffer).
+
+    Returns ``model``, changed in place. With labels, ``outputs.loss`` is the fused loss
+    (float32) and ``outputs.logits`` is ``None``; without labels the stock forward runs. A
+    second call only updates the options; :func:`revert` undoes it.
+
+    Raises:
+        TypeError: ``model`` is not a transformers model with an ``nn.Linear`` ``lm_head``,
+            or is compiled (``torch.compile``) already.
+        ValueError: its forward does something to the logits the fused loss cannot
+            reproduce, or its loss function is not the causal-LM one.
+    """
+    options = _check_options(label_smoothing, z_loss, chunk_size, accum_dtype)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+        raise TypeError("apply() the integration to the model before torch.compile(model), "
+                        "not to the compiled module")
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(
+            "expected a transformers causal LM (a PreTrainedModel such as LlamaForCausalLM), "
+            f"got {type(model).__name__}"
+            + (" (for PEFT, apply it to model.get_base_model())"
+               if hasattr(model, "get_base_model") else "")
+        )
+    name = type(model).__name__
+    head = getattr(model, "lm_head", None)
+    _check_head(head, name)
+    try:
+        layout = _layout(type(model))
+    except _Unsupported as e:
+        raise ValueError(f"fused_losses cannot take over the loss of {name}: {e}") from None
+    state = model.__dict__.get(_ATTR)
+    if state is not None:  # applied already: new options only
+        state.options = options
+        _patch_head(head, state)
+        return model
+    previous = model.__dict__.get("_loss_function", _MISSING)
+    current = model.loss_function
+    if not _is_causal_lm_loss(current):
+        raise ValueError(
+            f"fused_losses cannot take over the loss of {name}: its loss_function is "
+            f"{getattr(current, '__name__', current)!r}, expected transformers' "
+            "ForCausalLMLoss (the causal LM's, or fused_losses' causal_lm_loss)"
+        )
+    state = _State(type(model).forward, layout, options, previous)
+    model.__dict__[_ATTR] = state
+    model.forward = types.MethodType(_wrapped_forward(type(model).forward), model)
+    model.loss_function = _FusedLoss(state)
+    _patch_head(head, state)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undoes :func:`apply`: the stock forward, head and loss function again. A model never
+    applied is returned as it is."""
+    state = model.__dict__.pop(_ATTR, None)
+    if state is None:
+        return model
+    forward = model.__dict__.get("forward")
+    if getattr(getattr(forward, "__func__", None), "_fused_losses", False):
+        del model.forward
+    # (an outer wrapper, such as accelerate's, may hold ours: it finds no state and passes on)
+    if state.previous_loss is _MISSING:
+        model.__dict__.pop("_loss_function", None)
+    else:
+        model.loss_function = state.previous_loss
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Module) and head.__dict__.get(_ATTR) is state:
+        del head.__dict__[_ATTR]
+        head.__dict__.pop("forward", None)
+    return model
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether :func:`apply` is in effect on ``model``."""
+    return model.__dict__.get(_ATTR) is not None
+
+
+def _check_options(label_smoothing, z_loss, chunk_size, accum_dtype) -> dict:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, int | float) or not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be a float >= 0, got {z_loss!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if accum_dtype is not None and not isinstance(accum_dtype, torch.dtype):
+        raise TypeError(f"accum_dtype must be a torch.dtype or None, got {accum_dtype!r}")
+    return dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                chunk_size=chunk_size, accum_dtype=accum_dtype)
+
+
+def _check_head(head, name: str) -> None:
+    if head is None:
+        raise TypeError(f"{name} has no lm_head: expected a causal LM whose output layer is "
+                        "model.lm_head, an nn.Linear")
+    ours = head.__dict__.get(_ATTR) is not None if isinstance(head, nn.Module) else False
+    if (not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward
+            or ("forward" in head.__dict__ and not ours)):
+        raise TypeError(f"{name}.lm_head is a {type(head).__name__}"
+                        + (" with its own forward" if isinstance(head, nn.Linear) else "")
+                        + ": expected a plain torch.nn.Linear (the fused loss reads its "
+                        "weight and bias)")
+
+
+def _is_causal_lm_loss(fn) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn is ForCausalLMLoss or fn is causal_lm_loss or isinstance(fn, _FusedLoss)
+
+
+def _patch_head(head: nn.Linear, state: _State) -> None:
+    head.__dict__[_ATTR] = state
+    head.forward = types.MethodType(_head_forward, head)
+
+
+# ------------------------------------------------------------------------------------------
+# The three hooks
+# ------------------------------------------------------------------------------------------
+
+
+def _wrapped_forward(cls_forward):
+    """The instance's forward: the stock one, with the head armed for a call with labels."""
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        state = self.__dict__.get(_ATTR)
+        if state is None:  # reverted while an outer wrapper kept this one
+            return cls_forward(self, *args, **kwargs)
+        labels = kwargs.get("labels")
+        if labels is None and args:
+            labels = state.signature.bind_partial(self, *args, **kwargs).arguments.get("labels")
+        if labels is None:
+            return cls_forward(self, *args, **kwargs)
+        head = self.lm_head
+        if head.__dict__.get(_ATTR) is not state:  # a new lm_head (resize_token_embeddings)
+            _check_head(head, type(self).__name__)
+            _patch_head(head, state)
+        state.softcap = _read(self, state.layout.softcap)
+        state.armed, state.hidden, state.head, state.final = True, None, None, None
+        try:
+            out = cls_forward(self, *args, **kwargs)
+            final = state.final
+        finally:
+            state.armed, state.hidden, state.head, state.final = False, None, None, None
+        return _without(out, final)
+
+    forward._fused_losses = True
+    return forward
+
+
+def _head_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``lm_head``'s forward: ``nn.Linear``'s, or while armed an empty placeholder."""
+    state = self.__dict__.get(_ATTR)
+    if state is None or not state.armed or state.hidden is not None:
+        return F.linear(input, self.weight, self.bias)
+    state.hidden, state.head = input, self
+    dtype = (torch.get_autocast_dtype(input.device.type)
+             if torch.is_autocast_enabled(input.device.type) else input.dtype)
+    return input.new_empty((*input.shape[:-1], 0), dtype=dtype)
+
+
+class _FusedLoss:
+    """``model.loss_function``: the fused loss from the armed hidden states, else (called on
+    real logits) :func:`causal_lm_loss`."""
+
+    def __init__(self, state: _State):
+        self.state = state
+
+    def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                 shift_labels=None, **kwargs):
+        state = self.state
+        hidden = state.hidden if state.armed else None
+        options = state.options
+        if hidden is None:
+            return causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                                  shift_labels, label_smoothing=options["label_smoothing"],
+                                  z_loss=options["z_loss"])
+        head = state.head
+        state.hidden, state.head, state.final = None, None, logits
+        if head.weight.shape[0] != vocab_size:
+            raise ValueError(f"lm_head has {head.weight.shape[0]} outputs, the loss was asked "
+                             f"for a vocabulary of {vocab_size}")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return _fused_loss(hidden, head.weight, head.bias, shift_labels, num_items_in_batch,
+                           ignore_index, state.softcap, options)
+
+
+@torch.compiler.disable
+def _fused_loss(hidden, weight, bias, shift_labels, num_items_in_batch, ignore_index, softcap,
+                options) -> torch.Tensor:
+    x = hidden.reshape(-1, hidden.shape[-1])
+    target = shift_labels.reshape(-1).to(x.device)
+    kwargs = dict(reduction="sum" if num_items_in_batch is not None else "mean",
+                  ignore_index=ignore_index, label_smoothing=options["label_smoothing"],
+                  softcap=softcap, z_loss=options["z_loss"], chunk_size=options["chunk_size"],
+                  accum_dtype=options["accum_dtype"])
+    # a float32 loss, as the stock one (autocast's result; the math is float32 either way)
+    with _float32_result(x):
+        loss = fl.linear_cross_entropy(x, weight, target, linear_bias=bias, **kwargs)
+    return _per_item(loss.float(), num_items_in_batch)
+
+
+def _without(out, final):
+    """The output without the placeholder logits (``None`` in their field)."""
+    if final is None:
+        return out
+    if isinstance(out, transformers.utils.ModelOutput):
+        if out.get("logits") is not final:
+            return out
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+    if isinstance(out, tuple):
+        return tuple(v for v in out if v is not final)
+    return out

@@ -1,0 +1,398 @@
+"""fused_losses.integrations.transformers against the stock transformers models, on the CPU.
+
+Tiny randomly initialised models built from their config classes (no downloads): for each
+family, the fused model's loss and every parameter's gradient against a copy running the stock
+forward (with ``-100`` labels, ``num_items_in_batch``, ``shift_labels``, ``logits_to_keep``, the
+Gemma softcap, tied and untied embeddings); AdamW and ``Trainer`` (gradient accumulation)
+tracking the stock losses; no ``(batch x seq, vocab)`` tensor (a dispatch-mode tracker); the
+stock logits without labels; ``revert``; the refusals; autocast, bfloat16 and
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+transformers = pytest.importorskip("transformers")
+
+from fused_losses.integrations import transformers as fl_hf  # noqa: E402
+
+VOCAB = 512
+TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+
+
+def _llama(**kw):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TEXT, **kw}))
+
+
+def _gemma3_vision():
+    config = transformers.Gemma3Config(
+        text_config=dict(TEXT, final_logit_softcapping=None),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4, image_token_index=5,
+    )
+    return transformers.Gemma3ForConditionalGeneration(config)
+
+
+def _qwen2_5_vl():
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=32),
+        image_token_id=5, video_token_id=6, vision_start_token_id=7,
+    )
+    return transformers.Qwen2_5_VLForConditionalGeneration(config)
+
+
+FAMILIES = {
+    "llama": _llama,
+    "llama-tied": functools.partial(_llama, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**TEXT)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT)),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TEXT)),
+    # a small softcap, so that ignoring it would change the loss
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**TEXT, final_logit_softcapping=0.5)),
+    "gemma3-text": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(**TEXT, final_logit_softcapping=0.5)),
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**TEXT)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)),
+    "gemma3-vision": _gemma3_vision,
+    "qwen2.5-vl": _qwen2_5_vl,
+}
+
+
+def pair(family="llama", **options):
+    """A tiny model of the family and a copy of it with the integration applied."""
+    torch.manual_seed(0)
+    stock = FAMILIES[family]()
+    fused = fl_hf.apply(copy.deepcopy(stock), **options)
+    return stock, fused
+
+
+def batch(b=2, s=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, VOCAB, (b, s), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    labels[-1, -3:] = -100  # padding
+    return ids, labels
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same_training(stock, fused, rtol=1e-5, atol=1e-6, prefix="", **inputs):
+    """The fused model's loss and every parameter's gradient match the stock model's."""
+    ref, ref_grads = loss_and_grads(stock, **inputs)
+    out, grads = loss_and_grads(fused, **inputs)
+    grads = {n.removeprefix(prefix): g for n, g in grads.items()}
+    assert out.loss.dtype == ref.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=rtol, atol=atol)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=rtol, atol=atol, msg=name)
+    assert out.logits is None and "logits" not in out
+    return out, ref
+
+
+def assert_near(actual, expected, what, tol=2**-5):
+    """Half-precision training: the roundings of a bfloat16 backward through the layers
+    differ elementwise; the gradient as a whole stays within ``tol`` (relative norm)."""
+    err = (actual.double() - expected.double()).norm() / expected.double().norm()
+    assert err <= tol, f"{what}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------------
+# Every family: loss and gradients, num_items_in_batch, logits without labels, revert
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_stock(family):
+    stock, fused = pair(family)
+    ids, labels = batch()
+    assert_same_training(stock, fused, input_ids=ids, labels=labels)
+    # the gradient-accumulation fix: the token sum over a count of the whole batch
+    n = torch.tensor(37)
+    out, _ = assert_same_training(stock, fused, input_ids=ids, labels=labels,
+                                  num_items_in_batch=n)
+    assert out.loss.grad_fn.name() != "NllLossBackward0"
+    # without labels: the stock forward, its logits bit for bit
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, stock(input_ids=ids).logits)
+    fl_hf.revert(fused)
+    assert not fl_hf.is_applied(fused)
+    ref, _ = loss_and_grads(stock, input_ids=ids, labels=labels)
+    out, _ = loss_and_grads(fused, input_ids=ids, labels=labels)
+    assert out.logits is not None and torch.equal(out.loss, ref.loss)
+
+
+def test_both_backends(backend):
+    """The fused head on the eager path and on the Triton kernels (interpreted on the CPU);
+    an lm_head with a bias."""
+    stock, fused = pair("llama")
+    stock.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 0.1)
+    fused.lm_head.bias = torch.nn.Parameter(stock.lm_head.bias.detach().clone())
+    ids, labels = batch(s=12)
+    assert_same_training(stock, fused, input_ids=ids, labels=labels)
+    assert_same_training(stock, fused, input_ids=ids, labels=labels,
+                         num_items_in_batch=torch.tensor(30))
+
+
+def test_shift_labels_logits_to_keep_and_ignore_index():
+    stock, fused = pair("llama")
+    ids, labels = batch()
+    shift = torch.roll(labels, -1, dims=1)
+    shift[:, -1] = -100
+    shift[1, :4] = -100
+    assert_same_training(stock, fused, input_ids=ids, labels=labels, shift_labels=shift)
+    # labels for the kept positions only, as the stock loss needs them
+    assert_same_training(stock, fused, input_ids=ids, labels=labels[:, -6:], logits_to_keep=6)
+    every = labels.clone()
+    every[1] = -100  # a row without a counted token
+    assert_same_training(stock, fused, input_ids=ids, labels=every)
+
+
+def test_positional_labels_and_tuple_output():
+    stock, fused = pair("gpt2")
+    ids, labels = batch()
+    params = list(inspect.signature(type(stock).forward).parameters)[1:]  # without self
+    args = (ids, *[None] * (params.index("labels") - 1), labels)
+    ref = stock(*args, return_dict=False)
+    out = fused(*args, return_dict=False)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)
+    assert len(out) == len(ref) - 1  # the logits left out, as a None field would be
+    assert not any(isinstance(v, torch.Tensor) and v.shape[-1:] == (0,) for v in out)
+
+
+def test_options_label_smoothing_and_z_loss():
+    stock, fused = pair("gemma2", label_smoothing=0.1, z_loss=1e-3)
+    ids, labels = batch()
+    out = fused(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        logits = stock(input_ids=ids).logits.double()  # softcapped by the stock forward
+    target = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    logits = logits.reshape(-1, VOCAB)
+    counted = target != -100
+    ce = F.cross_entropy(logits, target, label_smoothing=0.1)
+    z = (logits.logsumexp(-1)[counted] ** 2).mean()
+    torch.testing.assert_close(out.loss.double(), ce + 1e-3 * z, rtol=1e-5, atol=0)
+    # apply() again: the options replaced, nothing stacked
+    assert fl_hf.apply(fused) is fused
+    assert fused.forward.__wrapped__ is type(fused).forward
+    assert_same_training(stock, fused, input_ids=ids, labels=labels)
+
+
+def test_five_adamw_steps_track_stock():
+    stock, fused = pair("qwen3")
+    losses = {}
+    for name, model in (("stock", stock), ("fused", fused)):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[name] = []
+        ids, labels = batch(b=4)
+        for _ in range(5):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["fused"][-1] < losses["fused"][0]
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["stock"]),
+                               rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Memory: no (batch x seq, vocab) tensor
+# ------------------------------------------------------------------------------------------
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor with a dimension of ``size`` (the vocabulary) that any op creates,
+    forward and backward, by elements (and the float32 ones apart)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.largest, self.largest_float32 = size, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, list | tuple) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" \
+                    and self.size in t.shape:
+                self.largest = max(self.largest, t.numel())
+                if t.dtype == torch.float32:
+                    self.largest_float32 = max(self.largest_float32, t.numel())
+        return out
+
+
+def test_no_logits_allocated(backend):
+    """From 1,024 tokens on, the default plan holds at most an eighth of the logits (the
+    interpreted kernels: 256 tokens in chunks of 32). The (vocab, hidden) weight and its
+    gradient are that size too here."""
+    triton = backend == "triton"
+    stock, fused = pair("llama-tied", chunk_size=32 if triton else None)
+    ids, labels = batch(b=2, s=128) if triton else batch(b=4, s=256)
+    n_logits = ids.numel() * VOCAB
+    for model, bound in ((fused, n_logits // 8), (stock, None)):
+        with LargestTensor(VOCAB) as tracker:
+            model(input_ids=ids, labels=labels).loss.backward()
+        if bound is None:
+            assert tracker.largest >= n_logits  # the stock model: the logits exist
+        else:
+            assert tracker.largest <= bound, (tracker.largest, n_logits)
+
+
+def test_plain_loss_path_keeps_bf16_logits(backend):
+    """causal_lm_loss as model.loss_function: the stock loss; on the kernels, without a
+    float32 copy of the bfloat16 logits (the eager formula makes one, by design)."""
+    torch.manual_seed(0)
+    stock = _llama().to(torch.bfloat16)
+    plain = copy.deepcopy(stock)
+    plain.loss_function = fl_hf.causal_lm_loss
+    ids, labels = batch()
+    n = torch.tensor(20)
+    ref, ref_grads = loss_and_grads(stock, input_ids=ids, labels=labels, num_items_in_batch=n)
+    with LargestTensor(VOCAB) as tracker:
+        out, grads = loss_and_grads(plain, input_ids=ids, labels=labels, num_items_in_batch=n)
+    if backend == "triton":
+        assert tracker.largest_float32 < ids.numel() * VOCAB // 8
+    assert out.loss.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+    for name, g in grads.items():
+        assert_near(g, ref_grads[name], name)
+    # applied, a direct call of the stock forward (no armed head) takes the plain path
+    fl_hf.apply(plain)
+    direct = type(plain).forward(plain, input_ids=ids, labels=labels, num_items_in_batch=n)
+    assert direct.logits is not None
+    torch.testing.assert_close(direct.loss, ref.loss, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Precision, autocast, torch.compile
+# ------------------------------------------------------------------------------------------
+
+
+def test_bf16_model_and_autocast():
+    stock, fused = pair("llama")
+    ids, labels = batch()
+    for case in ("autocast", "bfloat16"):
+        if case == "bfloat16":
+            stock.to(torch.bfloat16), fused.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            ref, ref_grads = loss_and_grads(stock, input_ids=ids, labels=labels)
+            out, grads = loss_and_grads(fused, input_ids=ids, labels=labels)
+        assert out.loss.dtype == torch.float32 and out.logits is None
+        torch.testing.assert_close(out.loss, ref.loss, rtol=2**-8, atol=0)
+        for name, g in grads.items():
+            assert g.dtype == ref_grads[name].dtype
+            assert_near(g, ref_grads[name], f"{case}: {name}")
+
+
+def test_torch_compile():
+    torch._dynamo.reset()
+    stock, fused = pair("llama")
+    compiled = torch.compile(fused, backend="eager")
+    for seed in (1, 2):  # the second call runs the compiled graphs
+        ids, labels = batch(seed=seed)
+        assert_same_training(stock, compiled, input_ids=ids, labels=labels,
+                             num_items_in_batch=torch.tensor(25), prefix="_orig_mod.")
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer, generate, and what changes the model
+# ------------------------------------------------------------------------------------------
+
+
+def test_trainer_gradient_accumulation(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    data = []
+    g = torch.Generator().manual_seed(3)
+    for i in range(12):
+        ids = torch.randint(8, VOCAB, (16,), generator=g)
+        labels = ids.clone()
+        labels[: (i * 5) % 13] = -100  # uneven counts: num_items_in_batch matters
+        data.append({"input_ids": ids, "labels": labels})
+    history = {}
+    stock, fused = pair("llama")
+    calls = []
+    monkeypatch.setattr(fl_hf.fl, "linear_cross_entropy",
+                        lambda *a, _f=fl_hf.fl.linear_cross_entropy, **k: calls.append(1)
+                        or _f(*a, **k))
+    for name, model in (("stock", stock), ("fused", fused)):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=3, learning_rate=3e-3, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        history[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        history[name].append(trainer.evaluate(data[:4])["eval_loss"])  # logits None: fine
+    assert len(history["fused"]) == 4 and len(calls) == 7  # 3 steps of 2 micro-batches, eval
+    torch.testing.assert_close(torch.tensor(history["fused"]), torch.tensor(history["stock"]),
+                               rtol=1e-5, atol=0)
+
+
+def test_generate_unchanged():
+    stock, fused = pair("llama")
+    ids, _ = batch(b=1, s=6)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(ids, **kw), stock.generate(ids, **kw))
+
+
+def test_resized_embeddings_and_deepcopy():
+    stock, fused = pair("llama")
+    for model in (stock, fused):  # fused: a new lm_head module
+        torch.manual_seed(5)
+        model.resize_token_embeddings(VOCAB + 64, mean_resizing=False)
+    ids, labels = batch()
+    labels[0, -1] = VOCAB + 10
+    assert_same_training(stock, fused, input_ids=ids, labels=labels)
+    twin = copy.deepcopy(fused)
+    assert fl_hf.is_applied(twin)
+    assert_same_training(stock, twin, input_ids=ids, labels=labels)
+
+
+def test_refusals():
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="expected a transformers causal LM"):
+        fl_hf.apply(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="has no lm_head"):
+        fl_hf.apply(transformers.LlamaModel(transformers.LlamaConfig(**TEXT)))
+    custom = _llama()
+    custom.lm_head = torch.nn.Sequential(torch.nn.Linear(32, VOCAB, bias=False))
+    with pytest.raises(TypeError, match="expected a plain torch.nn.Linear"):
+        fl_hf.apply(custom)
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(**TEXT))
+    with pytest.raises(ValueError, match=r"logits \* self.logit_scale"):
+        fl_hf.apply(cohere)
+    assert not fl_hf.is_applied(cohere)
+    other = _llama()
+    other.loss_function = lambda logits, labels, **kwargs: logits.sum()
+    with pytest.raises(ValueError, match="expected transformers' ForCausalLMLoss"):
+        fl_hf.apply(other)
+    with pytest.raises(TypeError, match="before torch.compile"):
+        fl_hf.apply(torch.compile(_llama(), backend="eager"))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fl_hf.apply(_llama(), label_smoothing=2.0)
