@@ -1,7 +1,7 @@
-"""``python -m bench``: see bench/cli.py, or ``python -m bench --help``."""
+"""``python -m bench``: see bench/run.py, or ``python -m bench --help``."""
 
 import sys
 
-from bench.cli import main
+from bench.run import main
 
 sys.exit(main())

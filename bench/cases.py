@@ -1,15 +1,16 @@
-"""What the benchmark measures: the losses, their inputs, their shapes and their byte counts.
+"""What the benchmark measures: the cases, their inputs, their providers and their targets.
 
-A ``Case`` is one (loss, shape, dtype, device). Each loss has a ``LossSpec``: how to make its
-inputs (drawn again in place before every provider, so all see the same numbers), how a
-torch-style function is called on them, which axis its plots use, and the bytes it must move
-(``min_bytes``, the one place where the benchmark counts bytes).
+A case is one (loss, shape, dtype, device). ``LOSSES[loss]`` makes its inputs (once per case,
+drawn in place in their own dtype, shared by every provider) and lists its providers. A
+provider's ``build(case, inputs)`` returns a training step of no arguments (gradients cleared,
+forward, ``backward()``; it returns the loss); ``step.leaves`` are the tensors whose gradients
+it takes. A provider that cannot run (a peer that is not installed, a fused_losses function
+that is not written yet) raises ``Skip``: a skipped row with the reason, never an error.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,237 +18,418 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "half": "float16"}
-LOSS_ALIASES = {
-    "ce": "cross_entropy",
-    "cross-entropy": "cross_entropy",
-    "binary_cross_entropy_with_logits": "bce",
-    "huber_loss": "huber",
-}
 VOCABS = (32000, 50257, 128256, 151936, 262144)  # Llama-2, GPT-2, Llama-3, Qwen2, Gemma-3
+
+
+class Skip(Exception):
+    """This provider cannot run this case; the message says why."""
 
 
 @dataclass(frozen=True)
 class Case:
     loss: str  # a key of LOSSES
-    shape: tuple[int, ...]  # of the input
+    shape: tuple[int, ...]  # see each loss's `shape` below
     dtype: str  # a key of DTYPES
     device: str  # "cuda" or "cpu"
 
     @property
     def label(self) -> str:
-        return "x".join(str(n) for n in self.shape)
+        return "x".join(map(str, self.shape))
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def input_bytes(self) -> int:
-        """Bytes of the input whose gradient is taken (the logits, for cross-entropy)."""
-        return self.numel() * self.torch_dtype.itemsize
+    def x(self) -> int:
+        """The size its plot sweeps."""
+        return LOSSES[self.loss].x(self.shape)
 
     def to_json(self) -> dict:
         return {"loss": self.loss, "shape": list(self.shape), "dtype": self.dtype,
                 "device": self.device}
 
-
-@dataclass(frozen=True)
-class Traffic:
-    read: int  # bytes every pass that computes the loss must read
-    grad: int  # bytes of the gradient, written once
-
-    def bytes_for(self, mode: str) -> int:
-        """The counted bytes of a timed mode. A backward on its own must read the inputs again
-        (unless its forward stored the gradient) and write the gradient, so it counts the same
-        as forward+backward."""
-        return self.read if mode == "fwd" else self.read + self.grad
-
-
-# What min_bytes counts, in words (s = bytes per element of the input's dtype); the JSON and
-# the Markdown quote these.
-BYTE_COUNTS = {
-    "cross_entropy": "logits read once (N*V*s) + int64 targets (8*N); gradient written once "
-                     "(N*V*s); the O(N) row statistics and the scalar loss are left out "
-                     "(under 0.01% at V >= 32000)",
-    "bce": "input and target read (2*N*C*s) + the pos_weight column (C*s); gradient written "
-           "once (N*C*s)",
-    "huber": "input and target read (2*n*s); gradient written once (n*s)",
-}
-
-
-def min_bytes(case: Case) -> Traffic:
-    """The fewest bytes a loss must move through device memory: every input read once, the
-    gradient written once (``BYTE_COUNTS`` says it per loss). GB/s and the roofline come from
-    these counts, and only these."""
-    s = case.torch_dtype.itemsize
-    n = case.numel()
-    if case.loss == "cross_entropy":
-        rows = case.shape[0]
-        return Traffic(read=n * s + 8 * rows, grad=n * s)
-    if case.loss == "bce":
-        return Traffic(read=2 * n * s + case.shape[1] * s, grad=n * s)
-    if case.loss == "huber":
-        return Traffic(read=2 * n * s, grad=n * s)
-    raise ValueError(f"unknown loss {case.loss!r}")
+    @staticmethod
+    def from_json(d: dict) -> Case:
+        return Case(d["loss"], tuple(d["shape"]), d["dtype"], d["device"])
 
 
 # ------------------------------------------------------------------------------------------
-# inputs: allocated once per case, drawn again (same seed) before every provider
+# inputs: created in their dtype and drawn in place, so that making them never raises the
+# process's memory high-water mark above the inputs themselves (the CPU's peak memory)
 # ------------------------------------------------------------------------------------------
 
 
-def _empty(case: Case, shape=None, dtype=None, grad=False) -> torch.Tensor:
-    t = torch.empty(shape or case.shape, dtype=dtype or case.torch_dtype, device=case.device)
-    return t.requires_grad_(grad)
+def _new(case: Case, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or DTYPES[case.dtype], device=case.device)
 
 
-def _ce_inputs(case: Case) -> dict:
-    return {"input": _empty(case, grad=True),
-            "target": _empty(case, shape=case.shape[:1], dtype=torch.int64)}
+def _classes(case: Case, n: int, v: int, gen) -> torch.Tensor:
+    return _new(case, n, dtype=torch.int64).random_(0, v, generator=gen)
 
 
-def _ce_fill(t: dict, gen: torch.Generator) -> None:
-    t["input"].normal_(generator=gen)
-    t["target"].random_(0, t["input"].shape[1], generator=gen)
+def _ce_inputs(case: Case, gen) -> dict:
+    n, v = case.shape
+    return {"input": _new(case, n, v).normal_(generator=gen).requires_grad_(),
+            "target": _classes(case, n, v, gen)}
 
 
-def _bce_inputs(case: Case) -> dict:
-    return {"input": _empty(case, grad=True), "target": _empty(case),
-            "pos_weight": _empty(case, shape=case.shape[1:])}
+def _bce_inputs(case: Case, gen) -> dict:
+    n, c = case.shape
+    return {"input": _new(case, n, c).normal_(generator=gen).requires_grad_(),
+            "target": _new(case, n, c).bernoulli_(0.05, generator=gen),  # a few positives
+            "pos_weight": _new(case, c).uniform_(0.5, 4.0, generator=gen)}
 
 
-def _bce_fill(t: dict, gen: torch.Generator) -> None:
-    t["input"].normal_(generator=gen)
-    t["target"].bernoulli_(0.05, generator=gen)  # multi-label: a few positives per row
-    t["pos_weight"].uniform_(0.5, 4.0, generator=gen)
+def _huber_inputs(case: Case, gen) -> dict:
+    # std 2 around the target: both the quadratic (|d| < 1) and the linear branch are hit
+    return {"input": _new(case, *case.shape).normal_(0.0, 2.0, generator=gen).requires_grad_(),
+            "target": _new(case, *case.shape).normal_(generator=gen)}
 
 
-def _huber_inputs(case: Case) -> dict:
-    return {"input": _empty(case, grad=True), "target": _empty(case)}
+def _lce_inputs(case: Case, gen) -> dict:
+    n, h, v = case.shape
+    return {"input": _new(case, n, h).normal_(generator=gen).requires_grad_(),
+            # std 1/sqrt(H): logits of unit variance, as in a trained LM head
+            "weight": _new(case, v, h).normal_(0.0, h**-0.5, generator=gen).requires_grad_(),
+            "target": _classes(case, n, v, gen)}
 
 
-def _huber_fill(t: dict, gen: torch.Generator) -> None:
-    # std 2 around the target: both the quadratic (|d| < 1) and linear branches are hit
-    t["input"].normal_(0.0, 2.0, generator=gen)
-    t["target"].normal_(generator=gen)
+def _hf_inputs(case: Case, gen) -> dict:
+    batch, seq, _hidden, vocab = case.shape
+    return {"ids": _new(case, batch, seq, dtype=torch.int64).random_(0, vocab, generator=gen)}
+
+
+def make_inputs(case: Case, seed: int = 1234) -> dict:
+    gen = torch.Generator(device=case.device).manual_seed(seed)
+    with torch.no_grad():
+        return LOSSES[case.loss].inputs(case, gen)
+
+
+# ------------------------------------------------------------------------------------------
+# providers
+# ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LossSpec:
+class Provider:
     name: str
+    build: Callable[[Case, dict], Callable[[], torch.Tensor | None]]
+    description: str
+    devices: tuple[str, ...] = ("cuda", "cpu")
+
+
+def train_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
+    """forward() -> scalar loss as a training step: gradients set to None, forward, backward."""
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        loss = forward()
+        loss.backward()
+        return loss
+
+    step.leaves = leaves
+    return step
+
+
+def _scalar(out) -> torch.Tensor:
+    """A peer's result as a scalar loss (some return (loss, z_loss) or per-row losses)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out if out.dim() == 0 else out.mean()
+
+
+def _peer(module: str, attr: str):
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:  # ImportError, or a CUDA extension that fails to load
+        raise Skip(f"{module}.{attr} not importable ({type(e).__name__})") from None
+
+
+def _ours(name: str):
+    import fused_losses
+
+    fn = getattr(fused_losses, name, None)
+    if fn is None:
+        raise Skip(f"fused_losses.{name} does not exist yet")
+    return fn
+
+
+def _call(loss: str, fn, t: dict) -> Callable[[], torch.Tensor]:
+    """A torch-style loss function called on a case's inputs."""
+    if loss == "bce":
+        return lambda: fn(t["input"], t["target"], pos_weight=t["pos_weight"])
+    return lambda: fn(t["input"], t["target"])
+
+
+_TORCH_FN = {"cross_entropy": F.cross_entropy, "bce": F.binary_cross_entropy_with_logits,
+             "huber": F.huber_loss}
+_OUR_FN = {"cross_entropy": "cross_entropy", "bce": "binary_cross_entropy_with_logits",
+           "huber": "huber_loss"}
+_COMPILED: dict[str, Callable] = {}
+
+
+def _fused(case, t):
+    return train_step(_call(case.loss, _ours(_OUR_FN[case.loss]), t), [t["input"]])
+
+
+def _torch(case, t):
+    return train_step(_call(case.loss, _TORCH_FN[case.loss], t), [t["input"]])
+
+
+def _torch_compile(case, t):
+    # dynamic=True: one compilation per loss serves every shape (its time is in warmup_s)
+    if case.loss not in _COMPILED:
+        _COMPILED[case.loss] = torch.compile(_TORCH_FN[case.loss], dynamic=True)
+    return train_step(_call(case.loss, _COMPILED[case.loss], t), [t["input"]])
+
+
+def _torch_float(case, t):
+    if case.dtype == "float32":
+        raise Skip("the same call as torch for float32 logits")
+    return train_step(lambda: F.cross_entropy(t["input"].float(), t["target"]), [t["input"]])
+
+
+def _peer_ce(module, attr):
+    def build(case, t):
+        fn = _peer(module, attr)
+        # Liger writes its gradient into the logits: it gets its own copy
+        x = t["input"].detach().clone().requires_grad_()
+        return train_step(lambda: _scalar(fn(x, t["target"])), [x])
+
+    return build
+
+
+def _common() -> dict[str, Provider]:
+    return {
+        "fused_losses": Provider("fused_losses", _fused, "fused_losses (the Triton kernels on "
+                                 "CUDA, its eager float32 path on the CPU)"),
+        "torch": Provider("torch", _torch, "torch.nn.functional, eager"),
+        "torch.compile": Provider("torch.compile", _torch_compile,
+                                  "torch.compile(the torch function, dynamic=True)", ("cuda",)),
+    }
+
+
+# linear cross-entropy: the fused LM head against torch's (chunked and unfused) and peers
+
+
+def _lce_step(fn, t):
+    return train_step(lambda: _scalar(fn(t["input"], t["weight"], t["target"])),
+                      [t["input"], t["weight"]])
+
+
+def _lce_fused(case, t):
+    return _lce_step(_ours("linear_cross_entropy"), t)
+
+
+def _lce_torch_chunked(case, t):
+    fn = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if fn is None or options is None:
+        raise Skip(f"torch {torch.__version__} has no F.linear_cross_entropy with options")
+    return _lce_step(lambda x, w, y: fn(x, w, y, options=options()), t)
+
+
+def _lce_torch(case, t):
+    return _lce_step(lambda x, w, y: F.cross_entropy(F.linear(x, w), y), t)
+
+
+def _lce_peer(module, attr):
+    return lambda case, t: _lce_step(_peer(module, attr), t)
+
+
+def _three_gemms(case, t):
+    """The reference: the LM head's three matrix products alone (logits, then the gradients
+    of the input and of the weight from a logits-sized gradient), no loss."""
+    x, w = t["input"].detach(), t["weight"].detach()
+
+    def step():
+        logits = x @ w.T
+        logits @ w  # d input = d logits @ W
+        logits.T @ x  # d weight = d logits^T @ x
+
+    step.leaves = []
+    return step
+
+
+# the Hugging Face training step: a tiny Llama, with and without fused_losses's integration
+
+
+def _llama(case: Case):
+    try:
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        raise Skip(f"transformers not importable ({e})") from None
+    transformers.logging.set_verbosity_error()
+    _batch, _seq, hidden, vocab = case.shape
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=2, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=4096)
+    torch.manual_seed(0)  # the same random weights with and without the integration
+    with torch.device(case.device):
+        return LlamaForCausalLM(config).to(DTYPES[case.dtype])
+
+
+def _hf_step(model, ids):
+    return train_step(lambda: model(input_ids=ids, labels=ids).loss, list(model.parameters()))
+
+
+def _hf_plain(case, t):
+    return _hf_step(_llama(case), t["ids"])
+
+
+def _hf_fused(case, t):
+    try:
+        integration = importlib.import_module("fused_losses.integrations.transformers")
+    except ModuleNotFoundError:
+        raise Skip("fused_losses.integrations.transformers does not exist yet") from None
+    model = _llama(case)
+    return _hf_step(integration.apply(model) or model, t["ids"])
+
+
+# ------------------------------------------------------------------------------------------
+# the losses
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loss:
     title: str
-    fused_name: str  # the function's name in fused_losses
-    torch_fn: Callable
-    allocate: Callable[[Case], dict]
-    fill: Callable[[dict, torch.Generator], None]
-    call: Callable[[Callable, dict], Callable[[], torch.Tensor]]  # torch-style fn -> forward
+    shape: str  # what the numbers of a shape are
+    inputs: Callable
+    providers: dict[str, Provider]
+    reference: str  # the provider whose loss value the others are checked against
+    x: Callable[[tuple], int]  # the swept size of a shape
     x_label: str
-    headline: tuple[int, ...]  # the shape quoted in the README and summaries
+    fixed: Callable[[tuple], str]  # what a panel holds fixed
+    # bytes forward+backward must move at least (each input read once, the gradient written
+    # once): the roofline on CUDA. None for the compute-bound cases.
+    min_bytes: Callable[[tuple, int], int] | None = None
 
 
 LOSSES = {
-    "cross_entropy": LossSpec(
-        "cross_entropy", "cross-entropy", "cross_entropy", F.cross_entropy,
-        _ce_inputs, _ce_fill, lambda fn, t: lambda: fn(t["input"], t["target"]),
-        "vocabulary V", (8192, 128256),
-    ),
-    "bce": LossSpec(
-        "bce", "BCE-with-logits", "binary_cross_entropy_with_logits",
-        F.binary_cross_entropy_with_logits, _bce_inputs, _bce_fill,
-        lambda fn, t: lambda: fn(t["input"], t["target"], pos_weight=t["pos_weight"]),
-        "elements N x C", (16384, 16384),
-    ),
-    "huber": LossSpec(
-        "huber", "Huber", "huber_loss", F.huber_loss, _huber_inputs, _huber_fill,
-        lambda fn, t: lambda: fn(t["input"], t["target"]),
-        "elements", (1 << 26,),
-    ),
+    "cross_entropy": Loss(
+        "cross-entropy", "N x V", _ce_inputs, {
+            **_common(),
+            "torch+float": Provider("torch+float", _torch_float, "F.cross_entropy(logits.float()"
+                                    ", target): the Hugging Face pattern"),
+            "liger": Provider("liger", _peer_ce("liger_kernel.transformers.functional",
+                                                "liger_cross_entropy"),
+                              "Liger-Kernel liger_cross_entropy", ("cuda",)),
+            "flash_attn": Provider("flash_attn", _peer_ce("flash_attn.ops.triton.cross_entropy",
+                                                          "cross_entropy_loss"),
+                                   "flash-attn's Triton cross_entropy_loss, .mean()", ("cuda",)),
+            "quack": Provider("quack", _peer_ce("quack.cross_entropy", "cross_entropy"),
+                              "quack.cross_entropy", ("cuda",)),
+        }, "torch", lambda s: s[1], "vocabulary V", lambda s: f"N={s[0]}",
+        # logits read + int64 targets + gradient written
+        lambda s, b: 2 * s[0] * s[1] * b + 8 * s[0]),
+    "bce": Loss(
+        "BCE-with-logits", "N x C", _bce_inputs, _common(), "torch",
+        lambda s: s[0] * s[1], "elements N x C", lambda s: "pos_weight (C,)",
+        # input + target read, pos_weight read, gradient written
+        lambda s, b: 3 * s[0] * s[1] * b + s[1] * b),
+    "huber": Loss(
+        "Huber", "elements", _huber_inputs, _common(), "torch",
+        lambda s: s[0] * (s[1] if len(s) > 1 else 1), "elements", lambda s: "",
+        lambda s, b: 3 * s[0] * (s[1] if len(s) > 1 else 1) * b),  # input, target, gradient
+    "linear_cross_entropy": Loss(
+        "linear cross-entropy", "N x H x V", _lce_inputs, {
+            "fused_losses": Provider("fused_losses", _lce_fused,
+                                     "fused_losses.linear_cross_entropy"),
+            "torch chunked": Provider("torch chunked", _lce_torch_chunked,
+                                      "F.linear_cross_entropy(..., options="
+                                      "torch.nn.LinearCrossEntropyOptions())"),
+            "torch": Provider("torch", _lce_torch, "F.cross_entropy(F.linear(x, W), target)"),
+            "liger": Provider("liger", _lce_peer("liger_kernel.transformers.functional",
+                                                 "liger_fused_linear_cross_entropy"),
+                              "Liger-Kernel liger_fused_linear_cross_entropy", ("cuda",)),
+            "cce": Provider("cce", _lce_peer("cut_cross_entropy", "linear_cross_entropy"),
+                            "Cut Cross-Entropy linear_cross_entropy", ("cuda",)),
+            "3 GEMMs": Provider("3 GEMMs", _three_gemms, "x @ W.T, dlogits @ W, dlogits.T @ x "
+                                "alone: the floor of any LM-head loss"),
+        }, "torch", lambda s: s[2], "vocabulary V", lambda s: f"N={s[0]}, H={s[1]}"),
+    "hf_llama_step": Loss(
+        "transformers Llama training step", "batch x seq x hidden x V", _hf_inputs, {
+            "fused_losses": Provider("fused_losses", _hf_fused, "the same model after "
+                                     "fused_losses.integrations.transformers.apply(model)"),
+            "transformers": Provider("transformers", _hf_plain, "LlamaForCausalLM(config), "
+                                     "random weights, 2 layers: model(ids, labels=ids)"
+                                     ".loss.backward()"),
+        }, "transformers", lambda s: s[0] * s[1], "tokens",
+        lambda s: f"2 layers, hidden {s[2]}, V={s[3]}"),
 }
-
-
-def make_inputs(case: Case) -> dict:
-    return LOSSES[case.loss].allocate(case)
-
-
-def fill_inputs(case: Case, inputs: dict, seed: int) -> None:
-    """Draw the inputs in place from ``seed``: every provider sees the same numbers (Liger
-    writes its gradient into the logits, so they are drawn again before each provider)."""
-    gen = torch.Generator(device=case.device).manual_seed(seed)
-    with torch.no_grad():
-        LOSSES[case.loss].fill(inputs, gen)
-
-
-def sort_key(case: Case) -> tuple[int, ...]:
-    """Table order: cross-entropy by (N, V), the element-wise losses by size."""
-    return case.shape if case.loss == "cross_entropy" else (case.numel(),)
-
-
-def plot_point(case: Case) -> tuple[str, int]:
-    """(series, x) of a case in the plots: cross-entropy against V, one series per N; the
-    element-wise losses against their element count."""
-    if case.loss == "cross_entropy":
-        return f"N={case.shape[0]}", case.shape[1]
-    return "", case.numel()
 
 
 # ------------------------------------------------------------------------------------------
-# sweeps
+# sweeps and targets
 # ------------------------------------------------------------------------------------------
 
-CUDA_SWEEP = {
-    "cross_entropy": [(n, v) for n in (8192, 4096, 16384) for v in VOCABS],
-    "bce": [(65536, 1024), (32768, 4096), (16384, 16384), (8192, 131072)],
-    "huber": [(1 << 24,), (1 << 26,), (1 << 28,)],
-}
-CUDA_QUICK = {
-    "cross_entropy": [(8192, 32000), (8192, 128256)],
-    "bce": [(16384, 16384)],
-    "huber": [(1 << 26,)],
-}
-# The first dtype of each loss is its main one: measured first, and the only one with --quick.
-CUDA_DTYPES = {"cross_entropy": ("bfloat16", "float32"), "bce": ("float32", "bfloat16"),
-               "huber": ("float32", "bfloat16")}
-# The CPU sweep measures the eager fallback's overhead over torch, in seconds, not bandwidth.
-CPU_SWEEP = {
-    "cross_entropy": [(256, 32000), (512, 32000)],
-    "bce": [(1024, 1024), (4096, 1024)],
-    "huber": [(1 << 18,), (1 << 20,)],
-}
-CPU_QUICK = {"cross_entropy": [(256, 32000)], "bce": [(1024, 1024)], "huber": [(1 << 18,)]}
-CPU_DTYPES = {"cross_entropy": ("float32", "bfloat16"), "bce": ("float32",),
-              "huber": ("float32",)}
+
+def _sweep(device: str, quick: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+    if device == "cuda":
+        ce = [(8192, 32000), (8192, 128256)] if quick else [(8192, v) for v in VOCABS]
+        bce = [(16384, 16384)] if quick else [(65536, 1024), (32768, 4096), (16384, 16384),
+                                              (8192, 131072)]
+        huber = [(1 << 26,)] if quick else [(1 << 24,), (1 << 26,), (1 << 28,)]
+        lce = [(8192, 4096, v) for v in ((128256,) if quick else (32000, 128256, 262144))]
+        hf = [(b, 2048, 1024, 128256) for b in ((4,) if quick else (2, 4))]
+        dtypes = [("bfloat16", "float32")[: 1 if quick else 2], ("float32", "bfloat16")]
+        return ([("cross_entropy", d, s) for d in dtypes[0] for s in ce]
+                + [(loss, d, s) for loss, shapes in (("bce", bce), ("huber", huber))
+                   for d in dtypes[1][: 1 if quick else 2] for s in shapes]
+                + [("linear_cross_entropy", "bfloat16", s) for s in lce]
+                + [("hf_llama_step", "bfloat16", s) for s in hf])
+    # CPU: the eager path's cost against torch's; N=4096 x 32000 and (32, 1000) carry targets
+    ce = [(4096, 32000)] if quick else [(4096, 8192), (4096, 32000)]
+    small = [(32, 1000), (1024, 1024) if quick else (4096, 1024)]
+    # torch's chunked path costs seconds per call on a CPU whatever N: --quick keeps V small
+    lce = [(512, 256, 2048), (512, 256, 8192)] if quick else [(4096, 512, 8192),
+                                                              (4096, 512, 32000)]
+    hf = [(1, 512, 256, 32000)] if quick else [(1, 512, 256, 32000), (2, 1024, 256, 32000)]
+    return ([("cross_entropy", d, s) for d in ("bfloat16", "float32") for s in ce]
+            + [(loss, "float32", s) for loss in ("bce", "huber") for s in small]
+            + [("linear_cross_entropy", "float32", s) for s in lce]
+            + [("hf_llama_step", "float32", s) for s in hf])
 
 
-def _tier(case: Case, primary_dtype: str) -> int:
-    """Order of a time-boxed sweep: the headline shapes, then each loss's main dtype (for
-    cross-entropy the N=8192 vocabulary sweep that the plots draw), then everything else."""
-    spec = LOSSES[case.loss]
-    primary = case.dtype == primary_dtype
-    if primary and case.shape == spec.headline:
-        return 0
-    main_series = case.loss != "cross_entropy" or case.shape[0] == spec.headline[0]
-    if primary and main_series:
-        return 1
-    return 2 if main_series else 3
+@dataclass(frozen=True)
+class Target:
+    """fused_losses's figure on one case over what it is compared with, at most ``limit``.
+
+    kind "time": its median time over the fastest of ``against``; "peak": its peak memory over
+    the fastest's; "roofline": its time over the floor (the counted bytes at the copy
+    bandwidth measured in the run); "peak/gradient": its peak memory over the input's size.
+    """
+
+    device: str
+    loss: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    limit: float
+    against: tuple[str, ...] = ()
+
+
+TARGETS = (
+    # issue 8: the CPU cost of the eager path
+    Target("cpu", "cross_entropy", "bfloat16", (4096, 32000), "time", 1.3, ("torch",)),
+    Target("cpu", "cross_entropy", "bfloat16", (4096, 32000), "peak", 1.1, ("torch",)),
+    Target("cpu", "cross_entropy", "float32", (4096, 32000), "time", 1.05, ("torch",)),
+    Target("cpu", "bce", "float32", (32, 1000), "time", 1.15, ("torch",)),
+    Target("cpu", "huber", "float32", (32, 1000), "time", 1.15, ("torch",)),
+    # issue 12 on a GPU
+    Target("cuda", "cross_entropy", "bfloat16", (8192, 128256), "roofline", 1.15),
+    Target("cuda", "cross_entropy", "bfloat16", (8192, 128256), "time", 1 / 1.3,
+           ("liger", "torch.compile", "torch")),
+    Target("cuda", "cross_entropy", "bfloat16", (8192, 128256), "peak/gradient", 1.02),
+    Target("cuda", "bce", "float32", (16384, 16384), "roofline", 1.1),
+    Target("cuda", "huber", "float32", (1 << 26,), "roofline", 1.1),
+    Target("cuda", "linear_cross_entropy", "bfloat16", (8192, 4096, 128256), "time", 1.05,
+           ("3 GEMMs",)),
+)
 
 
 def build_cases(device: str, quick: bool, losses=None, dtypes=None) -> list[Case]:
-    if device == "cuda":
-        shapes, default_dtypes = (CUDA_QUICK if quick else CUDA_SWEEP), CUDA_DTYPES
-    else:
-        shapes, default_dtypes = (CPU_QUICK if quick else CPU_SWEEP), CPU_DTYPES
-    cases = []
-    for loss in losses or list(LOSSES):
-        for dtype in dtypes or default_dtypes[loss][: 1 if quick else None]:
-            cases += [Case(loss, shape, dtype, device) for shape in shapes[loss]]
-    order = {case: i for i, case in enumerate(cases)}
-    return sorted(cases, key=lambda c: (_tier(c, default_dtypes[c.loss][0]), order[c]))
-
-
-def case_from_json(d: dict) -> Case:
-    fields = {f.name for f in dataclasses.fields(Case)}
-    d = {k: v for k, v in d.items() if k in fields}
-    return Case(**{**d, "shape": tuple(d["shape"])})
+    """The sweep, the shapes that carry a target first (a time-boxed run measures them)."""
+    cases = [Case(loss, shape, dtype, device) for loss, dtype, shape in _sweep(device, quick)
+             if (not losses or loss in losses) and (not dtypes or dtype in dtypes)]
+    headline = {(t.loss, t.shape, t.dtype) for t in TARGETS if t.device == device}
+    return sorted(cases, key=lambda c: (c.loss, c.shape, c.dtype) not in headline)

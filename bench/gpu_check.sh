@@ -14,7 +14,7 @@
 #   pytest.txt     pytest -q over tests/ on CUDA, but tests/test_torch_compile.py
 #   compile.txt    tests/test_torch_compile.py: the losses in Inductor graphs
 #   sanitizer.txt  python -m bench.cuda_check, plainly and under compute-sanitizer memcheck
-#   <gpu>-<date>.json, .md, .png   the sweep: copy them into bench/results/ as they are
+#   <gpu>-<date>-<time>.json, .md, .png   the sweep: copy them into bench/results/ as they are
 #
 # Budget: 540 s from the start. Each step is stopped by `timeout` at its cap or at what is left
 # of the budget, so the script ends in time whatever hangs; the sweep gets the rest:
@@ -25,7 +25,7 @@
 #               compiled once (~0.4 s): with pytest-xdist (on the device image) 8 workers
 #               compile them side by side, else it may be cut off
 #   sweep       what is left less 235 s; --time-budget (60 s less) stops it starting new
-#               shapes, headline shapes first, so its report is written in time
+#               cases (those with targets first), so its report is written in time
 #   cuda_check  <= 45 s   each loss on small CUDA inputs against torch; warms Triton's cache
 #   memcheck    <= 75 s   the same under compute-sanitizer, PyTorch's allocator cache off
 #   compile     <= 90 s   test_torch_compile.py (Inductor compiles slowly: last, on its own)
@@ -101,7 +101,7 @@ p = torch.cuda.get_device_properties(0)
 print(p.name, f"{p.total_memory / 2**30:.1f} GiB,", p.multi_processor_count, "SMs, L2 bytes",
       getattr(p, "L2_cache_size", "?"))' || rc=1
     python3 -m pip list 2>/dev/null |
-        grep -i -E "^(torch|triton|liger|flash|quack|numpy|matplotlib|pytest|tqdm)"
+        grep -i -E "^(torch|triton|liger|flash|quack|cut|transformers|numpy|matplotlib|pytest|tqdm)"
     ls .whl 2>/dev/null
     echo "compute-sanitizer: ${SANITIZER:-not found}"
     if [[ -n "${SANITIZER:-}" ]]; then "$SANITIZER" --version | tail -2; fi
@@ -132,7 +132,8 @@ main() {
         workers=(-n 8)
         compile_workers=(-n 3)
     fi
-    # tests/test_compile.py compiles for sm_90 without a GPU (CI runs it): not needed here
+    # tests/test_compile.py (tests/_compile_check.py) compiles for sm_90 without a GPU, as CI
+    # does: not needed here
     step pytest 200 "$OUT_DIR/pytest.txt" "${pytest_cmd[@]}" -q -p no:cacheprovider \
         "${workers[@]}" --ignore=tests/test_compile.py --ignore=tests/test_torch_compile.py tests
 

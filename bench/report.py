@@ -1,33 +1,58 @@
-"""Results out: the JSON (every figure), the Markdown tables, the PNG plots, the short summary
-printed at the end of a run, and the README's benchmark section."""
+"""Results out: the JSON (every sample), the Markdown tables, the PNG, the summary printed at
+the end of a run and README.md's benchmark section. Every figure derived from the samples
+(median, p20-p80, ratios, the roofline) is computed here, from the JSON, so a re-render gives
+the same numbers."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import statistics
+import textwrap
 from pathlib import Path
 
-from .cases import LOSSES, Case, case_from_json, min_bytes, plot_point, sort_key
-from .meta import ROOT, stem
-from .providers import REFERENCE, REGISTRY
+from .cases import DTYPES, LOSSES, TARGETS, Case
 
-README_BEGIN = "<!-- bench:begin -->"
-README_END = "<!-- bench:end -->"
-RESULTS_DIR = ROOT / "bench" / "results"
-LOSS_VALUE_TOLERANCE = 2e-2  # bf16 losses round at ~4e-3: a larger gap means a wrong call
-STATUS_ORDER = ("ok", "skipped", "skipped-oom", "skipped-time", "error")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+PROVIDERS = list(dict.fromkeys(n for loss in LOSSES.values() for n in loss.providers))
+COLORED = [n for n in PROVIDERS if n != "3 GEMMs"]  # one of C0..C9 each, in every picture
+METHOD = """\
+- **Time**: a training step (gradients set to None, forward, `backward()`), median and p20–p80
+  of the samples. Each provider runs once untimed first (compilation, first-call costs), then
+  the providers are timed round-robin, one sample each per round, the order rotated every
+  round, for the seconds per case of the header (and at least its fewest rounds). A sample is
+  one call timed with `time.perf_counter` on the CPU (no cache flush), a
+  `triton.testing.do_bench` run on CUDA (CUDA events, L2 flushed before each call).
+- **Ratios** are medians over medians. Where the two providers' p20–p80 ranges overlap the
+  ratio is printed *within noise*: no speed-up is claimed. A target is *within noise* when the
+  range of the ratio (one's p20 over the other's p80 to one's p80 over the other's p20)
+  straddles it.
+- **Peak memory beyond the inputs**: CUDA: `torch.cuda.max_memory_allocated()` over one step
+  less what was allocated before it. CPU: a fresh process per case makes the inputs (drawn in
+  place in their own dtype, so making them raises no high-water mark) and every provider, runs
+  each once on a tiny copy of the case (first-call costs), then per provider resets the
+  resident set's high-water mark (`/proc/self/clear_refs`), runs one step and takes the growth
+  of `VmHWM` over the resident set before it; glibc is told to return freed buffers of 64 KiB
+  and more at once (`MALLOC_MMAP_THRESHOLD_`), so each provider starts from the inputs alone.
+  Gradients and temporaries count, the inputs (and model weights) do not.
+- **Roofline** (CUDA, memory-bound losses): the fewest bytes a step moves (each input read
+  once, the gradient written once) over the device-to-device copy bandwidth measured in the
+  same run (`do_bench` of a 1 GiB copy, bytes read + written). None on the CPU.
+- **Same inputs**: every provider of a case runs on the same tensors (Liger, which writes its
+  gradient into the logits, on its own copy). On the CPU fused_losses runs its eager path.
+"""
 
 
 # ------------------------------------------------------------------------------------------
-# files
+# figures
 # ------------------------------------------------------------------------------------------
 
 
 def write_json(run: dict, path: Path) -> None:
-    """Atomically (a killed run leaves the last complete JSON, never half of one)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(run, indent=1, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a killed run never leaves half a file
+    tmp.write_text(json.dumps(run, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -35,445 +60,371 @@ def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def write_reports(run: dict, out: Path) -> list[Path]:
-    """<stem>.json, <stem>.md and (with matplotlib) <stem>.png under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / stem(run)
-    written = [base.with_suffix(".json"), base.with_suffix(".md")]
-    write_json(run, written[0])
-    written[1].write_text(markdown(run))
-    png = base.with_suffix(".png")
-    if plot(run, png):
-        written.append(png)
-    return written
+def ok(row: dict | None) -> bool:
+    return bool(row) and row["status"] == "ok" and bool(row.get("ms"))
 
 
-# ------------------------------------------------------------------------------------------
-# grouping and formatting
-# ------------------------------------------------------------------------------------------
+def stat(row: dict) -> tuple[float, float, float]:
+    """(median, p20, p80) of a row's samples in ms."""
+    t = row["ms"]
+    if len(t) < 2:
+        return t[0], t[0], t[0]
+    q = statistics.quantiles(t, n=10, method="inclusive")
+    return statistics.median(t), q[1], q[7]
+
+
+def compare(a: dict, b: dict) -> tuple[float, float, float, bool]:
+    """a's time over b's: (ratio of medians, lowest, highest ratio of the p20-p80 ranges,
+    whether the two ranges overlap)."""
+    (am, al, ah), (bm, bl, bh) = stat(a), stat(b)
+    return am / bm, al / bh, ah / bl, al <= bh and bl <= ah
+
+
+def floor_ms(run: dict, case: Case) -> float | None:
+    count = LOSSES[case.loss].min_bytes
+    if not run.get("copy_gbps") or count is None:
+        return None
+    return count(case.shape, DTYPES[case.dtype].itemsize) / (run["copy_gbps"] * 1e6)
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ms(row: dict) -> str:
+    med, lo, hi = stat(row)
+    return f"{_num(med)} ({_num(lo)}–{_num(hi)})"
+
+
+def _bytes(n) -> str:
+    return "–" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _vs(row: dict, ours: dict | None) -> str:
+    if row is ours:
+        return "—"
+    if not (ok(row) and ok(ours)):
+        return "–"
+    r, _, _, overlap = compare(row, ours)
+    return f"within noise ({r:.2f}x)" if overlap else f"{r:.2f}x"
 
 
 def groups(run: dict) -> list[tuple[str, str, list[dict]]]:
-    """(loss, dtype, rows) in the registry's loss order, rows by shape then provider."""
-    order = {name: i for i, name in enumerate(LOSSES)}
+    """(loss, dtype, rows) in LOSSES's order; rows by swept size, then provider."""
     found: dict[tuple[str, str], list[dict]] = {}
     for row in run["results"]:
-        c = row["case"]
-        found.setdefault((c["loss"], c["dtype"]), []).append(row)
-    out = []
-    for (loss, dtype), rows in sorted(found.items(), key=lambda kv: order.get(kv[0][0], 99)):
-        names = list(REGISTRY.get(loss, {}))
-        rows.sort(key=lambda r: (sort_key(_case(r)),
-                                 names.index(r["provider"]) if r["provider"] in names else 99))
-        out.append((loss, dtype, rows))
-    return out
+        found.setdefault((row["case"]["loss"], row["case"]["dtype"]), []).append(row)
+    order = list(LOSSES)
+    for rows in found.values():
+        rows.sort(key=lambda r: (Case.from_json(r["case"]).x, PROVIDERS.index(r["provider"])))
+    return [(loss, dtype, found[loss, dtype]) for loss, dtype in
+            sorted(found, key=lambda k: (order.index(k[0]), list(DTYPES).index(k[1])))]
 
 
-def _case(row: dict) -> Case:
-    return case_from_json(row["case"])
+def _by_shape(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    shapes: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        shapes.setdefault(tuple(r["case"]["shape"]), {})[r["provider"]] = r
+    return shapes
 
 
-def _ms(x) -> str:
-    if x is None:
-        return "–"
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
-
-
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
-
-
-def _gb(n) -> str:
-    return "–" if n is None else f"{n / 1e9:.2f} GB"
-
-
-def _peak(row: dict) -> str:
-    peak = row.get("peak_extra_bytes")
-    if peak is None:
-        return "n/a" if row["status"] == "ok" else "–"
-    return f"{_gb(peak)} ({peak / _case(row).input_bytes():.2f}×)"
-
-
-def _speedup(row: dict, mode: str = "fwd_bwd") -> str:
-    if row["provider"] == REFERENCE:
-        return "—"
-    x = row.get("fused_speedup", {}).get(mode)
-    return "–" if x is None else f"{x:.2f}×"
-
-
-def floor_ms(case: Case, copy_gbps: float) -> float:
-    """The roofline time of forward+backward: counted bytes over the copy bandwidth."""
-    return min_bytes(case).bytes_for("fwd_bwd") / (copy_gbps * 1e9) * 1e3
-
-
-def _note(row: dict) -> str:
-    if row["status"] != "ok":  # a reason may quote an error message: keep the table whole
-        return f"{row['status']}: {row['reason']}".replace("|", "\\|").replace("\n", " ")
-    diff = row.get("rel_diff_vs_torch")
-    if diff is not None and diff > LOSS_VALUE_TOLERANCE:
-        return f"⚠ loss differs from torch's by {diff:.1e}"
-    return ""
-
-
-def _table(header: list[str], body: Iterable[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return lines
-
-
-def _uniformly_skipped(rows: list[dict]) -> dict[str, str]:
-    """Providers skipped for the same reason at every shape of a group: said once, below the
-    table, instead of in every row."""
-    by_provider: dict[str, set] = {}
-    for row in rows:
-        key = (row["status"], row["reason"]) if row["status"] == "skipped" else None
-        by_provider.setdefault(row["provider"], set()).add(key)
-    return {p: next(iter(keys))[1] for p, keys in by_provider.items()
-            if len(keys) == 1 and None not in keys}
+def _note(row: dict, ref: dict | None) -> str:
+    note = row["reason"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+    if row.get("loss") is not None and ref and ref.get("loss") and row is not ref:
+        diff = abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
+        if diff > 2e-2:  # bf16 losses round at ~4e-3: more than this is a wrong call
+            note = f"loss differs from {ref['provider']}'s by {diff:.1e}. {note}"
+    return note.replace("|", "\\|").strip()
 
 
 # ------------------------------------------------------------------------------------------
-# Markdown
+# text: the per-case line, Markdown, the targets, the README section
 # ------------------------------------------------------------------------------------------
 
 
-def _header(run: dict) -> list[str]:
-    d, v, g = run["device"], run["versions"], run["git"]
-    peers = ", ".join(f"{k} {x}" for k, x in v.items()
-                      if k not in ("python", "torch", "triton", "fused_losses")) or "none"
-    device = d["name"] + (f", driver {d.get('driver')}, CUDA {d.get('cuda')}"
-                          if d["type"] == "cuda" else " (CPU)")
-    dirty = " (uncommitted changes)" if g.get("dirty") else ""
-    lines = [
-        f"- device: {device}",
-        f"- versions: Python {v['python']}, torch {v['torch']}, triton {v.get('triton')}, "
-        f"fused_losses {v['fused_losses']}; peers installed: {peers}",
-        f"- commit: {g['commit']}{dirty}; date: {run['date']}; command: `{run['command']}`",
-        f"- copy bandwidth (device-to-device, bytes read + written): "
-        f"{run['copy_bandwidth_gbps']:.0f} GB/s",
-    ]
-    if not run.get("complete", True):
-        lines.append("- **incomplete run**: interrupted or time-boxed; see the skipped rows")
-    if d["type"] != "cuda":
-        lines.append("- CPU sweep: fused_losses here is its eager fallback, so the speed-up "
-                     "column is torch's time over the fallback's (below 1: the overhead)")
-    return lines
+def case_line(run: dict, rows: list[dict]) -> str:
+    ours = next((r for r in rows if r["provider"] == "fused_losses" and ok(r)), None)
+    parts = [f"{r['provider']} {_ms(r)} ms" + ("" if r is ours else f" [{_vs(r, ours)}]")
+             + (f" {_bytes(r['peak_bytes'])}" if r.get("peak_bytes") is not None else "")
+             if ok(r) else f"{r['provider']} {r['status']}" for r in rows]
+    c = rows[0]["case"]
+    return f"{c['loss']} {c['dtype']} {Case.from_json(c).label}: " + "; ".join(parts)
 
 
-def _notes(run: dict) -> list[str]:
-    m = run["method"]
-    lines = ["## How these were measured", "",
-             "- **bytes counted**: GB/s = bytes / time; roofline = (bytes / copy bandwidth) / "
-             "time. Forward counts only the reads; backward and forward+backward the reads and "
-             "the gradient's write:"]
-    lines += [f"  - {LOSSES[loss].title}: {text}" for loss, text in run["bytes_counted"].items()]
-    lines += [f"- **{label}**: {m[key]}" for label, key in (
-        ("forward", "forward"), ("forward+backward", "forward_backward"),
-        ("backward (†)", "backward"), ("peak memory", "peak_memory"),
-        ("rotation", "rotation"), ("torch.compile", "torch.compile"))]
-    lines += ["- **fused_losses ×**: the provider's forward+backward time over fused_losses's "
-              "(above 1: fused_losses is faster)", "", "Providers:", ""]
-    for loss, table in run["providers"].items():
-        lines += [f"- {LOSSES[loss].title} / `{name}`: {p['description']}"
-                  for name, p in table.items()]
-    return lines
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(cells) + " |" for cells in body]]
 
 
-def _group_table(run: dict, rows: list[dict]) -> list[str]:
-    collapsed = _uniformly_skipped(rows)
-    gpu = run["device"]["type"] == "cuda"
-    body, last_shape = [], None
-    for row in rows:
-        if row["provider"] in collapsed:
-            continue
-        case = _case(row)
-        shape = ""
-        if case.label != last_shape:
-            shape = f"{case.label} (floor {_ms(floor_ms(case, run['copy_bandwidth_gbps']))} ms)"
-            last_shape = case.label
-        ms, ok = row.get("ms", {}), row["status"] == "ok"
-        dagger = "†" if gpu and ok and run["providers"][case.loss][row["provider"]].get(
-            "grad_in_forward") else ""
-        body.append([
-            shape, row["provider"], _ms(ms.get("fwd")), _ms(ms.get("bwd")) + dagger,
-            _ms(ms.get("fwd_bwd")), "–" if not ok else f"{row['gbps']['fwd_bwd']:.3g}",
-            _pct(row.get("roofline", {}).get("fwd_bwd")), _peak(row), _speedup(row), _note(row),
-        ])
-    header = ["shape", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd GB/s",
-              "roofline", "peak beyond inputs", "fused_losses ×", "note"]
-    lines = _table(header, body)
-    if collapsed:
-        lines += [""] + [f"Skipped: `{p}`: {reason}" for p, reason in collapsed.items()]
-    return lines
-
-
-def markdown(run: dict) -> str:
-    title = f"# fused_losses benchmark: {run['device']['name']}, {run['date'][:10]}"
-    lines = [title, "", *_header(run), ""]
-    targets = target_lines(run)
-    if targets:
-        lines += ["## Targets", "", *[f"- {t}" for t in targets], ""]
-    for loss, dtype, rows in groups(run):
-        lines += [f"## {LOSSES[loss].title}, {dtype}", "", *_group_table(run, rows), ""]
-    lines += _notes(run)
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------
-# the short summary (end of a run) and the README section: the headline shape of each group
-# ------------------------------------------------------------------------------------------
-
-
-def headline_rows(rows: list[dict]) -> list[dict]:
-    """The rows of the group's headline shape, or of its largest shape with results."""
-    spec = LOSSES[rows[0]["case"]["loss"]]
-    measured = [r for r in rows if r["status"] == "ok"]
-    pick = [r for r in measured if tuple(r["case"]["shape"]) == spec.headline]
-    if not pick and measured:
-        biggest = max(measured, key=lambda r: _case(r).numel())["case"]["shape"]
-        pick = [r for r in measured if r["case"]["shape"] == biggest]
-    shape = pick[0]["case"]["shape"] if pick else None
-    return [r for r in rows if r["case"]["shape"] == shape]
-
-
-def _headline_body(run: dict) -> list[list[str]]:
+def group_table(run: dict, loss: str, rows: list[dict], only: tuple | None = None) -> list[str]:
+    """The rows of one (loss, dtype): every shape, or only the shape ``only``. A provider
+    skipped at every shape for one reason is said once, below the table."""
+    reasons: dict[str, set] = {}
+    for r in rows:
+        reasons.setdefault(r["provider"], set()).add(
+            r["reason"] if r["status"] == "skipped" else None)
+    collapsed = {p: next(iter(s)) for p, s in reasons.items() if s != {None} and len(s) == 1}
+    cuda = run["device"]["type"] == "cuda" and LOSSES[loss].min_bytes is not None
+    ref_name = LOSSES[loss].reference
     body = []
-    for loss, dtype, rows in groups(run):
-        collapsed = _uniformly_skipped(rows)
-        shown = [r for r in headline_rows(rows) if r["provider"] not in collapsed]
-        for i, row in enumerate(shown):
-            case = _case(row)
-            floor = _ms(floor_ms(case, run["copy_bandwidth_gbps"]))
-            what = f"{LOSSES[loss].title} {dtype} {case.label} (floor {floor} ms)" if i == 0 else ""
-            ms = row.get("ms", {}).get("fwd_bwd")
-            cells = [row["provider"], _ms(ms), _pct(row.get("roofline", {}).get("fwd_bwd")),
-                     _peak(row), _speedup(row)]
-            if row["status"] != "ok":
-                cells[1] = row["status"]
-            body.append([what, *cells])
-    return body
-
-
-# The issue's targets, checked on every CUDA run: (loss, dtype, shape, fused_losses's
-# forward+backward within this factor of the roofline time, providers it must beat (None:
-# every other one)). Cross-entropy also has a peak-memory target: gradient + O(N).
-TARGETS = (
-    ("cross_entropy", "bfloat16", (8192, 128256), 1.3, None),
-    ("bce", "float32", (16384, 16384), 1.2, ("torch", "torch.compile")),
-    ("huber", "float32", (1 << 26,), 1.2, ("torch", "torch.compile")),
-)
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "NOT met"
+    for shape, by in _by_shape(rows).items():
+        if only is not None and shape != only:
+            continue
+        case = Case.from_json(next(iter(by.values()))["case"])
+        floor = floor_ms(run, case)
+        label = case.label + (f" (floor {_num(floor)} ms)" if floor else "")
+        ours = by.get("fused_losses") if ok(by.get("fused_losses")) else None
+        for name, r in by.items():
+            if name in collapsed:
+                continue
+            cells = [label, name, _ms(r) if ok(r) else r["status"], _vs(r, ours),
+                     _bytes(r.get("peak_bytes"))]
+            if cuda:
+                cells.append(f"{stat(r)[0] / floor:.2f}x" if ok(r) and floor else "–")
+            body.append(cells + [_note(r, by.get(ref_name))])
+            label = ""
+    header = [f"shape ({LOSSES[loss].shape})", "provider", "fwd+bwd ms (p20–p80)",
+              "its time ÷ fused_losses's", "peak beyond inputs", *(["÷ floor"] if cuda else []),
+              "note"]
+    why: dict[str, list[str]] = {}
+    for p, reason in collapsed.items():
+        why.setdefault(reason, []).append(f"`{p}`")
+    return _table(header, body) + ([""] + [f"Skipped ({reason}): {', '.join(names)}"
+                                           for reason, names in why.items()] if why else [])
 
 
 def target_lines(run: dict) -> list[str]:
-    """Where fused_losses stands against each target, in words (CUDA runs only)."""
-    if run["device"]["type"] != "cuda":
-        return []
+    """Where fused_losses stands against each target of this device, in words."""
     lines = []
-    for loss, dtype, shape, within, beat in TARGETS:
-        rows = [r for r in run["results"] if r["case"]["loss"] == loss
-                and r["case"]["dtype"] == dtype and tuple(r["case"]["shape"]) == shape]
-        name = f"{LOSSES[loss].title} {dtype} {'x'.join(map(str, shape))}"
-        ref = next((r for r in rows if r["provider"] == REFERENCE), None)
-        if ref is None or ref["status"] != "ok":
-            status = "not in this run" if ref is None else f"{ref['status']}: {ref['reason']}"
-            lines.append(f"target {name}: not measured ({status[:120]})")
+    for t in TARGETS:
+        if t.device != run["device"]["type"]:
             continue
-        over = 1 / ref["roofline"]["fwd_bwd"]
-        lines.append(f"target {name}: fwd+bwd {over:.2f}x the roofline time (<= {within}x): "
-                     f"{_met(over <= within)}")
-        peers = [r for r in rows if r is not ref and r["status"] == "ok"
-                 and (beat is None or r["provider"] in beat)]
-        losing = [f"{r['provider']} {r['ms']['fwd_bwd']:.3f} ms" for r in peers
-                  if r["ms"]["fwd_bwd"] <= ref["ms"]["fwd_bwd"]]
-        names = ", ".join(r["provider"] for r in peers) or "no peer measured"
-        lines.append(f"target {name}: faster than {names} (fused_losses "
-                     f"{ref['ms']['fwd_bwd']:.3f} ms): {_met(not losing and bool(peers))}"
-                     + (f"; not faster than {', '.join(losing)}" if losing else ""))
-        if loss == "cross_entropy" and ref.get("peak_extra_bytes") is not None:
-            # gradient + O(N): the row statistics, the loss, allocator rounding (2 MB blocks)
-            limit = _case(ref).input_bytes() + 64 * shape[0] + (16 << 20)
-            lines.append(f"target {name}: peak beyond the logits {_gb(ref['peak_extra_bytes'])}"
-                         f" (<= gradient + O(N) = {_gb(limit)}): "
-                         f"{_met(ref['peak_extra_bytes'] <= limit)}")
+        by = {r["provider"]: r for r in run["results"] if r["case"]["loss"] == t.loss
+              and r["case"]["dtype"] == t.dtype and tuple(r["case"]["shape"]) == t.shape}
+        case = Case(t.loss, t.shape, t.dtype, t.device)
+        name = f"{LOSSES[t.loss].title} {t.dtype} {case.label}"
+        ours, peers = by.get("fused_losses"), [by[a] for a in t.against if ok(by.get(a))]
+        if not ok(ours) or (t.against and not peers):
+            why = "not run" if ours is None else ours["reason"] or ours["status"]
+            if ok(ours):
+                why = f"no {' / '.join(t.against)} measured"
+            lines.append(f"{name}: {t.kind} not measured ({why[:120]})")
+            continue
+        best = min(peers, key=lambda r: stat(r)[0]) if peers else None
+        if t.kind == "time":
+            r, lo, hi, _ = compare(ours, best)
+            what = f"time ÷ {best['provider']}'s" + (
+                f" (the fastest of {', '.join(t.against)})" if len(t.against) > 1 else "")
+        elif t.kind == "roofline":
+            floor = floor_ms(run, case)
+            r, lo, hi = (x / floor for x in stat(ours))
+            what = f"time ÷ the roofline's {_num(floor)} ms"
+        else:
+            mine = ours.get("peak_bytes")
+            base = (best or {}).get("peak_bytes") if t.kind == "peak" else (
+                t.shape[0] * t.shape[1] * DTYPES[t.dtype].itemsize)
+            if mine is None or not base:
+                lines.append(f"{name}: {t.kind} not measured (no peak memory)")
+                continue
+            r = lo = hi = mine / base
+            what = (f"peak memory ÷ {best['provider']}'s ({_bytes(mine)} / {_bytes(base)})"
+                    if t.kind == "peak" else f"peak memory ÷ the logits' size ({_bytes(mine)})")
+        verdict = "met" if hi <= t.limit else "NOT met" if lo > t.limit else \
+            "within noise of the target"
+        spread = f" (p20–p80 {lo:.2f}–{hi:.2f})" if hi > lo else ""
+        lines.append(f"{name}: fused_losses {what}: {r:.2f}x{spread}; target <= "
+                     f"{t.limit:.2f}x: **{verdict}**")
     return lines
 
 
-def summary(run: dict) -> str:
-    """A short plain-text table for the end of a log: headline shapes and status counts."""
-    header = ["case", "provider", "fwd+bwd ms", "roofline", "peak beyond inputs",
-              "fused_losses ×"]
-    body = _headline_body(run)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:{w}}}" for w in widths)
-    lines = [f"== {run['device']['name']}, {run['date'][:10]}: copy bandwidth "
-             f"{run['copy_bandwidth_gbps']:.0f} GB/s; headline shapes, forward+backward ==",
-             fmt.format(*header)] + [fmt.format(*r) for r in body]
-    counts = {s: 0 for s in STATUS_ORDER}
-    for row in run["results"]:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    lines.append("rows: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    lines += target_lines(run)
-    lines += [f"ERROR {r['provider']} {r['case']['loss']} {r['case']['dtype']} "
-              f"{_case(r).label}: {r['reason'][:200]}" for r in run["results"]
-              if r["status"] == "error"]
-    return "\n".join(lines)
-
-
-def readme_section(run: dict | None, md_name: str | None, results_dir: Path = RESULTS_DIR) -> str:
-    if run is None:
-        return ("No GPU results yet: `bench/gpu_check.sh` writes them on a GPU machine "
-                "(see CONTRIBUTING.md).")
-    d, v = run["device"], run["versions"]
-    where = d["name"] + (f" (driver {d.get('driver')})" if d["type"] == "cuda" else "")
+def _header(run: dict) -> list[str]:
+    d, v, g, s = run["device"], run["versions"], run["git"], run["settings"]
+    extra = f", driver {d['driver']}, CUDA {d['cuda']}" if d["type"] == "cuda" else (
+        f" ({d['logical_cpus']} logical CPUs)")
     lines = [
-        f"Measured on **{where}** on {run['date'][:10]} with torch {v['torch']}, triton "
-        f"{v.get('triton')}, commit {run['git']['commit'][:12]}; generated by "
-        f"`python -m bench render` from [`bench/results/{md_name}`](bench/results/{md_name}), "
-        "which has every shape, the forward and backward times and how they were measured.",
-        "",
-        f"Forward+backward, median ms. Roofline: the counted bytes (inputs read once, gradient "
-        f"written once) over the copy bandwidth measured in the same run "
-        f"({run['copy_bandwidth_gbps']:.0f} GB/s); 100% is the floor. fused_losses ×: the "
-        "provider's time over fused_losses's.",
-        "",
+        f"- device: {d['name']}{extra}",
+        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+        f"- commit {g['commit'][:12]}{' (uncommitted changes)' if g.get('dirty') else ''}; "
+        f"{run['date']}; `{run['command']}`; {run['elapsed_s']} s",
+        f"- timing: {s['seconds_per_case']} s per case, {s['min_rounds']} to {s['max_rounds']} "
+        "rounds" + (f"; copy bandwidth {run['copy_gbps']:.0f} GB/s" if run["copy_gbps"] else ""),
     ]
-    header = ["case", "provider", "fwd+bwd ms", "roofline", "peak memory beyond inputs "
-              "(× input size)", "fused_losses ×"]
-    lines += _table(header, _headline_body(run))
-    png = Path(md_name).with_suffix(".png").name
-    if (results_dir / png).exists():
-        lines += ["", f"![benchmark plots](bench/results/{png})"]
-    return "\n".join(lines)
+    if not run.get("complete"):
+        lines.append("- **incomplete run** (interrupted or time-boxed): see the skipped rows")
+    return lines
 
 
-def newest_result(results_dir: Path = RESULTS_DIR) -> Path | None:
-    """The newest results JSON by its recorded date, GPU runs before CPU ones."""
-    runs = []
-    for path in results_dir.glob("*.json"):
+def _group_title(loss: str, dtype: str, rows: list[dict]) -> str:
+    fixed = sorted({LOSSES[loss].fixed(tuple(r["case"]["shape"])) for r in rows} - {""})
+    return f"{LOSSES[loss].title}, {dtype}" + (f" ({'; '.join(fixed)})" if fixed else "")
+
+
+def markdown(run: dict, method: bool = True) -> str:
+    lines = [f"# fused_losses benchmark: {run['device']['name']}, {run['date'][:10]}", "",
+             *_header(run), "", "## Targets", "",
+             *[f"- {t}" for t in target_lines(run) or ["none for this device"]], ""]
+    for loss, dtype, rows in groups(run):
+        lines += [f"## {_group_title(loss, dtype, rows)}", "", *group_table(run, loss, rows), ""]
+    if method:
+        lines += ["## How these were measured", "", METHOD, "Providers:", ""]
+        lines += [f"- {loss.title} / `{name}`: {p.description}" for loss in LOSSES.values()
+                  for name, p in loss.providers.items()]
+    return "\n".join(lines) + "\n"
+
+
+def summary(run: dict) -> str:
+    return markdown(run, method=False)
+
+
+def newest(results: Path = RESULTS) -> Path | None:
+    """The newest results JSON, GPU runs before CPU ones."""
+    found = []
+    for path in results.glob("*.json"):
         try:
             run = load(path)
-            runs.append((run["device"]["type"] == "cuda", run["date"], path))
+            found.append((run["device"]["type"] == "cuda", run["date"], path))
         except (ValueError, KeyError, OSError):
             continue
-    return max(runs)[2] if runs else None
+    return max(found)[2] if found else None
 
 
-def update_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> str:
-    """Rewrite the README between the bench markers from the newest results; returns what
-    it did, in words."""
-    if not readme.exists():
-        return f"{readme} does not exist: nothing updated"
+def readme_section(path: Path | None) -> str:
+    if path is None:
+        return ("No GPU results yet: `bench/gpu_check.sh` writes them on a GPU machine "
+                "(see CONTRIBUTING.md).")
+    run, rel = load(path), f"bench/results/{path.stem}"
+    v = run["versions"]
+    lines = [f"Measured on **{run['device']['name']}** on {run['date'][:10]} (torch "
+             f"{v['torch']}, triton {v.get('triton')}, commit {run['git']['commit'][:12]}); "
+             f"every shape and how each number is taken: [`{rel}.md`]({rel}.md). Forward + "
+             "backward, median (p20–p80) of interleaved runs; ratios whose ranges overlap are "
+             "*within noise*.", "", *[f"- {t}" for t in target_lines(run)], ""]
+    for loss, dtype, rows in groups(run):
+        shapes = _by_shape(rows)
+        measured = [s for s, by in shapes.items() if any(ok(r) for r in by.values())]
+        if not measured:
+            continue
+        targeted = [t.shape for t in TARGETS if (t.loss, t.dtype) == (loss, dtype)]
+        shape = next((s for s in measured if s in targeted), measured[-1])
+        lines += [f"**{_group_title(loss, dtype, rows)}, {'x'.join(map(str, shape))}**", "",
+                  *group_table(run, loss, rows, only=shape), ""]
+    if (path.parent / f"{path.stem}.png").exists():
+        lines.append(f"![forward+backward time and peak memory against size]({rel}.png)")
+    return "\n".join(lines).strip()
+
+
+def update_readme(readme: Path, results: Path = RESULTS) -> str:
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return f"{readme} has no {README_BEGIN} ... {README_END} markers: left unchanged"
-    newest = newest_result(results_dir)
-    run = load(newest) if newest else None
-    body = readme_section(run, newest.with_suffix(".md").name if newest else None, results_dir)
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
-    source = f"from {newest}" if newest else f"saying there are no results yet in {results_dir}"
-    return f"{readme}: benchmark section regenerated {source}"
+    if BEGIN not in text or END not in text:
+        return f"{readme}: no {BEGIN} ... {END} markers, left unchanged"
+    path = newest(results)
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(f"{head}{BEGIN}\n{readme_section(path)}\n{END}{rest.split(END, 1)[1]}")
+    return f"{readme}: benchmark section regenerated from {path or 'no results'}"
 
 
 # ------------------------------------------------------------------------------------------
-# plots
+# the picture: per (loss, dtype) a row of two panels, time and peak memory against size
 # ------------------------------------------------------------------------------------------
 
 
-def _series(rows: list[dict]) -> tuple[str, dict[str, list[tuple[int, dict]]]]:
-    """The plotted series of a group (cross-entropy: the N with the most measured shapes,
-    N=8192 on ties) as {provider: [(x, row)]}."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    counts: dict[str, int] = {}
-    for r in ok:
-        key = plot_point(_case(r))[0]
-        counts[key] = counts.get(key, 0) + 1
-    if not counts:
-        return "", {}
-    best = max(counts, key=lambda k: (counts[k], k == "N=8192"))
-    lines: dict[str, list[tuple[int, dict]]] = {}
-    for r in ok:
-        key, x = plot_point(_case(r))
-        if key == best:
-            lines.setdefault(r["provider"], []).append((x, r))
-    return best, {p: sorted(v, key=lambda t: t[0]) for p, v in lines.items()}
-
-
-def _color(provider: str):
-    """One color per provider in every panel and every run."""
-    names = [n for table in REGISTRY.values() for n in table]
-    names = list(dict.fromkeys(names))
-    return f"C{names.index(provider) % 10}" if provider in names else "k"
-
-
-def _tick(x: int) -> str:
-    if x >= 1 << 20 and x & (x - 1) == 0:
-        return f"2^{x.bit_length() - 1}"
-    return f"{x / 1e6:.0f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
-
-
-def _plot_group(axes, loss: str, dtype: str, rows: list[dict]) -> None:
-    ax_ms, ax_roof, ax_mem = axes
-    series, lines = _series(rows)
-    title = f"{LOSSES[loss].title} {dtype}" + (f", {series}" if series else "")
-    xs_all = sorted({x for points in lines.values() for x, _ in points})
-    for provider, points in lines.items():
-        xs = [x for x, _ in points]
-        style = {"marker": "o", "label": provider, "color": _color(provider)}
-        ax_ms.plot(xs, [r["ms"]["fwd_bwd"] for _, r in points], **style)
-        ax_roof.plot(xs, [r["roofline"]["fwd_bwd"] for _, r in points], **style)
-    for ax, ylabel in ((ax_ms, "fwd+bwd ms"), (ax_roof, "fraction of roofline")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs_all, [_tick(x) for x in xs_all], fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel(LOSSES[loss].x_label)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
-    ax_roof.axhline(1.0, color="grey", ls="--", lw=0.8)  # the copy bandwidth
-    if lines:
-        ax_ms.legend(fontsize=7)
-    head = [r for r in headline_rows(rows) if r["status"] == "ok"
-            and r.get("peak_extra_bytes") is not None]
-    if not head:
-        ax_mem.axis("off")
-        ax_mem.text(0.5, 0.5, "peak memory: measured on CUDA only", ha="center")
-        return
-    ax_mem.bar([r["provider"] for r in head], [r["peak_extra_bytes"] / 1e9 for r in head],
-               color=[_color(r["provider"]) for r in head])
-    ax_mem.axhline(_case(head[0]).input_bytes() / 1e9, color="grey", ls="--",
-                   label="one input-sized buffer")
-    ax_mem.legend(fontsize=7)
-    ax_mem.tick_params(axis="x", labelrotation=30, labelsize=7)
-    ax_mem.set_title(f"peak memory beyond inputs, {_case(head[0]).label}", fontsize=9)
-    ax_mem.set_ylabel("GB")
+def _si(x: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
 
 
 def plot(run: dict, path: Path) -> bool:
-    """One PNG: per (loss, dtype) row, ms and fraction of the roofline against size (one line
-    per provider), and peak-memory bars at the headline shape. False without matplotlib."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no PNG (pip install -e '.[bench]')")
+        print("no PNG: matplotlib is not installed (pip install -e '.[bench]')")
         return False
-    found = groups(run)
-    if not found:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    shown = [(loss, dtype, rows) for loss, dtype, rows in groups(run) if any(map(ok, rows))]
+    if not shown:
         return False
-    fig, axes = plt.subplots(len(found), 3, figsize=(16, 3.6 * len(found)), squeeze=False)
-    for row_axes, (loss, dtype, rows) in zip(axes, found, strict=True):
-        _plot_group(row_axes, loss, dtype, rows)
-    fig.suptitle(f"fused_losses benchmark: {run['device']['name']}, {run['date'][:10]}")
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=80)
+    fig, axes = plt.subplots(len(shown), 2, figsize=(13, 3.3 * len(shown) + 0.6),
+                             squeeze=False, layout="constrained")
+    markers = "osD^v<>pXh*"
+    for (ax_t, ax_m), (loss, dtype, rows) in zip(axes, shown, strict=True):
+        xs = sorted({Case.from_json(r["case"]).x for r in rows if ok(r)})
+        top = 0.0
+        for name in dict.fromkeys(r["provider"] for r in rows):
+            pts = [(Case.from_json(r["case"]).x, *stat(r), r.get("peak_bytes"))
+                   for r in rows if r["provider"] == name and ok(r)]
+            if not pts:
+                continue
+            i, ours = COLORED.index(name) if name in COLORED else -1, name == "fused_losses"
+            color = f"C{i}" if i >= 0 else "k"  # black: the 3 GEMMs reference
+            # fused_losses filled and underneath, the others hollow on top: a point that
+            # coincides with fused_losses's shows as an outline around it, never hidden
+            style = {"color": color, "marker": markers[i], "label": name, "ms": 7, "mew": 1.5,
+                     "lw": 2.2 if ours else 1.3, "zorder": 2 if ours else 3,
+                     "mfc": color if ours else "none", "ls": "-" if i >= 0 else "--"}
+            x, med, lo, hi, peak = zip(*pts, strict=True)
+            ax_t.errorbar(x, med, yerr=[[m - a for m, a in zip(med, lo, strict=True)],
+                                        [b - m for m, b in zip(med, hi, strict=True)]],
+                          capsize=3, **style)
+            if len(x) > 1 and i >= 0:  # the reference line keeps its error bars only
+                ax_t.fill_between(x, lo, hi, color=style["color"], alpha=0.18, lw=0)
+            mem = [(a, p / 1e6) for a, p in zip(x, peak, strict=True) if p is not None]
+            if mem:
+                ax_m.plot(*zip(*mem, strict=True), **style)
+                top = max(top, *(m for _, m in mem))
+        title = textwrap.fill(_group_title(loss, dtype, rows), 60)
+        ax_t.set_title(f"{title}\nforward+backward time", fontsize=9)
+        ax_m.set_title(f"{title}\npeak memory beyond the inputs", fontsize=9)
+        ax_t.set_ylabel("ms: median, p20–p80")
+        ax_m.set_ylabel("MB")
+        ax_t.set_yscale("log")
+        for ax in (ax_t, ax_m):
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [_si(x) for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel(LOSSES[loss].x_label)
+            ax.margins(x=0.1, y=0.12)
+            ax.grid(True, alpha=0.3)
+        if len(xs) == 1:  # one shape: room either side of it
+            for ax in (ax_t, ax_m):
+                ax.set_xlim(xs[0] / 2, xs[0] * 2)
+        ax_m.set_ylim(0, top * 1.15 or 1)  # from zero, room above the highest point
+        low, high = ax_t.get_ylim()  # labelled ticks: fewer over many decades, more within one
+        subs = (1.0,) if high / low > 1e3 else (1.0, 2.0, 5.0) if high / low > 8 else (
+            1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+        ax_t.yaxis.set_major_locator(LogLocator(subs=subs))
+        ax_t.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _num(v)))
+        ax_t.yaxis.set_minor_locator(NullLocator())
+        ax_m.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"fused_losses benchmark: {run['device']['name']}, {run['date'][:10]}",
+                 fontsize=11)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def write_all(run: dict, path: Path, with_json: bool = True) -> list[Path]:
+    """<stem>.json (unless with_json is False), .md and .png beside each other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if with_json:
+        write_json(run, path)
+    path.with_suffix(".md").write_text(markdown(run))
+    png = path.with_suffix(".png")
+    return [path] * with_json + [path.with_suffix(".md")] + ([png] if plot(run, png) else [])
+
+
+def render(path: Path | None, out: Path | None, readme: Path | None) -> int:
+    """Re-writes the .md and .png of a results JSON, then README.md's section."""
+    path = path or newest()
+    if path is not None:
+        for written in write_all(load(path), (out or path.parent) / path.name, False):
+            print(f"wrote {written}")
+    else:
+        print(f"no results in {RESULTS}: nothing to re-render")
+    if readme is not None:
+        print(update_readme(readme))
+    return 0

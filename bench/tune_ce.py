@@ -24,8 +24,6 @@ from fused_losses.kernels import cross_entropy as ce
 
 import fused_losses as fl
 
-from .harness import copy_bandwidth, make_timer, settings_for
-
 # (tokens, vocab): register-held rows at the edge, the Llama-3 vocab, the widest
 SHAPES = [(8192, 32000), (8192, 50257), (8192, 128256), (4096, 262144), (1024, 262144)]
 # (SINGLE_BLOCK_MAX, LOOP_BLOCK, LOOP_WARPS, L2_HINTS)
@@ -48,14 +46,25 @@ def set_config(config) -> None:
         setattr(ce, name, value)
 
 
-def time_config(timer, x, t, config) -> float:
+def time_config(x, t, config) -> float:
+    from triton.testing import do_bench
+
     set_config(config)
 
     def step():
         x.grad = None
         fl.cross_entropy(x, t).backward()
 
-    return timer.time(step).median
+    return do_bench(step, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, bytes read + written."""
+    from triton.testing import do_bench
+
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
 
 
 def main(argv=None) -> None:
@@ -63,8 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     default = tuple(getattr(ce, name) for name in KNOBS)
-    timer = make_timer("cuda", settings_for("cuda", quick=False))
-    bandwidth = copy_bandwidth(timer, 2**30)
+    bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     rows = []
     try:
@@ -81,7 +89,7 @@ def main(argv=None) -> None:
                 if effective in seen:
                     continue
                 seen.add(effective)
-                ms = time_config(timer, x, t, config)
+                ms = time_config(x, t, config)
                 row = {"tokens": n, "vocab": v, "config": config, "launch": effective,
                        "ms": ms, "roofline_ms": floor_ms, "x_roofline": ms / floor_ms}
                 rows.append(row)

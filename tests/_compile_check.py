@@ -6,10 +6,11 @@ This runs a call with the launches captured instead of executed, compiles each d
 (kernel, signature, constexprs) through Triton's real pipeline down to a cubin for the named
 target, and reports the registers and the stack/local memory (spills) each thread uses.
 
-    python -m bench.compile_check            # every loss, the default sweep of variants
-    python -m bench.compile_check --arch 80  # another target
+    python -m tests._compile_check            # every loss, the default sweep of variants
+    python -m tests._compile_check --arch 80  # another target
 
-Must run without TRITON_INTERPRET (it re-executes itself in a clean subprocess otherwise).
+Run from the checkout's root; tests/test_compile.py runs it in CI. Must run without
+TRITON_INTERPRET (it re-executes itself in a clean subprocess otherwise).
 """
 
 from __future__ import annotations
@@ -258,8 +259,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = dict(os.environ, TRITON_INTERPRET="0")
-        sys.exit(subprocess.call([sys.executable, "-m", "bench.compile_check", *sys.argv[1:]],
-                                 env=env))
+        sys.exit(subprocess.call([sys.executable, "-m", "tests._compile_check", *sys.argv[1:]],
+                                 env=env, cwd=os.path.dirname(os.path.dirname(__file__))))
     seen = {}
     for variant in _variants():
         with Capture() as cap:
