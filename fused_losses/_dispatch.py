@@ -106,6 +106,22 @@ def is_dtensor(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def torch_itself(input: torch.Tensor, *operands) -> bool:
+    """True where the eager path would run torch's own loss on these very tensors: the
+    kernels not chosen, every operand a tensor of the input's float32 or float64 dtype (no
+    upcast to make), no autocast. A small loss's time is its Python: the caller hands such a
+    call to torch at once, validation included (torch's own, by construction)."""
+    setting = backend_setting()
+    if setting == "triton" or (setting == "auto" and input.is_cuda):
+        return False
+    if input.dtype not in (torch.float32, torch.float64):
+        return False
+    for t in operands:
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == input.dtype):
+            return False
+    return not autocast_on(input)
+
+
 def kernels(loss: str):
     """The kernel file ``fused_losses.kernels.<loss>`` (the first call imports Triton). An
     import statement, not importlib: torch.compile traces through it."""

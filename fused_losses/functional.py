@@ -222,8 +222,9 @@ def binary_cross_entropy_with_logits(
     if not (
         isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
         and input.is_floating_point() and target.is_floating_point()
-    ):
-        # Nothing a kernel runs: torch raises (or answers) for these itself.
+    ) or _dispatch.torch_itself(input, target, weight, pos_weight):
+        # Nothing a kernel runs, or the eager path would be torch's own function on these
+        # very tensors: torch raises (or answers) for them itself.
         return F.binary_cross_entropy_with_logits(input, target, weight, size_average, reduce,
                                                   reduction, pos_weight)
     reduction = resolve_reduction(size_average, reduce, reduction)
@@ -284,8 +285,10 @@ def huber_loss(
     if not (
         isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
         and input.is_floating_point()
-    ):
-        # Nothing a kernel runs: torch raises (or answers) for these itself.
+    ) or (target.shape == input.shape and _dispatch.torch_itself(input, target, weight)):
+        # Nothing a kernel runs, or the eager path would be torch's own function on these
+        # very tensors: torch raises (or answers) for them itself. (A target of another
+        # shape gets our warning, which points at the caller.)
         return F.huber_loss(input, target, reduction, delta, weight)
     shape, reduction, delta = check_huber(input, target, reduction, delta, weight)
 

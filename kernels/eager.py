@@ -20,10 +20,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Half-precision logits run in blocks of about this many float32 elements (16 MiB): few
-# enough blocks that their ops' overhead stays small (on a busy CPU above all), their
-# float32 temporaries a fraction of the logits' size.
-BLOCK_ELEMENTS = 1 << 22
+# Half-precision logits run in blocks of about this many float32 elements (8 MiB): their
+# float32 temporaries stay in the CPU's caches and a fraction of the logits' size, and the
+# blocks are few enough for their ops' overhead to stay small (measured at 4, 8, 16 and 64
+# MiB on 2 threads: 8 MiB was the fastest, 1.1x torch's own bfloat16 loss).
+BLOCK_ELEMENTS = 1 << 21
 
 
 class Options(NamedTuple):
