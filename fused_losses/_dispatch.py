@@ -157,5 +157,17 @@ def autocast_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if floating else dtype
 
 
+def cross_entropy_dtype(logits_dtype: torch.dtype, target: torch.Tensor,
+                        weight: torch.Tensor | None, prob_target: bool,
+                        autocast: bool) -> torch.dtype:
+    """torch's result dtype of a cross-entropy: the logits'; for probability targets the
+    logits', the target's and the weight's promoted; float32 under autocast (float64 kept)."""
+    dtype = logits_dtype
+    if prob_target:
+        for t in (target, weight):
+            dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    return autocast_dtype(dtype) if autocast else dtype
+
+
 def autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None else t.to(autocast_dtype(t.dtype))

@@ -8,7 +8,6 @@ torch's signature are keyword-only.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -146,13 +145,8 @@ def cross_entropy(
             "requires grad; pass a non-leaf tensor (the output of the layer before the loss)"
         )
 
-    wide = [input.dtype]
-    if spec.prob_target:
-        wide += [target.dtype] + ([weight.dtype] if weight is not None else [])
-    # torch's result dtype: the input's; for probabilities, input, target and weight promoted
-    out_dtype = functools.reduce(torch.promote_types, wide)
-    if autocast:
-        out_dtype = _dispatch.autocast_dtype(out_dtype)
+    out_dtype = _dispatch.cross_entropy_dtype(input.dtype, target, weight, spec.prob_target,
+                                            autocast)
     opts = eager.Options(ignore_index, reduction, spec.smoothing, softcap, z_loss,
                          spec.prob_target, inplace_backward)
     # torch's smoothing term compares uint8 targets with ignore_index in uint8 (-100 counts

@@ -13,7 +13,6 @@ Function). DTensor operands go to ``distributed.dtensor_linear_cross_entropy`` f
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -223,12 +222,8 @@ def linear_cross_entropy(
         elif uint8_weighted_smoothed_mean(target, spec, weight, reduction):
             raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
-    wide = [meta_logits.dtype]
-    if spec.prob_target:
-        wide += [target.dtype] + ([weight.dtype] if weight is not None else [])
-    out_dtype = functools.reduce(torch.promote_types, wide)
-    if autocast:
-        out_dtype = _dispatch.autocast_dtype(out_dtype)
+    out_dtype = _dispatch.cross_entropy_dtype(meta_logits.dtype, target, weight, spec.prob_target,
+                                            autocast)
     opts = eager.Options(ignore_index, reduction, spec.smoothing, softcap, z_loss,
                          spec.prob_target)
 

@@ -113,6 +113,21 @@ def assert_raises_like_torch(ours, theirs):
     assert str(got.value) == str(expected.value)
 
 
+def class_target(shape, n_classes, device, ignore_index=-100, ignore_frac=0.0, seed=0):
+    """Class indices of ``shape``, a fraction of them ``ignore_index``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, n_classes, shape, generator=g)
+    if ignore_frac:
+        t[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+    return t.to(device)
+
+
+def class_weight(n_classes, dtype, device, seed=0):
+    """Class weights in [0.25, 1.25)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.25).to(dtype).to(device)
+
+
 def signature_of(fn):
     """Names, kinds and defaults (not annotations) of ``fn``'s parameters."""
     return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]

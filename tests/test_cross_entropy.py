@@ -12,7 +12,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, check_upstream_gradients, loss_and_grads, random_logits
+from _helpers import (
+    assert_close,
+    check_upstream_gradients,
+    class_target,
+    class_weight,
+    loss_and_grads,
+    random_logits,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,17 +66,6 @@ def check(input, target, weight=None, grad_target=False, slack=1.0, **kwargs):
     return ours, grads
 
 
-def class_target(shape, n_classes, device, ignore_index=-100, ignore_frac=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, n_classes, shape, generator=g)
-    if ignore_frac:
-        t[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
-    return t.to(device)
-
-
-def class_weight(n_classes, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.25).to(dtype).to(device)
 
 
 # --------------------------------------------------------------------------------------

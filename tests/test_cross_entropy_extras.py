@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from _helpers import (
     assert_close,
     assert_raises_like_torch,
+    class_target,
+    class_weight,
     loss_and_grads,
     random_logits,
     reference_cross_entropy,
@@ -79,17 +81,6 @@ def check(input, target, weight=None, grad_target=False, slack=1.0, **kwargs):
     assert_close(z_term, ref_z, out_dtype, "z-loss term", slack)
 
 
-def class_target(shape, n_classes, device, ignore_frac=0.0, ignore_index=-100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, n_classes, shape, generator=g)
-    if ignore_frac:
-        t[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
-    return t.to(device)
-
-
-def class_weight(n_classes, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.25).to(dtype).to(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -377,7 +368,7 @@ def test_hypothesis(n_rows, n_classes, dtype, reduction, smoothing, weighted, ui
     if uint8 and n_classes > 256:
         n_classes = 256
     x = random_logits((n_rows, n_classes), dtype, "cpu", seed=seed)
-    t = class_target((n_rows,), n_classes, "cpu", ignore_frac, ignore_index, seed)
+    t = class_target((n_rows,), n_classes, "cpu", ignore_index, ignore_frac, seed)
     g = torch.Generator().manual_seed(seed)
     if masked == "some":
         x[torch.rand(x.shape, generator=g) < 0.3] = -math.inf

@@ -11,6 +11,7 @@ values and gradients, with a random upstream gradient, for every argument.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from datetime import timedelta
@@ -34,15 +35,15 @@ COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all
 # ------------------------------------------------------------------------------------------
 
 
-def run_world(world: int, checks: list[str], tmp_path) -> None:
-    """Run the named checks (functions of this module) in ``world`` spawned processes, one
+def run_world(world: int, checks: list[str], tmp_path, module: str = __name__) -> None:
+    """Run the named checks (functions of ``module``) in ``world`` spawned processes, one
     gloo group; kill them and fail after TIMEOUT seconds."""
     init = tmp_path / "init"
-    ctx = mp.start_processes(_worker, args=(world, str(init), checks), nprocs=world,
+    ctx = mp.start_processes(_worker, args=(world, str(init), module, checks), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
     try:
-        while not ctx.join(timeout=5):
+        while not ctx.join(timeout=2):
             if time.monotonic() > deadline:
                 pytest.fail(f"a world of {world} ranks did not finish in {TIMEOUT} s (a hang?)")
     finally:
@@ -51,13 +52,15 @@ def run_world(world: int, checks: list[str], tmp_path) -> None:
                 process.kill()
 
 
-def _worker(rank: int, world: int, init: str, checks: list[str]) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def _worker(rank: int, world: int, init: str, module: str, checks: list[str]) -> None:
+    torch.set_num_threads(1)  # (ranks share the machine's cores)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
+        tests = importlib.import_module(module)
         for name in checks:
-            globals()[name](rank, world)
+            getattr(tests, name)(rank, world)
+        dist.barrier()  # no rank tears its group down while another still uses it
     finally:
         dist.destroy_process_group()
 

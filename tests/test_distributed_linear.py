@@ -1,63 +1,37 @@
 """The tensor-parallel LM head (``linear_cross_entropy(..., process_group=)``) and DTensor /
 FSDP2 weights, on the CPU with gloo.
 
-Each test spawns one world (2 or 3 ranks, uneven blocks of the vocabulary, an empty one)
-and runs a list of checks in it on both backends (the kernels under the Triton interpreter,
-and the eager formula); a world that does not finish in ``TIMEOUT`` seconds is killed and
-fails the test. Every rank builds the same whole head ``W`` (V, H) and bias, takes its block
-of rows, and compares the sharded call with the single-process loss of the whole head,
-``cross_entropy(linear(x, W, b))`` in float64 (``reference``): the loss (bitwise the same on
-every rank), the input's whole gradient on every rank, the rank's block of the weight's and
-the bias's gradients, with a random upstream gradient, for every argument. Small shapes and
-``chunk_size=2``: several chunks, so several all-gathers, in every call.
+Each test spawns one world (2 or 3 ranks, uneven blocks of the vocabulary, an empty one) and
+runs a list of checks in it on both backends (the kernels under the Triton interpreter, and
+the eager formula); a world that does not finish in test_distributed's ``TIMEOUT`` seconds
+is killed and fails the test. Every rank builds the same whole head ``W`` (V, H) and bias,
+takes its block of rows, and compares the sharded call with the single-process loss of the
+whole head, ``cross_entropy(linear(x, W, b))`` in float64 (``reference``): the loss (bitwise
+the same on every rank), the input's whole gradient on every rank, the rank's block of the
+weight's and the bias's gradients, with a random upstream gradient, for every argument.
+Small shapes and ``chunk_size=2``: several chunks, so several all-gathers, in every call.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _helpers import assert_close, random_logits, reference_cross_entropy
 from test_distributed import count_collectives, gathers, restore_collectives
+from test_distributed import run_world as run_distributed_world
 
-TIMEOUT = 150  # seconds per spawned world (the interpreter on 2 shared CPU cores)
 BACKENDS = ("triton", "torch")
 N, H, CHUNK = 5, 4, 2  # tokens, hidden size, tokens per chunk: 3 chunks
 
 
 def run_world(world: int, checks: list[str], tmp_path) -> None:
-    """Run the named checks in ``world`` spawned processes, one gloo group; kill them and
-    fail after TIMEOUT seconds."""
-    init = tmp_path / "init"
-    ctx = mp.start_processes(_worker, args=(world, str(init), checks), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"a world of {world} ranks did not finish in {TIMEOUT} s (a hang?)")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-
-
-def _worker(rank: int, world: int, init: str, checks: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    try:
-        for name in checks:
-            globals()[name](rank, world)
-        dist.barrier()  # no rank tears its groups down while another still uses them
-    finally:
-        dist.destroy_process_group()
+    """Run the named checks of this module in ``world`` spawned processes (one gloo group,
+    killed after test_distributed's TIMEOUT)."""
+    run_distributed_world(world, checks, tmp_path, module=__name__)
 
 
 def _backend(name: str) -> None:

@@ -18,6 +18,7 @@ from _helpers import (
     assert_close,
     assert_raises_like_torch,
     check_upstream_gradients,
+    class_weight,
     loss_and_grads,
     reference_cross_entropy,
 )
@@ -88,10 +89,6 @@ def operands(n, h, v, dtype, device, seed=0, out_features=()):
     t = torch.randint(0, v, (n, *out_features), generator=g)
     return x, w.to(dtype).to(device), b.to(dtype).to(device), t.to(device)
 
-
-def class_weight(v, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(v, generator=g, dtype=torch.float64) + 0.25).to(dtype).to(device)
 
 
 # --------------------------------------------------------------------------------------
