@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import zlib
 from typing import NamedTuple
 
@@ -602,16 +601,9 @@ def vocab_parallel_cross_entropy(
 # ------------------------------------------------------------------------------------------
 
 
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (without importing DTensor where nothing has)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(module, "DTensor", None) if module is not None else None
-    return cls is not None and isinstance(t, cls)
-
-
 def _replicated_local(t, name: str):
     """A DTensor operand replicated over its mesh, as its local tensor (others as they are)."""
-    if not is_dtensor(t):
+    if not _dispatch.is_dtensor(t):
         return t
     if not all(p.is_replicate() for p in t.placements):
         raise ValueError(f"a loss with DTensor operands: the {name} must be replicated over "
@@ -776,7 +768,7 @@ def _gathered_as_fsdp(t):
     rank (an all-gather), whose gradient is reduce-scattered back to the shards, averaged
     over the mesh's ranks (FSDP2's default: each rank's loss is its batch's) — all-reduced
     over a dimension it is replicated on (HSDP's replicas). Plain tensors as they are."""
-    if not is_dtensor(t):
+    if not _dispatch.is_dtensor(t):
         return t
     from torch.distributed.tensor import Partial, Replicate
 
@@ -806,7 +798,7 @@ def dtensor_linear_cross_entropy(call, input, linear_weight, target, linear_bias
                          "their meshes: pass no process_group or shard_sizes")
     target = _replicated_local(target, "target")
     weight = _replicated_local(weight, "weight")
-    if not is_dtensor(input):
+    if not _dispatch.is_dtensor(input):
         return call(input, _gathered_as_fsdp(linear_weight), target,
                     linear_bias=_gathered_as_fsdp(linear_bias), weight=weight, **kwargs)
 
@@ -817,10 +809,10 @@ def dtensor_linear_cross_entropy(call, input, linear_weight, target, linear_bias
     sharded = [d for d, p in enumerate(placements) if not p.is_replicate()]
     tensor_parallel = (
         all(p.is_replicate() for p in input.placements)
-        and is_dtensor(linear_weight) and linear_weight.device_mesh == mesh
+        and _dispatch.is_dtensor(linear_weight) and linear_weight.device_mesh == mesh
         and len(sharded) == 1 and placements[sharded[0]].is_shard()
         and placements[sharded[0]].dim % linear_weight.dim() == 0
-        and (linear_bias is None or (is_dtensor(linear_bias)
+        and (linear_bias is None or (_dispatch.is_dtensor(linear_bias)
                                      and linear_bias.device_mesh == mesh
                                      and tuple(linear_bias.placements) == placements)))
     if not tensor_parallel:

@@ -64,8 +64,8 @@ at most the softcapping, whose value is read from the same expression per call. 
 than trained with a silently different loss.
 
 Under ``torch.compile`` the fused loss runs outside the graph (``torch.compiler.disable``:
-one graph break), so a compiled model keeps the memory saving (a compiled
-``linear_cross_entropy`` would compute the whole logits). Not supported: ``nn.DataParallel``
+one graph break), so a compiled model keeps the memory saving on every backend (compiled,
+``linear_cross_entropy``'s eager path takes its formula whole, the logits included). Not supported: ``nn.DataParallel``
 (its replicas would share the bound forward; use DDP); FSDP1 or DeepSpeed ZeRO-3 flat
 parameters (the loss reads ``lm_head.weight`` after the head's forward, where those have
 resharded it; FSDP2's DTensor weight is one ``linear_cross_entropy`` takes, untested here);
