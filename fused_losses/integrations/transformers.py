@@ -65,12 +65,13 @@ than trained with a silently different loss.
 
 Under ``torch.compile`` the fused loss runs outside the graph (``torch.compiler.disable``:
 one graph break), so a compiled model keeps the memory saving on every backend (compiled,
-``linear_cross_entropy``'s eager path takes its formula whole, the logits included). Not supported: ``nn.DataParallel``
-(its replicas would share the bound forward; use DDP); FSDP1 or DeepSpeed ZeRO-3 flat
-parameters (the loss reads ``lm_head.weight`` after the head's forward, where those have
-resharded it; FSDP2's DTensor weight is one ``linear_cross_entropy`` takes, untested here);
-pickling the whole applied model (``torch.save(model)``: its forward is a closure; ``revert``
-first, or save the ``state_dict``, which is unchanged).
+``linear_cross_entropy``'s eager path takes its formula whole, the logits included). Not
+supported: ``nn.DataParallel`` (its replicas would share the bound forward; use DDP); FSDP1
+or DeepSpeed ZeRO-3 flat parameters (the loss reads ``lm_head.weight`` after the head's
+forward, where those have resharded it; FSDP2's DTensor weight is one
+``linear_cross_entropy`` takes, untested here); pickling the whole applied model
+(``torch.save(model)``: its forward is a closure; ``revert`` first, or save the
+``state_dict``, which is unchanged).
 """
 
 from __future__ import annotations
