@@ -117,10 +117,14 @@ def compare(rank: int, widths, dtype=torch.float32, target=None, weight=False, s
         _, ref_z = reference_cross_entropy(full.double(), t, None if w is None else w.double(),
                                            return_z_loss=True, **kwargs)
         assert_close(z, ref_z, dtype, f"z-loss term ({what})", slack)
-    # the loss is bitwise the same on every rank
-    every = [torch.empty_like(ours) for _ in widths]
-    dist.all_gather(every, ours.contiguous())
-    assert all(torch.equal(e, ours) or (e.isnan().all() and ours.isnan().all())
+    assert_same_on_every_rank(ours, what)  # the loss, bitwise
+
+
+def assert_same_on_every_rank(value: torch.Tensor, what: str) -> None:
+    """``value`` is bitwise the same on every rank of the default group (NaN alike)."""
+    every = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, value.contiguous())
+    assert all(torch.equal(e, value) or (e.isnan().all() and value.isnan().all())
                for e in every), what
 
 

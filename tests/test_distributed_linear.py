@@ -21,7 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _helpers import assert_close, random_logits, reference_cross_entropy
-from test_distributed import count_collectives, gathers, restore_collectives
+from test_distributed import (
+    assert_same_on_every_rank,
+    count_collectives,
+    gathers,
+    restore_collectives,
+)
 from test_distributed import run_world as run_distributed_world
 
 BACKENDS = ("triton", "torch")
@@ -120,10 +125,7 @@ def compare(rank, widths, dtype=torch.float32, target=None, bias=True, class_wei
                      torch_own=None if own[3] is None else own[3][block])
     # the loss bitwise the same on every rank, and the input's gradient
     for value in (loss, grad_x):
-        every = [torch.empty_like(value) for _ in widths]
-        dist.all_gather(every, value.contiguous())
-        assert all(torch.equal(e, value) or (e.isnan().all() and value.isnan().all())
-                   for e in every), what
+        assert_same_on_every_rank(value, what)
 
 
 # Every argument, each reduction: class weights with smoothing and a real-class
