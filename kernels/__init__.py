@@ -8,3 +8,23 @@ and the double backward); it, and this package, import without Triton. Importing
 file defines its kernels and does nothing else: whether a launch is compiled or interpreted
 is decided per launch (``_common.launch``).
 """
+
+if __name__ == "kernels":
+    # This folder lives at the top of the checkout, so where the checkout's root is on sys.path
+    # (`python -m bench`, `python -c ...` run from there) a plain `import kernels` finds it
+    # before Hugging Face's `kernels` package, which transformers imports. It is only ever
+    # fused_losses.kernels: step aside, and hand the importer the installed package of that
+    # name, or its usual ModuleNotFoundError where there is none.
+    import importlib
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _saved_path = sys.path[:]
+    del sys.modules["kernels"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    try:
+        # the import system returns what sys.modules holds once this body has run
+        sys.modules["kernels"] = importlib.import_module("kernels")
+    finally:
+        sys.path[:] = _saved_path

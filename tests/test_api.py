@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,10 +65,69 @@ def test_all_exports():
 
 
 def test_kernels_install_inside_the_package():
-    # kernels/ ships as fused_losses.kernels; an installed package has no top-level module
-    # named "kernels" (pytest is run as plain `pytest`, so the checkout is not on sys.path).
-    assert importlib.util.find_spec("kernels") is None
-    assert importlib.util.find_spec("fused_losses.kernels") is not None
+    # kernels/ ships as fused_losses.kernels, never as a top-level module named "kernels":
+    # that name may belong to another installed package (Hugging Face's, which transformers
+    # imports), but never to our folder. pytest is run as plain `pytest`, so the checkout is
+    # not on sys.path here.
+    ours = Path(importlib.util.find_spec("fused_losses.kernels").origin).parent
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin).parent != ours
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _from_root(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` run from the checkout's root (where the README's commands run), which
+    puts the root, and so our top-level kernels/ folder, first on sys.path."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_import_kernels_from_the_root_is_not_ours():
+    # From the root, `import kernels` gives the installed package of that name, or fails as
+    # usual where there is none; fused_losses.kernels is unaffected.
+    code = (
+        "import importlib.util, os, sys\n"
+        "installed = importlib.util.find_spec('kernels', None)\n"
+        "root = os.path.abspath('kernels')\n"
+        "try:\n"
+        "    import kernels\n"
+        "    print('imported', os.path.dirname(os.path.abspath(kernels.__file__)) == root)\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print('missing', e.name)\n"
+        "import fused_losses.kernels.eager\n"
+    )
+    result = _from_root(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() in (["imported", "False"], ["missing", "kernels"])
+    # where no other `kernels` is installed: the usual ModuleNotFoundError
+    hidden = (
+        "import sys\n"
+        "sys.path = [p for p in sys.path if not p.endswith(('site-packages', 'dist-packages'))]\n"
+        "try:\n"
+        "    import kernels\n"
+        "    print('imported', kernels.__file__)\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print('missing', e.name)\n"
+    )
+    result = _from_root(hidden)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["missing", "kernels"]
+
+
+def test_transformers_builds_a_model_from_the_root():
+    pytest.importorskip("transformers")
+    code = (
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,"
+        " num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,"
+        " vocab_size=100))\n"
+        "print('ok')\n"
+    )
+    result = _from_root(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
