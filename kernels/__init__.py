@@ -14,8 +14,12 @@ if __name__ == "kernels":
     # (`python -m bench`, `python -c ...` run from there) a plain `import kernels` finds it
     # before Hugging Face's `kernels` package, which transformers imports. It is only ever
     # fused_losses.kernels: step aside, and hand the importer the installed package of that
-    # name, or its usual ModuleNotFoundError where there is none.
+    # name. Where there is none, leave what Python makes of a folder without __init__.py: an
+    # empty namespace package, no __file__ and nothing to import from it (transformers reads
+    # that as "not installed"), never this folder's modules.
     import importlib
+    import importlib.machinery
+    import importlib.util
     import os
     import sys
 
@@ -24,7 +28,13 @@ if __name__ == "kernels":
     del sys.modules["kernels"]
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     try:
-        # the import system returns what sys.modules holds once this body has run
-        sys.modules["kernels"] = importlib.import_module("kernels")
+        _installed = importlib.import_module("kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "kernels":
+            raise
+        _installed = importlib.util.module_from_spec(
+            importlib.machinery.ModuleSpec("kernels", None, is_package=True))
     finally:
         sys.path[:] = _saved_path
+    # the import system returns what sys.modules holds once this body has run
+    sys.modules["kernels"] = _installed
