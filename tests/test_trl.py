@@ -248,6 +248,23 @@ def test_no_logits_allocated(tmp_path):
     assert tracker.largest < ids.numel() * vocab // 8
 
 
+def test_torch_compile(tmp_path):
+    """A compiled policy (Trainer's torch_compile): the head runs outside the graph, the same
+    log-probs, entropies and gradients."""
+    t = trainer(tmp_path, saved(tmp_path), applied=True, beta=0.0)
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    results = []
+    for model in (t.model, torch.compile(t.model, backend="eager")):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        results.append((out.log_probs, out.entropy, t.model.model.norm.weight.grad))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # Precision
 # ------------------------------------------------------------------------------------------
