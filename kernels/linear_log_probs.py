@@ -101,7 +101,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         h = torch.empty(n, dtype=dtype, device=x.device) if entropy else None
         stats = torch.empty(n, 2, dtype=dtype, device=x.device)
         w_c = w.to(plan.compute_dtype)
-        b_f = None if b is None else b.to(dtype)
+        b_f = None if b is None else b.to(plan.compute_dtype).to(dtype)
         buf = None
         with _plan_dtypes(x):
             for rows in _chunks(n, plan.chunk):
@@ -151,7 +151,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         grads = _Grads(x, w, b, needs, plan)
         w_c = w.to(plan.compute_dtype)
         dtype = logits_dtype(plan)
-        b_f = None if b is None else b.to(dtype)
+        b_f = None if b is None else b.to(plan.compute_dtype).to(dtype)
         in_place = plan.compute_dtype == dtype
         buf = dbuf = None
         with _plan_dtypes(x):
