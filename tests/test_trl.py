@@ -374,6 +374,16 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="load-balancing"):
         fl_trl.apply(trainer(tmp_path, str(mixtral), applied=False, beta=0.0))
 
+    # a vision-language model (given a plain tokenizer, TRL still puts its head on it)
+    torch.manual_seed(0)
+    vlm = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=dict(TEXT, final_logit_softcapping=None),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4, image_token_index=5))
+    with pytest.raises(ValueError, match="multimodal model"):
+        fl_trl.apply(trainer(tmp_path, vlm, applied=False, beta=0.0))
+
     # not TRL's fused head
     t = trainer(tmp_path, path, applied=False, beta=0.0)
     del t.model.forward

@@ -146,14 +146,10 @@ def apply(trainer, *, chunk_size: int | None = None):
         raise TypeError(f"TRL {trl.__version__} has no add_fused_lm_head (TRL >= 1.16 expected): "
                         "its GRPOTrainer computes the log-probs another way")
     _check_trainer(trainer)
-    policy = trainer.model
-    if _is_peft(policy):
-        policy = policy.get_base_model()
-    models = [("the policy", policy)]
-    if getattr(trainer, "ref_model", None) is not None:
-        models.append(("the reference model", trainer.ref_model))
     # check every model before changing any
-    plans = [(model, _plan(model, what, trainer, chunk_size)) for what, model in models]
+    names = ("the policy", "the reference model")
+    plans = [(model, _plan(model, names[i], trainer, chunk_size))
+             for i, model in enumerate(_models(trainer))]
     for model, state in plans:
         if model.__dict__.get(_ATTR) is not None:
             model.__dict__[_ATTR].chunk_size = chunk_size
@@ -180,6 +176,8 @@ def is_applied(trainer) -> bool:
 
 
 def _models(trainer) -> list[nn.Module]:
+    """The models whose forward carries the head: the policy (its base model under PEFT),
+    then the reference model if there is one."""
     policy = getattr(trainer, "model", None)
     if policy is None:
         return []
@@ -206,7 +204,9 @@ def _refuse(reason: str):
 
 
 def _check_trainer(trainer) -> None:
-    if getattr(trainer, "_is_vlm", False):
+    from transformers import ProcessorMixin
+
+    if isinstance(getattr(trainer, "processing_class", None), ProcessorMixin):
         raise _refuse("its processing_class is a multimodal processor; TRL's own fused head "
                       "serves vision-language models (don't apply)")
     if getattr(trainer, "aux_loss_enabled", False):
