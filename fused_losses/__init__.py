@@ -10,6 +10,7 @@ overrides. Importing this package does not import triton.
 
 from .functional import binary_cross_entropy_with_logits, cross_entropy, huber_loss
 from .linear_cross_entropy import linear_cross_entropy
+from .log_probs import LogProbs, linear_log_probs, log_probs
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
@@ -19,8 +20,11 @@ __all__ = [
     "CrossEntropyLoss",
     "HuberLoss",
     "LinearCrossEntropyLoss",
+    "LogProbs",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "huber_loss",
     "linear_cross_entropy",
+    "linear_log_probs",
+    "log_probs",
 ]

@@ -125,9 +125,10 @@ def torch_itself(input: torch.Tensor, *operands) -> bool:
 def kernels(loss: str):
     """The kernel file ``fused_losses.kernels.<loss>`` (the first call imports Triton). An
     import statement, not importlib: torch.compile traces through it."""
-    from .kernels import bce, cross_entropy, huber
+    from .kernels import bce, cross_entropy, huber, log_probs
 
-    return {"bce": bce, "cross_entropy": cross_entropy, "huber": huber}[loss]
+    return {"bce": bce, "cross_entropy": cross_entropy, "huber": huber,
+            "log_probs": log_probs}[loss]
 
 
 def reads_values_on_host(t: torch.Tensor) -> bool:

@@ -229,6 +229,40 @@ def check_cross_entropy_extras(softcap, z_loss) -> tuple[float | None, float]:
     return softcap, float(z_loss)
 
 
+def check_logit_transform(temperature, logit_scale) -> tuple[float, float]:
+    """``temperature`` (a finite number > 0) and ``logit_scale`` (a finite number other than
+    0), or ``ValueError``."""
+    if not _real(temperature) or not 0.0 < float(temperature) < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if (not _real(logit_scale) or not math.isfinite(float(logit_scale))
+            or float(logit_scale) == 0.0):
+        raise ValueError(f"logit_scale must be a finite nonzero number, got {logit_scale!r}")
+    return float(temperature), float(logit_scale)
+
+
+def check_log_prob_rows(fn: str, n_batch: tuple, n_classes: int, target: torch.Tensor) -> None:
+    """Class-index targets of rows of ``n_classes`` logits, one per row: an integer tensor
+    of the rows' leading shape ``n_batch``, and at least one class where there are rows."""
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise RuntimeError(f"{fn}: expected an integer tensor of class indices as target, "
+                           f"got {scalar_type_name(target.dtype)}")
+    if tuple(target.shape) != tuple(n_batch):
+        raise ValueError(f"{fn}: expected target of shape {_shape(n_batch)} (the logits' "
+                         f"leading dimensions), got {_shape(target)}")
+    if n_classes == 0 and target.numel():
+        raise ValueError(f"{fn}: expected at least one class, got logits of 0 classes")
+
+
+def check_log_prob_target_values(target: torch.Tensor, n_classes: int,
+                                 ignore_index: int) -> None:
+    """torch's ``IndexError("Target 7 is out of bounds.")`` for the first class index out of
+    range (CPU tensors: reading them costs no sync)."""
+    t = target.to(torch.int64)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+
+
 def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

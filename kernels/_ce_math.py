@@ -24,10 +24,30 @@ and its gradient with respect to z_c, with p_c = exp(z_c - lse), is
 with per-row factors from ``grad_factors``. Softcapping (Gemma 2/3: z = cap tanh(x / cap)) is
 applied as the logits are loaded and its derivative at the end (``logits``): it is one option
 in one place.
+
+**Log-probabilities and entropy** (RL from the LM head) take one more statistic, which merges
+exactly like the others (``entropy_stat``, ``merge_entropy_stat``):
+
+    b  sum_c exp(z_c - m~) (z_c - m~)          (<= 0)
+
+    log p_y = (z_y - m~) - ln s                (<= 0: z_y <= m and s >= 1)
+    H       = -sum_c p_c log p_c = ln s - b / s (two terms >= 0: no cancellation)
+
+and their gradients with respect to z_c, for upstream gradients g (of log p_y) and g_H (of H),
+
+    g ([c = y] - p_c) - g_H p_c (log p_c + H)    (``log_prob_grad_block``)
+
+The logits a log-probability sees are transformed as TRL's (scale, softcap, temperature):
+z = softcap tanh(x scale / softcap) / T, which is softcap' tanh(x mult / softcap') with
+mult = scale / T and softcap' = softcap / T: one multiply before the softcap, and
+d z / d x = mult (1 - (z / softcap')^2) (``scaled``; the host side in ``transform``).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -69,6 +89,33 @@ def logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
     if SOFTCAP:
         x = tl.where(mask, softcapped(x, softcap), float("-inf"))
     return x
+
+
+@triton.jit
+def scaled(x, logit_mult, softcap, SOFTCAP: tl.constexpr):
+    """z = softcap' tanh(x mult / softcap') (module doc: mult = scale / T, softcap' =
+    softcap / T), or x mult: the logits of a temperature and a logit scale. A multiply by
+    mult = 1 is exact."""
+    x = x * logit_mult
+    if SOFTCAP:
+        x = softcapped(x, softcap)
+    return x
+
+
+@triton.jit
+def scaled_logits(ptrs, mask, logit_mult, softcap, SOFTCAP: tl.constexpr,
+                  EVICT: tl.constexpr):
+    """The transformed logits (``scaled``) of a block in float32, -inf where masked."""
+    x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+    return tl.where(mask, scaled(x, logit_mult, softcap, SOFTCAP), float("-inf"))
+
+
+@triton.jit
+def scaled_slope(z, logit_mult, softcap, SOFTCAP: tl.constexpr):
+    """d z / d x of transformed logits ``z``: mult, times the softcap's slope."""
+    if SOFTCAP:
+        return logit_mult * softcap_slope(z, softcap)
+    return logit_mult
 
 
 @triton.jit
@@ -123,6 +170,71 @@ def merge_stats(m1, s1, a1, k1, m2, s2, a2, k2):
     a = (a1 + (tl.where(m1 == float("-inf"), 0.0, m1) - m_safe) * k1
          + a2 + (tl.where(m2 == float("-inf"), 0.0, m2) - m_safe) * k2)
     return m, s, a, k1 + k2
+
+
+@triton.jit
+def entropy_stat(e, z, m_safe):
+    """b = sum_c e_c (z_c - m~) of a block, e = exp(z - m~) from ``block_stats``. Lanes with
+    e = 0 (masked, -inf logits, underflow) add 0, not 0 * -inf."""
+    return tl.sum(tl.where(e > 0.0, e * (z - m_safe), 0.0), axis=0)
+
+
+@triton.jit
+def merge_entropy_stat(m1, s1, b1, m2, s2, b2):
+    """b of two class ranges merged (the ranges' (m, s) merge with ``merge_stats``): each
+    moved to the larger max m, exp(z - m) = r exp(z - m_i) and z - m = (z - m_i) + (m_i - m),
+    so b_i becomes r_i (b_i + (m_i - m) s_i). An empty range (m = -inf, s = b = 0) adds 0."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m1_safe = tl.where(m1 == float("-inf"), 0.0, m1)
+    m2_safe = tl.where(m2 == float("-inf"), 0.0, m2)
+    r1 = tl.exp2((m1 - m_safe) * LOG2E)
+    r2 = tl.exp2((m2 - m_safe) * LOG2E)
+    return r1 * (b1 + (m1_safe - m_safe) * s1) + r2 * (b2 + (m2_safe - m_safe) * s2)
+
+
+@triton.jit
+def row_log_prob(m, s, b, z_y, ok, bad, max_entropy, ENTROPY: tl.constexpr):
+    """(log p_y, entropy, m~, log2 s) of rows from their statistics (module doc). Rows not
+    counted give 0 (and finite m~, log2 s), out-of-range targets NaN. The entropy is at most
+    ``max_entropy`` (ln C rounded down: the float32 sum of C equal terms may round above it);
+    0 where not ENTROPY."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log2_s = tl.log2(s)
+    ln_s = log2_s * LN2
+    nan_or_0 = tl.where(bad, float("nan"), 0.0)
+    log_p = tl.where(ok, (z_y - m_safe) - ln_s, nan_or_0)
+    h = tl.zeros_like(log_p)
+    if ENTROPY:
+        h = tl.where(ok, tl.minimum(ln_s - b / s, max_entropy), nan_or_0)
+    return log_p, h, tl.where(ok, m_safe, 0.0), tl.where(ok, log2_s, 0.0)
+
+
+@triton.jit
+def log_prob_grad_block(z, cols, y, m_safe, log2_s, h, g, g_h, ok, bad, logit_mult, softcap,
+                        SOFTCAP: tl.constexpr, LOG_PROB_GRAD: tl.constexpr,
+                        ENTROPY_GRAD: tl.constexpr):
+    """d out / d x of a block of transformed logits ``z`` for the upstream gradients ``g``
+    of log p_y and ``g_h`` of the entropy h (each only where its flag is set: a backward
+    that gets no entropy gradient computes no entropy term), from the row's m~ and log2 s:
+
+        c - p a,   c = g [col = y],   a = g + g_H (log p + H)
+
+    one fused multiply-add, so a confident row's g (1 - p) keeps its digits; a lane with
+    p = 0 (a -inf logit) is c (its entropy term's limit). Times d z / d x (``scaled_slope``);
+    exact zero for rows not counted, NaN for out-of-range targets."""
+    t = (z - m_safe) * LOG2E - log2_s  # log2 p
+    p = tl.exp2(t)
+    c = tl.zeros_like(p)
+    a = tl.zeros_like(p)
+    if LOG_PROB_GRAD:
+        c = tl.where(cols == y, g, 0.0)
+        a += g
+    if ENTROPY_GRAD:
+        a += g_h * (t * LN2 + h)
+    d = tl.where(p > 0.0, tl.fma(p, -a, c), c)
+    d = d * scaled_slope(z, logit_mult, softcap, SOFTCAP)
+    return tl.where(ok, d, tl.where(bad, float("nan"), 0.0))
 
 
 @triton.jit
@@ -215,6 +327,25 @@ def target_grad_block(z, m_safe, log2_s, w_c, scale, smoothing):
 # ------------------------------------------------------------------------------------------
 # host side: what a call asks for, and the flags and scalars every kernel takes for it
 # ------------------------------------------------------------------------------------------
+
+
+def transform(opts) -> dict:
+    """The kernels' scalars of the logits' transform for ``opts`` (``scaled``): mult =
+    logit_scale / T and softcap' = softcap / T (1.0 without softcap), and the SOFTCAP flag."""
+    temperature = getattr(opts, "temperature", 1.0)
+    return dict(
+        logit_mult=getattr(opts, "logit_scale", 1.0) / temperature,
+        softcap=(opts.softcap or 1.0) / (temperature if opts.softcap else 1.0),
+        SOFTCAP=opts.softcap is not None,
+    )
+
+
+def max_entropy(n_classes: int) -> float:
+    """ln C, rounded down to a float32 (the bound an entropy of C classes never exceeds)."""
+    bound = np.float32(math.log(max(n_classes, 1)))
+    if float(bound) > math.log(max(n_classes, 1)):
+        bound = np.nextafter(bound, np.float32(0.0))
+    return float(bound)
 
 
 def flags(opts, weight) -> dict:

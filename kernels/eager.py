@@ -37,6 +37,8 @@ class Options(NamedTuple):
     z_loss: float = 0.0
     prob_target: bool = False
     inplace_backward: bool = False
+    temperature: float = 1.0  # the logits divided by it (after the scale and the softcap)
+    logit_scale: float = 1.0  # the logits multiplied by it first (Cohere's, Granite's heads)
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -329,6 +331,120 @@ def _functorch_wrapped(x: torch.Tensor) -> bool:
         return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
     except AttributeError:  # pragma: no cover - a torch without that private helper
         return False
+
+
+# ------------------------------------------------------------------------------------------
+# log-probabilities and entropy: the torch mirror of _ce_math's (its module doc has the math)
+# ------------------------------------------------------------------------------------------
+
+
+LN2 = math.log(2.0)
+
+
+def transformed_logits(x: torch.Tensor, opts: Options, dtype: torch.dtype) -> torch.Tensor:
+    """z = softcap tanh(x scale / softcap) / T in ``dtype``: TRL's order (scale, softcap,
+    temperature); each step skipped where it is the identity."""
+    z = as_dtype(x, dtype)
+    if opts.logit_scale != 1.0:
+        z = z * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    if opts.temperature != 1.0:
+        z = z / opts.temperature
+    return z
+
+
+def max_entropy(n_classes: int) -> float:
+    """ln C rounded down to a float32: the most an entropy of C classes can be (the float32
+    sum of C equal terms may round above it)."""
+    bound = torch.tensor(math.log(max(n_classes, 1)), dtype=torch.float32)
+    if bound.item() > math.log(max(n_classes, 1)):
+        bound = torch.nextafter(bound, torch.zeros_like(bound))
+    return bound.item()
+
+
+def _log_prob_targets(target: torch.Tensor, opts: Options, n_classes: int):
+    """(y, counted, out of range) of class indices."""
+    y = target.reshape(-1).long()
+    valid = y != opts.ignore_index
+    ok = valid & (y >= 0) & (y < n_classes)
+    return y, ok, valid & ~ok
+
+
+def row_log_probs(x: torch.Tensor, target: torch.Tensor, opts: Options, *, entropy: bool):
+    """(log p_y, entropy or None, statistics (rows, 2): m~, log2 s) of rows ``x`` (R, C), in
+    float32 (float64 for float64 logits), differentiable in ``x``: the eager path, the
+    double backward, and the eager twin of ``log_probs.row_log_probs``.
+
+    The row's statistics as the kernels form them (m~ the max, s = sum exp(z - m~), b = sum
+    exp(z - m~) (z - m~)): log p_y = (z_y - m~) - ln s, H = ln s - b / s, both exact for
+    confident rows (no cancellation). Rows not counted give 0, out-of-range targets NaN."""
+    dtype = compute_dtype(x.dtype)
+    z = transformed_logits(x, opts, dtype)
+    n_classes = z.shape[-1]
+    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    m = z.detach().amax(-1, keepdim=True) if n_classes else z.new_zeros(z.shape[0], 1)
+    m = torch.where(m == -math.inf, 0.0, m)  # an all -inf row: no -inf - -inf
+    zm = z - m
+    e = zm.exp()
+    s = e.sum(-1)
+    ln_s = s.log()
+    nan = torch.where(bad, math.nan, 0.0).to(dtype)
+    z_y = zm.gather(-1, torch.where(ok, y, 0).unsqueeze(-1)).squeeze(-1)
+    log_p = torch.where(ok, z_y - ln_s, nan)
+    h = None
+    if entropy:
+        # where(e > 0, ...) on z - m first: a -inf logit adds 0 and back-propagates 0
+        b = (e * torch.where(e > 0, zm, 0.0)).sum(-1)
+        h = ln_s - b / s
+        # at most ln C, the gradient the formula's (the bound only rounds the value)
+        h = h - (h - max_entropy(n_classes)).clamp(min=0.0).detach()
+        h = torch.where(ok, h, nan)
+    stats = torch.stack([torch.where(ok, m.squeeze(-1), 0.0),
+                         torch.where(ok, s.log2(), 0.0)], dim=-1).detach()
+    return log_p, h, stats
+
+
+def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h, g, g_h,
+                  opts: Options, *, grad: torch.Tensor) -> None:
+    """Write d out / d x of rows ``x`` (R, C) into ``grad`` for the upstream gradients ``g``
+    of log p_y and ``g_h`` of the entropy ``h`` (None: no such term), from the rows'
+    statistics (``row_log_probs``): _ce_math's ``log_prob_grad_block`` in torch ops,
+
+        d = (c - p a) dz/dx,   c = g [c = y],   a = g + g_H (log p + H)."""
+    if x.numel() == 0:
+        return
+    dtype = stats.dtype
+    z = transformed_logits(x, opts, dtype)
+    n_classes = z.shape[-1]
+    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    log_p = z - (stats[:, 0] + stats[:, 1] * LN2).unsqueeze(-1)
+    p = log_p.exp()
+    a = torch.zeros_like(ok, dtype=dtype).unsqueeze(-1)
+    c = torch.zeros_like(p)
+    if g is not None:
+        g = g.reshape(-1).to(dtype)
+        a = a + g.unsqueeze(-1)
+        c.scatter_(-1, torch.where(ok, y, 0).unsqueeze(-1), torch.where(ok, g, 0.0).unsqueeze(-1))
+    if g_h is not None:
+        a = a + g_h.reshape(-1).to(dtype).unsqueeze(-1) * (log_p + h.unsqueeze(-1))
+    d = torch.where(p > 0, torch.addcmul(c, p, a, value=-1.0), c)
+    mult = opts.logit_scale / opts.temperature
+    if opts.softcap is not None:
+        t = z / (opts.softcap / opts.temperature)
+        d = d * ((1.0 - t) * (1.0 + t) * mult)
+    elif mult != 1.0:
+        d = d * mult
+    nan = torch.where(bad, math.nan, 0.0).to(dtype).unsqueeze(-1)
+    grad.copy_(torch.where(ok.unsqueeze(-1), d, nan).view(grad.shape))
+
+
+def log_probs(input: torch.Tensor, target: torch.Tensor, opts: Options, entropy: bool):
+    """The eager (log p_y, entropy or None) of logits (..., C) against class indices (...),
+    float32 (float64 for float64 logits), differentiable by autograd."""
+    n_classes = input.shape[-1]
+    log_p, h, _ = row_log_probs(input.reshape(-1, n_classes), target, opts, entropy=entropy)
+    return log_p.view(target.shape), None if h is None else h.view(target.shape)
 
 
 # ------------------------------------------------------------------------------------------

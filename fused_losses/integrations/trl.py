@@ -1,0 +1,358 @@
+"""TRL: one call makes ``GRPOTrainer``'s per-token log-probs and entropies come from
+:func:`fused_losses.linear_log_probs`.
+
+    from fused_losses.integrations import trl as fl_trl
+
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=..., train_dataset=...)
+    fl_trl.apply(trainer)             # chunk_size= optional
+    trainer.train()
+    fl_trl.revert(trainer)            # TRL's own head again
+
+From :func:`apply` on, every log-prob the trainer computes -- the policy's with its entropy
+(the loss, the entropy bonus, the entropy-quantile mask, the ``entropy`` metric), the old
+policy's and the reference model's (``torch.no_grad``, forward only) -- comes from
+:func:`fused_losses.linear_log_probs` on the model's final hidden states and ``lm_head``'s
+weight (and bias), divided by the trainer's ``temperature``, with the model's final-logit
+softcapping (Gemma 2/3), chunk by chunk: the ``(batch, seq, vocab)`` logits are never
+allocated, and each chunk's logits are float32 (from bfloat16 operands too), where TRL's own
+head rounds them to the compute dtype first. Log-probs and entropies come out in float32,
+zero where the label is ``-100`` and without a gradient there, as TRL's do, so the loss, the
+entropy bonus and the entropy-quantile mask are computed from them exactly as stock.
+
+Where it hooks
+--------------
+TRL 1.16's ``GRPOTrainer`` gets its log-probs in ``_get_per_token_logps_and_entropies`` from
+``model(..., labels=labels, fused_lm_head=True)``: ``trl.trainer.utils.add_fused_lm_head``
+sets the policy's (its base model's under PEFT) and the reference model's ``forward`` to one
+that runs the backbone, then its own chunked head, and returns a ``FusedCausalLMOutput``.
+:func:`apply` replaces that instance ``forward`` with one that runs the backbone the same way
+and :func:`fused_losses.linear_log_probs` as the head; a call without ``fused_lm_head=True``
+(generation) goes to TRL's forward, and so to the stock one, untouched. The trainer itself is
+not changed, so everything it does around the log-probs (batching, masks, accelerate's
+autocast and DDP wrapper, gradient checkpointing) stays TRL's; only the head's arithmetic is
+ours. The temperature, the softcap and the requested outputs are read off TRL's head, and
+checked against the trainer and against what the model's own forward does with its logits
+(the :mod:`fused_losses.integrations.transformers` checks: one ``nn.Linear`` ``lm_head``, at
+most the final-logit softcapping after it).
+
+Only the labelled positions (the completion tokens) go through the head: their hidden
+states are gathered first (one ``(tokens, hidden)`` copy; the prompt's positions cost no
+GEMM), as TRL does on CUDA. Under ``torch.compile`` the head runs outside the graph (one
+graph break), as in the transformers integration.
+
+What it does not serve
+----------------------
+:func:`apply` raises, with the reason, rather than train with a different head, for:
+
+- a multimodal model (a processor as the trainer's ``processing_class``, or a model whose
+  text config is a sub-config): TRL's own head serves those; don't apply;
+- a model the transformers integration refuses (an ``lm_head`` that is not a plain
+  ``nn.Linear``, a forward that does more to its logits than the softcapping: Cohere's
+  ``logit_scale``, Granite's ``logits_scaling``);
+- a PEFT adapter on ``lm_head`` (LoRA on it, or ``modules_to_save=["lm_head"]``): the head
+  reads ``lm_head.weight``, which is not what the adapter computes;
+- the MoE load-balancing loss (``output_router_logits`` in the config, or the trainer's
+  ``router_aux_loss_coef``): TRL adds it inside its head's forward;
+- DeepSpeed ZeRO-3 and FSDP (sharded head weights: untested here);
+- TRL's head asked for outputs other than log-probs and entropy.
+
+Each reason is one of these checks in :func:`apply`; nothing is left to a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import fused_losses as fl
+from fused_losses.integrations import transformers as _hf
+
+try:
+    import trl
+    from trl.trainer import utils as _trl_utils
+    from trl.trainer.utils import FusedCausalLMOutput
+except ImportError as e:  # pragma: no cover - the optional dependency is missing
+    raise ImportError(
+        'fused_losses.integrations.trl needs Hugging Face TRL >= 1.16: pip install '
+        '"fused_losses[trl]"'
+    ) from e
+
+__all__ = ["apply", "is_applied", "revert"]
+
+_ATTR = "_fused_losses_trl"  # the state, on each model whose forward is ours
+_SERVED_OUTPUTS = ("log_probs", "entropy")
+_IGNORE = -100  # TRL marks the positions it does not score with -100
+
+
+def _trl_fused_forward_code() -> types.CodeType | None:
+    """The code of the forward ``add_fused_lm_head`` installs (TRL >= 1.16)."""
+    add = getattr(_trl_utils, "add_fused_lm_head", None)
+    if add is None:
+        return None
+    codes = [c for c in add.__code__.co_consts
+             if isinstance(c, types.CodeType) and c.co_name == "_fused_forward"]
+    return codes[0] if len(codes) == 1 else None
+
+
+_TRL_FORWARD = _trl_fused_forward_code()
+
+
+@dataclass
+class _State:
+    """One model's head: what TRL's head was set up with, and our options."""
+
+    stock_forward: object  # TRL's bound forward, which non-fused calls still go to
+    temperature: float
+    softcap: float | None
+    logit_scale: float
+    entropy: bool  # whether TRL's head computes the entropy (the policy's does)
+    cast_lm_head_to_fp32: bool
+    backbone_attr: str
+    chunk_size: int | None
+
+
+def apply(trainer, *, chunk_size: int | None = None):
+    """Makes ``trainer``'s per-token log-probs and entropies come from
+    :func:`fused_losses.linear_log_probs` on the final hidden states: the policy's, the old
+    policy's and the reference model's; the ``(batch, seq, vocab)`` logits never allocated.
+
+    Args:
+        trainer: a ``trl.GRPOTrainer`` (TRL >= 1.16, whose models carry TRL's fused head) of
+            a text causal LM. Apply before ``trainer.train()``.
+        chunk_size: tokens per chunk of the head (default: as
+            :func:`fused_losses.linear_log_probs`).
+
+    Returns ``trainer``; its models are changed in place (their instance ``forward``). A
+    second call only updates ``chunk_size``; :func:`revert` undoes it.
+
+    Raises:
+        TypeError: ``trainer`` is not a ``GRPOTrainer``, or a model has no TRL fused head or
+            an ``lm_head`` that is not a plain ``nn.Linear``.
+        ValueError: something the fused head does not serve (see the module's docstring),
+            with the reason.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(trainer, trl.GRPOTrainer):
+        raise TypeError(f"expected a trl.GRPOTrainer, got {type(trainer).__name__}")
+    if _TRL_FORWARD is None:
+        raise TypeError(f"TRL {trl.__version__} has no add_fused_lm_head (TRL >= 1.16 expected): "
+                        "its GRPOTrainer computes the log-probs another way")
+    _check_trainer(trainer)
+    # check every model before changing any
+    names = ("the policy", "the reference model")
+    plans = [(model, _plan(model, names[i], trainer, chunk_size))
+             for i, model in enumerate(_models(trainer))]
+    for model, state in plans:
+        if model.__dict__.get(_ATTR) is not None:
+            model.__dict__[_ATTR].chunk_size = chunk_size
+            continue
+        model.__dict__[_ATTR] = state
+        model.forward = types.MethodType(_fused_forward(type(model).forward, state), model)
+    return trainer
+
+
+def revert(trainer):
+    """Undoes :func:`apply`: TRL's own head again. A trainer never applied is returned as it
+    is."""
+    for model in _models(trainer):
+        state = model.__dict__.pop(_ATTR, None)
+        if state is not None:
+            model.forward = state.stock_forward
+    return trainer
+
+
+def is_applied(trainer) -> bool:
+    """Whether :func:`apply` is in effect on ``trainer``'s policy."""
+    models = _models(trainer)
+    return bool(models) and models[0].__dict__.get(_ATTR) is not None
+
+
+def _models(trainer) -> list[nn.Module]:
+    """The models whose forward carries the head: the policy (its base model under PEFT),
+    then the reference model if there is one."""
+    policy = getattr(trainer, "model", None)
+    if policy is None:
+        return []
+    if _is_peft(policy):
+        policy = policy.get_base_model()
+    ref = getattr(trainer, "ref_model", None)
+    return [policy] if ref is None else [policy, ref]
+
+
+def _is_peft(model) -> bool:
+    """A PEFT model (TRL puts its head on the base model)."""
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
+
+
+# ------------------------------------------------------------------------------------------
+# The checks
+# ------------------------------------------------------------------------------------------
+
+
+def _refuse(reason: str):
+    return ValueError(f"fused_losses.integrations.trl cannot serve this trainer: {reason}")
+
+
+def _check_trainer(trainer) -> None:
+    from transformers import ProcessorMixin
+
+    if isinstance(getattr(trainer, "processing_class", None), ProcessorMixin):
+        raise _refuse("its processing_class is a multimodal processor; TRL's own fused head "
+                      "serves vision-language models (don't apply)")
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise _refuse("the MoE load-balancing loss (router_aux_loss_coef) is added inside TRL's "
+                      "head; train this model with TRL's own head")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise _refuse("FSDP shards lm_head's weight; the fused head is untested there")
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise _refuse("DeepSpeed ZeRO-3 partitions lm_head's weight, which the fused head "
+                          "reads outside the head's forward")
+
+
+def _plan(model, what: str, trainer, chunk_size) -> _State:
+    """The state of ``model``'s fused head, after checking that it can be served."""
+    name = type(model).__name__
+    state = model.__dict__.get(_ATTR)
+    if state is not None:  # applied already
+        return state
+    forward = model.__dict__.get("forward")
+    fn = getattr(forward, "__func__", None)
+    if getattr(fn, "__code__", None) is not _TRL_FORWARD or forward.__self__ is not model:
+        raise TypeError(f"{what} ({name}) has no TRL fused head (trl.trainer.utils."
+                        "add_fused_lm_head), which GRPOTrainer adds when it is built")
+    trl_head = inspect.getclosurevars(fn).nonlocals
+    config = model.config
+    if config.get_text_config() is not config:
+        raise _refuse(f"{what} ({name}) is a multimodal model; TRL's own fused head serves "
+                      "vision-language models (don't apply)")
+    if getattr(config, "output_router_logits", False):
+        raise _refuse(f"{what} ({name}) returns its router logits (output_router_logits): the "
+                      "MoE load-balancing loss is added inside TRL's head")
+    head = model.get_output_embeddings()
+    if type(head).__module__.startswith("peft."):
+        raise _refuse(f"{what} ({name}) has a PEFT adapter on lm_head ({type(head).__name__}): "
+                      "the fused head reads lm_head.weight, which is not what the adapter "
+                      "computes; remove 'lm_head' from the adapter's target_modules and "
+                      "modules_to_save")
+    if head is not getattr(model, "lm_head", None):
+        raise TypeError(f"{name}'s output embeddings are not its lm_head")
+    cast = bool(trl_head.get("cast_lm_head_to_fp32"))
+    _check_head(head, name, cast)
+    try:  # what the model's own forward does with its logits: lm_head, at most a softcap
+        layout = _hf._layout(type(model))
+    except _hf._Unsupported as e:
+        raise _refuse(str(e)) from None
+    softcap = _hf._read(model, layout.softcap)
+    if softcap != trl_head.get("final_logit_softcapping"):
+        raise _refuse(f"{name}'s forward softcaps its logits by {softcap}, TRL's head by "
+                      f"{trl_head.get('final_logit_softcapping')}")
+    logit_scale = trl_head.get("logit_scale", 1.0)
+    if logit_scale != 1.0:
+        raise _refuse(f"TRL's head scales {name}'s logits by {logit_scale}, which its forward "
+                      "does not")
+    temperature = trl_head.get("temperature")
+    if temperature != trainer.temperature:
+        raise _refuse(f"TRL's head divides the logits by temperature {temperature}, the trainer "
+                      f"samples at {trainer.temperature}")
+    outputs = tuple(trl_head.get("outputs", ()))
+    if not set(outputs) <= set(_SERVED_OUTPUTS):
+        raise _refuse(f"TRL's head computes {outputs}; the fused head serves "
+                      f"{_SERVED_OUTPUTS}")
+    return _State(stock_forward=forward, temperature=float(temperature), softcap=softcap,
+                  logit_scale=1.0, entropy="entropy" in outputs, cast_lm_head_to_fp32=cast,
+                  backbone_attr=trl_head.get("backbone_attr", "base_model"),
+                  chunk_size=chunk_size)
+
+
+def _check_head(head, name: str, cast: bool) -> None:
+    """The transformers integration's check of a plain ``nn.Linear`` head; with TRL's
+    ``cast_lm_head_to_fp32``, TRL's own float32 forward on it is expected."""
+    if not cast:
+        _hf._check_head(head, name)
+        return
+    own = head.__dict__.get("forward")
+    if (not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward
+            or getattr(own, "__name__", None) != "cast_forward_to_fp32"):
+        raise TypeError(f"{name}.lm_head is a {type(head).__name__}: expected a plain "
+                        "torch.nn.Linear with TRL's float32 forward (cast_lm_head_to_fp32)")
+
+
+# ------------------------------------------------------------------------------------------
+# The forward
+# ------------------------------------------------------------------------------------------
+
+
+def _fused_forward(cls_forward, state: _State):
+    """The model's forward: ``fused_lm_head=True`` calls through the fused head, the others
+    to TRL's forward (and so to the stock one)."""
+    stock = state.stock_forward
+
+    # the stock signature, which generate() validates its kwargs against (as TRL's wrapper)
+    @functools.wraps(cls_forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or self.__dict__.get(_ATTR) is not state:
+            return stock(*args, fused_lm_head=fused_lm_head, labels=labels,
+                         shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                         **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens "
+                             "whose log-probs to compute")
+        if kwargs.get("output_router_logits"):
+            raise ValueError("fused_losses.integrations.trl does not compute the MoE "
+                             "load-balancing loss (output_router_logits=True)")
+        kwargs["use_cache"] = False
+        hidden = getattr(self, state.backbone_attr)(*args, **kwargs).last_hidden_state
+        if shift_labels is None:  # position t predicts token t + 1
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = self.get_output_embeddings()
+        _check_head(head, type(self).__name__, state.cast_lm_head_to_fp32)
+        labels = labels.to(head.weight.device)
+        log_probs, entropy = _head(hidden.to(head.weight.device), head.weight, head.bias,
+                                   labels, state)
+        mask = labels != _IGNORE
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs,
+                                   entropy=entropy, label_mask=mask)
+
+    forward._fused_losses = True
+    return forward
+
+
+@torch.compiler.disable
+def _head(hidden, weight, bias, labels, state: _State):
+    """Log-probs (and the entropy) of ``labels`` at every position, 0 where ignored: the
+    labelled positions through :func:`fused_losses.linear_log_probs`, scattered back."""
+    mask = labels != _IGNORE
+    x, target = hidden[mask], labels[mask]
+    autocast = contextlib.nullcontext()
+    if state.cast_lm_head_to_fp32:  # TRL's option: the head in float32, outside autocast
+        x = x.float()
+        autocast = torch.autocast(x.device.type, enabled=False)
+    with autocast:
+        out = fl.linear_log_probs(x, weight, target, linear_bias=bias,
+                                  temperature=state.temperature, softcap=state.softcap,
+                                  logit_scale=state.logit_scale, ignore_index=_IGNORE,
+                                  return_entropy=state.entropy, chunk_size=state.chunk_size)
+    log_probs, entropy = (out[0], out[1]) if state.entropy else (out, None)
+
+    def scatter(values):  # masked_scatter: the graph stays connected when no label counts
+        return None if values is None else values.new_zeros(mask.shape).masked_scatter(
+            mask, values)
+
+    return scatter(log_probs), scatter(entropy)

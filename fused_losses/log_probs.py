@@ -1,0 +1,290 @@
+"""Per-token log-probabilities and entropy, for RL from a language model's head.
+
+``log_probs`` on logits that exist; ``linear_log_probs`` on the LM head itself (hidden
+states and the head's weight), chunk by chunk, the (N, V) logits never materialized. Both
+validate, work out the options, then run the Triton kernels (``kernels/log_probs.py``,
+``kernels/linear_log_probs.py``) or the eager formula (``kernels/eager.py``), as
+``_dispatch.use_kernels`` decides.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _dispatch
+from ._validation import (
+    check_cross_entropy_extras,
+    check_int,
+    check_linear_dtypes,
+    check_log_prob_rows,
+    check_log_prob_target_values,
+    check_logit_transform,
+    check_tensor,
+)
+from .kernels import eager
+from .kernels._autograd import detached_without_grad_mode
+
+__all__ = ["LogProbs", "linear_log_probs", "log_probs"]
+
+# Target dtypes the kernels read (any integer tensor of class indices).
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class LogProbs(NamedTuple):
+    """What ``return_entropy=True`` returns: per-token log-probabilities and entropies."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _options(fn: str, temperature, softcap, logit_scale, ignore_index) -> eager.Options:
+    temperature, logit_scale = check_logit_transform(temperature, logit_scale)
+    softcap, _ = check_cross_entropy_extras(softcap, 0.0)
+    ignore_index = check_int(fn, "ignore_index", 0, ignore_index)
+    return eager.Options(ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+                         logit_scale=logit_scale)
+
+
+def _result(log_p, h, return_entropy: bool):
+    return LogProbs(log_p, h) if return_entropy else log_p
+
+
+def log_probs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | LogProbs:
+    r"""Log-probability of each target under ``softmax(logits / temperature)``, and on
+    request the entropy of each row's distribution.
+
+    With :math:`z = \mathrm{softcap} \tanh(x / \mathrm{softcap}) / T` (the softcap
+    optional),
+
+    .. math::
+        \log p_n = z_{n, y_n} - \operatorname{logsumexp}(z_n), \qquad
+        H_n = -\sum_c p_{n,c} \log p_{n,c},
+
+    zero (and no gradient) where :math:`y_n` is ``ignore_index``. A drop-in for TRL's
+    ``selective_log_softmax(logits / T, ids)`` with ``entropy_from_logits`` (and 1.16's
+    ``selective_log_softmax_and_entropy``), in one pass: on CUDA one Triton kernel reads the
+    logits once in their own dtype (no float32 copy) with float32 math inside; the backward
+    reads them once more and writes their gradient, from upstream gradients of the
+    log-probabilities, of the entropy, or both (the entropy's term only when its gradient
+    comes). Elsewhere eager PyTorch in float32 runs the same formula.
+
+    Args:
+        logits (Tensor): :math:`(..., C)`, the classes last.
+        target (Tensor): class indices :math:`(...)` (an integer dtype).
+        temperature (float, keyword-only): the sampling temperature :math:`T > 0`.
+            Default: ``1.0``
+        softcap (float, optional, keyword-only): Gemma's final-logit softcapping, applied
+            before the temperature. Default: ``None``
+        ignore_index (int, keyword-only): a target value whose log-probability and entropy
+            are 0. Default: ``-100``
+        return_entropy (bool, keyword-only): also return the entropies, as
+            ``LogProbs(log_probs, entropy)``. Default: ``False``
+
+    A target out of range raises torch's ``IndexError`` on the CPU; on CUDA (where checking
+    would be a host sync) its row's results are NaN.
+
+    Returns:
+        float32 log-probabilities of the target's shape (float64 for float64 logits), or
+        ``LogProbs(log_probs, entropy)``. ``log_probs <= 0`` and ``0 <= entropy <= log C``.
+
+    Examples::
+
+        >>> logits = model(ids).logits[:, :-1]
+        >>> lp, ent = log_probs(logits, ids[:, 1:], temperature=0.7, return_entropy=True)
+    """
+    fn = "log_probs"
+    check_tensor(fn, "logits", 0, logits)
+    check_tensor(fn, "target", 1, target)
+    opts = _options(fn, temperature, softcap, 1.0, ignore_index)
+    if logits.dim() == 0 or not logits.is_floating_point():
+        raise RuntimeError(f"{fn}: expected floating-point logits of shape (..., C), got "
+                           f"{logits.dtype} of shape {tuple(logits.shape)}")
+    if _dispatch.is_dtensor(logits):
+        raise NotImplementedError(f"{fn} does not take DTensor logits; pass local tensors")
+    n_classes = logits.shape[-1]
+    check_log_prob_rows(fn, tuple(logits.shape[:-1]), n_classes, target)
+    if target.device != logits.device:
+        raise RuntimeError(f"{fn}: expected target on the logits' device ({logits.device}), "
+                           f"got {target.device}")
+    if _dispatch.reads_values_on_host(target):
+        check_log_prob_target_values(target, n_classes, opts.ignore_index)
+    if _dispatch.use_kernels(logits, target, other_dtypes=_INDEX_DTYPES):
+        log_p, h = _dispatch.kernels("log_probs").log_probs(logits, target, opts,
+                                                            return_entropy)
+    else:
+        log_p, h = eager.log_probs(logits, target, opts, return_entropy)
+    return _result(log_p, h, return_entropy)
+
+
+# --------------------------------------------------------------------------------------
+# the LM head
+# --------------------------------------------------------------------------------------
+
+# The float32 logits of a chunk take at most this many bytes (1,024 tokens of a 64k
+# vocabulary, or 512 of Llama 3's, on a GPU); from EIGHTH_FROM tokens on a chunk is at most
+# an eighth of them. (linear_cross_entropy's budget, for logits in float32 here.)
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+EIGHTH_FROM = 1024
+
+
+def _chunk(n_tokens: int, n_classes: int, device_type: str, chunk_size) -> int:
+    if chunk_size is None:
+        budget = CHUNK_BYTES["cuda" if device_type == "cuda" else "cpu"]
+        chunk_size = max(1, budget // max(1, 4 * n_classes))
+        if n_tokens >= EIGHTH_FROM:
+            chunk_size = min(chunk_size, n_tokens // 8)
+    else:
+        chunk_size = check_int("linear_log_probs", "chunk_size", 0, chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    return max(1, min(chunk_size, n_tokens))
+
+
+def linear_log_probs(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    process_group=None,
+    shard_sizes=None,
+) -> torch.Tensor | LogProbs:
+    r"""Per-token log-probabilities (and entropies) of ``linear(input, linear_weight,
+    linear_bias)``, the LM head's logits, a chunk of tokens at a time: the ``(N, V)`` logits
+    never exist.
+
+    The logits are :math:`z = \mathrm{softcap} \tanh(s (x W^T + b) / \mathrm{softcap}) / T`
+    (the logit scale :math:`s`, the softcap, then the temperature: TRL's order), and
+
+    .. math::
+        \log p_n = z_{n, y_n} - \operatorname{logsumexp}(z_n), \qquad
+        H_n = -\sum_c p_{n,c} \log p_{n,c},
+
+    zero (and no gradient) where :math:`y_n` is ``ignore_index``.
+
+    Precision: each chunk's logits are formed in float32 (a float32 GEMM result from
+    bfloat16 operands on CUDA), never rounded to bfloat16 before the log-softmax: within
+    about 2e-3 nats of the float64 truth on the same operands where the bfloat16-logits path
+    is ~0.1-0.25 nats off. Always ``log_probs <= 0`` and ``0 <= entropy <= log V``.
+
+    Gradients: of the input, the weight and the bias, from upstream gradients of the
+    log-probabilities, of the entropy, or both; the backward forms each chunk's logits again
+    (per-token upstream gradients are unknown in the forward), and an output without a
+    gradient costs it nothing. Under ``torch.no_grad()`` (an old policy's or a reference
+    model's log-probs) the extra memory is one chunk of logits.
+
+    Args:
+        input (Tensor): hidden states :math:`(..., H)`.
+        linear_weight (Tensor): the head's weight :math:`(V, H)`.
+        target (Tensor): token ids :math:`(...)`, the input's leading shape.
+        linear_bias (Tensor, optional, keyword-only): :math:`(V)`. Default: ``None``
+        temperature (float, keyword-only): :math:`T > 0`. Default: ``1.0``
+        softcap (float, optional, keyword-only): final-logit softcapping. Default: ``None``
+        logit_scale (float, keyword-only): the logits' multiplier (Cohere's, Granite's
+            heads). Default: ``1.0``
+        ignore_index (int, keyword-only): a target whose results are 0. Default: ``-100``
+        return_entropy (bool, keyword-only): also return the entropies, as
+            ``LogProbs(log_probs, entropy)``. Default: ``False``
+        chunk_size (int, optional, keyword-only): tokens per chunk. Default: the most whose
+            float32 logits fit 256 MiB on a GPU (16 MiB on a CPU), at most an eighth of the
+            tokens from 1,024 tokens on.
+        process_group, shard_sizes (keyword-only): a head sharded by vocabulary over a
+            process group, as :func:`fused_losses.linear_cross_entropy`'s. Default: ``None``
+
+    Returns:
+        float32 log-probabilities of the target's shape (float64 for float64 operands), or
+        ``LogProbs(log_probs, entropy)``.
+
+    Examples::
+
+        >>> hidden = model.model(ids).last_hidden_state[:, :-1]
+        >>> lp, ent = linear_log_probs(hidden, model.lm_head.weight, ids[:, 1:],
+        ...                            temperature=0.7, return_entropy=True)
+    """
+    fn = "linear_log_probs"
+    for name, pos, t in (("input", 0, input), ("linear_weight", 1, linear_weight),
+                         ("target", 2, target)):
+        check_tensor(fn, name, pos, t)
+    check_tensor(fn, "linear_bias", 3, linear_bias, optional=True)
+    opts = _options(fn, temperature, softcap, logit_scale, ignore_index)
+    if process_group is not None or shard_sizes is not None:
+        raise NotImplementedError(f"{fn}: a vocab-sharded head (process_group=) is not "
+                                  "supported yet")
+    if any(_dispatch.is_dtensor(t) for t in (input, linear_weight, linear_bias)):
+        raise NotImplementedError(f"{fn} does not take DTensor operands; pass local tensors")
+    if input.dim() < 1:
+        raise RuntimeError(f"{fn}: expected input of shape (..., H), got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise RuntimeError(f"{fn}: expected linear_weight of shape (V, H), got "
+                           f"{tuple(linear_weight.shape)}")
+    n_vocab, hidden = linear_weight.shape
+    if input.shape[-1] != hidden:
+        raise RuntimeError(f"{fn}: expected equal input and linear_weight last dimensions "
+                           f"(in_features), got {input.shape[-1]} and {hidden}, respectively")
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_vocab,):
+        raise RuntimeError(f"{fn}: expected linear_bias shape ({n_vocab},), got "
+                           f"{tuple(linear_bias.shape)}")
+    if not (input.is_floating_point() and linear_weight.is_floating_point()):
+        raise RuntimeError(f"{fn}: expected floating-point input and linear_weight")
+    autocast = _dispatch.autocast_on(input)
+    if not autocast:
+        check_linear_dtypes(input, linear_weight, linear_bias)
+    n_batch = tuple(input.shape[:-1])
+    check_log_prob_rows(fn, n_batch, n_vocab, target)
+    for t in (linear_weight, linear_bias, target):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{fn}: expected every operand on the input's device "
+                               f"({input.device}), got {t.device}")
+    if _dispatch.reads_values_on_host(target):
+        check_log_prob_target_values(target, n_vocab, opts.ignore_index)
+
+    n_tokens = math.prod(n_batch)
+    x = input.reshape(n_tokens, hidden)
+    t = target.reshape(n_tokens)
+    kernels = _dispatch.use_kernels(input, linear_weight, target, linear_bias,
+                                    other_dtypes=_INDEX_DTYPES)
+    wide = torch.float64 in (input.dtype, linear_weight.dtype)
+    if kernels:  # the GEMMs in the operands' dtype (autocast's under autocast)
+        compute = torch.get_autocast_dtype(input.device.type) if autocast else input.dtype
+    else:  # the eager formula: float32 (float64 for float64 operands) GEMMs and math
+        compute = torch.float64 if wide else torch.float32
+    whole = n_tokens == 0 or (not kernels and (torch.compiler.is_compiling()
+                                               or _dispatch.functorch_wrapped(x)))
+    if whole:
+        # torch.func transforms and compiled graphs without the kernels: the formula whole
+        # (autograd and the compiler see every op; the logits are materialized there)
+        logits = torch.nn.functional.linear(
+            x.to(compute), linear_weight.to(compute),
+            None if linear_bias is None else linear_bias.to(compute))
+        log_p, h, _ = eager.row_log_probs(logits, t, opts, entropy=return_entropy)
+    else:
+        from .kernels.linear_cross_entropy import Plan
+        from .kernels.linear_log_probs import LinearLogProbsFunction
+
+        accum = torch.float64 if wide else torch.float32
+        plan = Plan(n_vocab, 1, _chunk(n_tokens, n_vocab, input.device.type, chunk_size),
+                    compute, accum, kernels)
+        x, w, b, t = detached_without_grad_mode(x, linear_weight, linear_bias,
+                                                t.contiguous())
+        out = LinearLogProbsFunction.apply(x, w, b, t, opts, plan, return_entropy)
+        log_p, h = out if return_entropy else (out, None)
+    log_p = log_p.view(n_batch)
+    h = None if h is None else h.view(n_batch)
+    return _result(log_p, h, return_entropy)

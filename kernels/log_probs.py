@@ -1,0 +1,331 @@
+"""Per-token log-probabilities and entropy of rows of logits: kernels, launchers, autograd.
+
+What RL trainers need of each sampled token: log p(token) under a temperature and the
+entropy of the distribution, with gradients through both. The arithmetic is in
+``_ce_math.py`` (``row_log_prob``, ``log_prob_grad_block``: the statistics m, s, b merge
+exactly; the transform of the logits, z = softcap tanh(x scale / softcap) / T).
+
+- ``_lp_row_kernel``: one program per row. Its statistics in one read pass, in float32
+  (rows of up to ``SINGLE_BLOCK_MAX`` classes held in registers, longer ones looped over
+  blocks and merged), then log p_y, the entropy and (m~, log2 s) for the backward. No float32
+  copy of the logits: they are read once in their own dtype. read C, write 8-16 B a row.
+- ``_lp_grad_kernel``: the backward, a program per block of a row's classes (rows x blocks:
+  few long rows still fill the GPU), from the row's saved statistics and entropy and the
+  upstream gradients of log p_y and of the entropy, each only where it exists (a backward
+  that gets no entropy gradient computes no entropy term). read C, write C.
+
+The upstream gradient is per row (an advantage per token), unknown in the forward: the
+gradient cannot be written there, as the cross-entropy's mean does.
+
+The launchers are the LM head's per-chunk steps too (``kernels/linear_log_probs.py``); the
+eager twins (``eager.row_log_probs``, ``eager.log_prob_grad``) have the same contracts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import eager
+from ._autograd import detached_without_grad_mode
+from ._ce_math import (
+    block_stats,
+    class_target,
+    entropy_stat,
+    log_prob_grad_block,
+    merge_entropy_stat,
+    merge_stats,
+    row_log_prob,
+    scaled_logits,
+    transform,
+)
+from ._common import float32_scratch, launch, next_power_of_2, non_null, num_warps_for
+from .cross_entropy import _fold_rows, block_config
+
+# The backward's programs: blocks of up to GRAD_BLOCK classes of a row, 16 per thread.
+GRAD_BLOCK = 4096
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lp_row_kernel(
+    # pointers
+    x_ptr,  # logits: rows of n_cols, unit class stride, row = (outer, inner)
+    target_ptr,  # class indices (n_rows,), contiguous
+    log_p_ptr,  # out: float32 (n_rows,) log p of the target
+    entropy_ptr,  # out (ENTROPY): float32 (n_rows,) entropy
+    stats_ptr,  # out: float32 (n_rows, 2): m~, log2 s (0, 0 on rows not counted)
+    # sizes
+    n_rows,
+    n_cols,
+    n_inner,
+    # strides, in elements
+    stride_x_outer,
+    stride_x_inner,
+    # scalars
+    ignore_index,
+    logit_mult,
+    softcap,
+    max_entropy,
+    # flags
+    SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # the row held in registers (BLOCK_SIZE >= n_cols)
+    BLOCK_SIZE: tl.constexpr,
+):
+    """A row's statistics, then its log p_y and entropy. read n_cols, write 12-16 B."""
+    # int64 row offsets: 16k rows x 262k classes is over 2^32 elements.
+    row = tl.program_id(0).to(tl.int64)
+    outer = row // n_inner
+    x_row = x_ptr + outer * stride_x_outer + (row - outer * n_inner) * stride_x_inner
+    offs = tl.arange(0, BLOCK_SIZE)
+    y = tl.load(target_ptr + row).to(tl.int64)
+    ok, bad, _ = class_target(y, target_ptr, n_cols, ignore_index, False)
+    n_read = tl.where(ok, n_cols, 0)  # rows not counted read no logits
+
+    if SINGLE_BLOCK:
+        mask = offs < n_read
+        z = scaled_logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, "")
+        m, e, s, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False, False, False)
+        b = 0.0
+        if ENTROPY:
+            b = entropy_stat(e, z, tl.where(m == float("-inf"), 0.0, m))
+    else:
+        m = float("-inf")
+        s = 0.0
+        b = 0.0
+        for start in range(0, n_read, BLOCK_SIZE):
+            cols = start + offs
+            mask = cols < n_read
+            z = scaled_logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
+            m_b, e_b, s_b, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False,
+                                                False, False)
+            if ENTROPY:
+                b_b = entropy_stat(e_b, z, tl.where(m_b == float("-inf"), 0.0, m_b))
+                b = merge_entropy_stat(m, s, b, m_b, s_b, b_b)
+            m, s, _a, _k = merge_stats(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
+
+    # the target's logit, transformed as the block's were: z_y <= m, so log p_y <= 0
+    z_y = scaled_logits(x_row + y, ok, logit_mult, softcap, SOFTCAP, "")
+    log_p, h, m_safe, log2_s = row_log_prob(m, s, b, z_y, ok, bad, max_entropy, ENTROPY)
+    tl.store(log_p_ptr + row, log_p)
+    if ENTROPY:
+        tl.store(entropy_ptr + row, h)
+    tl.store(stats_ptr + 2 * row, m_safe)
+    tl.store(stats_ptr + 2 * row + 1, log2_s)
+
+
+@triton.jit
+def _lp_grad_kernel(
+    # pointers
+    x_ptr,  # logits: rows of n_cols, unit class stride, row = (outer, inner)
+    target_ptr,  # class indices (n_rows,), contiguous
+    stats_ptr,  # in: float32 (n_rows, 2): m~, log2 s
+    entropy_ptr,  # in (ENTROPY_GRAD): float32 (n_rows,) entropy
+    g_ptr,  # in (LOG_PROB_GRAD): upstream gradient of log p_y, one a row (strided)
+    g_h_ptr,  # in (ENTROPY_GRAD): upstream gradient of the entropy, one a row (strided)
+    grad_ptr,  # out: d out / d logits, rows like x_ptr's (may be x_ptr itself)
+    # sizes
+    n_rows,
+    n_cols,
+    n_inner,
+    n_col_blocks,
+    # strides, in elements
+    stride_x_outer,
+    stride_x_inner,
+    stride_grad_outer,
+    stride_grad_inner,
+    stride_g,  # 0 for an expanded upstream gradient (the backward of a sum)
+    stride_g_h,
+    # scalars
+    ignore_index,
+    logit_mult,
+    softcap,
+    # flags
+    SOFTCAP: tl.constexpr,
+    LOG_PROB_GRAD: tl.constexpr,
+    ENTROPY_GRAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """The gradient of one block of a row's classes. read BLOCK_SIZE, write BLOCK_SIZE."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_col_blocks
+    block = (pid - row * n_col_blocks).to(tl.int32)
+    outer = row // n_inner
+    inner = row - outer * n_inner
+    x_row = x_ptr + outer * stride_x_outer + inner * stride_x_inner
+    g_row = grad_ptr + outer * stride_grad_outer + inner * stride_grad_inner
+    cols = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    y = tl.load(target_ptr + row).to(tl.int64)
+    ok, bad, _ = class_target(y, target_ptr, n_cols, ignore_index, False)
+    mask = cols < tl.where(ok, n_cols, 0)  # rows not counted read nothing (their gradient: 0)
+    z = scaled_logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
+    m_safe = tl.load(stats_ptr + 2 * row)
+    log2_s = tl.load(stats_ptr + 2 * row + 1)
+    g = 0.0
+    if LOG_PROB_GRAD:
+        g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+    g_h = 0.0
+    h = 0.0
+    if ENTROPY_GRAD:
+        g_h = tl.load(g_h_ptr + row * stride_g_h).to(tl.float32)
+        h = tl.load(entropy_ptr + row)
+    d = log_prob_grad_block(z, cols, y.to(tl.int32), m_safe, log2_s, h, g, g_h, ok, bad,
+                            logit_mult, softcap, SOFTCAP, LOG_PROB_GRAD, ENTROPY_GRAD)
+    tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < n_cols)
+
+
+# ------------------------------------------------------------------------------------------
+# launchers (rows are (outer, inner, C) views with unit class stride, or (rows, C))
+# ------------------------------------------------------------------------------------------
+
+
+def _rows3(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def row_log_probs(x, target, opts: eager.Options, *, entropy: bool, out=None):
+    """(log p_y, entropy or None, statistics (rows, 2): m~, log2 s) of the rows of ``x``
+    (outer, inner, C) or (rows, C), any float dtype, against class indices ``target``
+    (rows,), contiguous. ``out``: float32 (log p_y, entropy or None, statistics) to write
+    into (the LM head's slices of a whole call's), else new."""
+    x3 = _rows3(x)
+    n_outer, n_inner, n_cols = x3.shape
+    n_rows = n_outer * n_inner
+    if out is None:
+        out = (float32_scratch(n_rows, x.device),
+               float32_scratch(n_rows, x.device) if entropy else None,
+               torch.empty(n_rows, 2, dtype=torch.float32, device=x.device))
+    log_p, h, stats = out
+    block, num_warps, single = block_config(n_cols)
+    launch(
+        _lp_row_kernel,
+        (n_rows,),
+        writes=non_null(log_p_ptr=log_p, entropy_ptr=h, stats_ptr=stats),
+        x_ptr=x3,
+        target_ptr=target,
+        log_p_ptr=log_p,
+        entropy_ptr=h if h is not None else log_p,
+        stats_ptr=stats,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        n_inner=n_inner,
+        stride_x_outer=x3.stride(0),
+        stride_x_inner=x3.stride(1),
+        ignore_index=opts.ignore_index,
+        **transform(opts),
+        max_entropy=eager.max_entropy(n_cols),
+        ENTROPY=entropy,
+        SINGLE_BLOCK=single,
+        BLOCK_SIZE=block,
+        num_warps=num_warps,
+    )
+    return log_p, h, stats
+
+
+def log_prob_grad(x, target, stats, h, g, g_h, opts: eager.Options, *, grad) -> None:
+    """Write d out / d x into ``grad`` (rows like x's, any float dtype; x itself for in
+    place) for the upstream gradients ``g`` of log p_y and ``g_h`` of the entropy ``h``
+    (None: no such term), from the rows' ``stats`` (``row_log_probs``)."""
+    x3, grad3 = _rows3(x), _rows3(grad)
+    n_outer, n_inner, n_cols = x3.shape
+    n_rows = n_outer * n_inner
+    if n_rows == 0 or n_cols == 0:
+        return
+    block = min(GRAD_BLOCK, next_power_of_2(n_cols))
+    n_col_blocks = triton.cdiv(n_cols, block)
+    g = None if g is None else g.reshape(-1)
+    g_h = None if g_h is None else g_h.reshape(-1)
+    launch(
+        _lp_grad_kernel,
+        (n_rows * n_col_blocks,),
+        writes=("grad_ptr",),
+        x_ptr=x3,
+        target_ptr=target,
+        stats_ptr=stats,
+        entropy_ptr=h if g_h is not None else stats,
+        g_ptr=g if g is not None else stats,
+        g_h_ptr=g_h if g_h is not None else stats,
+        grad_ptr=grad3,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        n_inner=n_inner,
+        n_col_blocks=n_col_blocks,
+        stride_x_outer=x3.stride(0),
+        stride_x_inner=x3.stride(1),
+        stride_grad_outer=grad3.stride(0),
+        stride_grad_inner=grad3.stride(1),
+        stride_g=g.stride(0) if g is not None else 0,
+        stride_g_h=g_h.stride(0) if g_h is not None else 0,
+        ignore_index=opts.ignore_index,
+        **transform(opts),
+        LOG_PROB_GRAD=g is not None,
+        ENTROPY_GRAD=g_h is not None,
+        BLOCK_SIZE=block,
+        num_warps=num_warps_for(block),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------
+
+
+def upstream_pairs(outputs, grads):
+    """The (output, upstream gradient) pairs that carry a gradient (None: none came)."""
+    return [(o, g) for o, g in zip(outputs, grads, strict=False)
+            if o is not None and g is not None]
+
+
+class LogProbsFunction(torch.autograd.Function):
+    """log p_y (and with ``entropy`` the entropy) of logits ``x`` (outer, inner, C) (unit
+    class stride) against class indices (outer * inner,); float32 per row. An output whose
+    gradient does not come (the entropy logged, not trained on) costs the backward nothing."""
+
+    @staticmethod
+    def forward(ctx, x, target, opts: eager.Options, entropy: bool):
+        ctx.set_materialize_grads(False)
+        log_p, h, stats = row_log_probs(x, target, opts, entropy=entropy)
+        ctx.save_for_backward(x, target, stats, h)
+        ctx.opts = opts
+        return (log_p, h) if entropy else log_p
+
+    @staticmethod
+    def backward(ctx, g, g_h=None):
+        x, target, stats, h = ctx.saved_tensors
+        none = (None,) * 3
+        if (g is None and g_h is None) or not ctx.needs_input_grad[0]:
+            return None, *none
+        if torch.is_grad_enabled():
+            # create_graph=True: torch's ops, so that second derivatives are right
+            with torch.enable_grad():
+                rows = x.reshape(-1, x.shape[-1])
+                lp, ent, _ = eager.row_log_probs(rows, target, ctx.opts, entropy=h is not None)
+                pairs = upstream_pairs((lp, ent), (g, g_h))
+                (grad,) = torch.autograd.grad([o for o, _ in pairs], x,
+                                              [u.reshape(o.shape) for o, u in pairs],
+                                              create_graph=True)
+            return grad, *none
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        log_prob_grad(x, target, stats, h, g, g_h, ctx.opts, grad=grad)
+        return grad, *none
+
+
+# ------------------------------------------------------------------------------------------
+# entry point (arguments already validated by fused_losses.log_probs)
+# ------------------------------------------------------------------------------------------
+
+
+def log_probs(input, target, opts: eager.Options, entropy: bool):
+    """(log p_y, entropy or None) of logits (..., C) against class indices (...), float32,
+    shaped like the target."""
+    x = _fold_rows(input)
+    x, t = detached_without_grad_mode(x, target.reshape(-1).contiguous())
+    out = LogProbsFunction.apply(x, t, opts, entropy)
+    log_p, h = out if entropy else (out, None)
+    return log_p.view(target.shape), None if h is None else h.view(target.shape)

@@ -1,0 +1,285 @@
+"""fused_losses.linear_log_probs (the RL head) against torch in float64, both backends.
+
+The reference is ``test_log_probs.reference_log_probs`` of ``linear(input, W, b)`` in
+float64 on the same rounded operands: values (in float32's tolerance whatever the operands'
+dtype: the chunks' logits are formed in float32, never rounded to bfloat16) and the
+gradients of the input, the weight and the bias from random upstream gradients of the
+log-probabilities, the entropy, or both. In bfloat16 the gradients go through bfloat16
+logit gradients and GEMMs: twice torch's own bfloat16 error is allowed on top.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close
+from test_linear_cross_entropy import LargestTensor
+from test_log_probs import backward, reference_log_probs, upstream
+
+import fused_losses as fl
+
+
+def operands(lead, h, v, dtype, device, seed=0, logit_std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (logit_std / math.sqrt(h))
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5
+    t = torch.randint(0, v, lead, generator=g)
+    return (x.to(dtype).to(device), w.to(dtype).to(device), b.to(dtype).to(device),
+            t.to(device))
+
+
+def reference(x, w, t, b=None, **opts):
+    return reference_log_probs(F.linear(x, w, b), t, **opts)
+
+
+def run(fn, x, w, t, b, which, **opts):
+    """fn's (log p, H) and the gradients of x, w (and b) for the upstream ``which``."""
+    leaves = [v.detach().clone().requires_grad_(True) if v is not None else None
+              for v in (x, w, b)]
+    lp, h = fn(leaves[0], leaves[1], t, leaves[2], **opts)
+    g_lp, g_h = upstream(t.shape, which)
+    if g_lp is not None:
+        g_lp = g_lp.to(lp.dtype)
+    if g_h is not None:
+        g_h = g_h.to(h.dtype)
+    backward(lp, h, g_lp, g_h)
+    return lp.detach(), h.detach(), [None if v is None else v.grad for v in leaves]
+
+
+def ours(x, w, t, b, **opts):
+    return fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True, **opts)
+
+
+def check(x, w, t, b=None, which="both", **opts):
+    dtype = x.dtype
+    lp, h, grads = run(ours, x, w, t, b, which, **opts)
+    assert lp.dtype == h.dtype == torch.float32 and lp.shape == t.shape
+    ref_opts = {k: v for k, v in opts.items() if k != "chunk_size"}
+
+    def wide(v, to):
+        return None if v is None else v.detach().cpu().to(to)
+
+    ref_lp, ref_h, ref_grads = run(reference, wide(x, torch.float64), wide(w, torch.float64),
+                                   t.cpu(), wide(b, torch.float64), which, **ref_opts)
+    assert_close(lp, ref_lp, torch.float32, "log_probs")
+    assert_close(h, ref_h, torch.float32, "entropy")
+    own = [None] * 3
+    if dtype != torch.float32:  # torch's own path in the operands' dtype
+        own = run(reference, wide(x, dtype), wide(w, dtype), t.cpu(), wide(b, dtype), which,
+                  **ref_opts)[2]
+    for name, got, want, own_g, v in zip(("input", "weight", "bias"), grads, ref_grads, own,
+                                         (x, w, b), strict=True):
+        if v is None:
+            continue
+        assert got.dtype == v.dtype
+        assert_close(got, want, dtype, f"d out / d {name} ({which})", torch_own=own_g)
+    return lp, h, grads
+
+
+OPTIONS = {
+    "plain": dict(),
+    "temperature": dict(temperature=0.7),
+    "everything": dict(temperature=1.3, softcap=4.0, logit_scale=0.8),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("case", "which"), [("plain", "both"), ("temperature", "log_probs"),
+                                             ("everything", "entropy"), ("everything", "both")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients(backend, device, dtype, which, case, bias):
+    # (batch, sequence) leading shape, 37 tokens in chunks of 8 (a ragged last one), 101
+    # classes; some tokens ignored
+    x, w, b, t = operands((37,), 16, 101, dtype, device)
+    t[::4] = -100
+    check(x, w, t, b if bias else None, which, chunk_size=8, **OPTIONS[case])
+
+
+def test_k_dimensional_leading_shape(backend, device):
+    x, w, b, t = operands((3, 5), 16, 64, torch.float32, device)
+    t[1, 2] = 7  # (a valid target; the ignored one next)
+    t[2, 4] = -100
+    check(x, w, t, b, "both", chunk_size=4, temperature=0.9)
+    # the hidden states of a causal LM, shifted (a strided view, not a copy)
+    hidden = operands((3, 6), 16, 64, torch.float32, device, seed=1)[0]
+    check(hidden[:, :-1], w, t, None, "log_probs", chunk_size=5)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 9])
+def test_chunk_sizes(backend, device, n_tokens):
+    x, w, b, t = operands((n_tokens,), 16, 203, torch.bfloat16, device)
+    for chunk in {1, 4, n_tokens, None}:
+        check(x, w, t, b, "both", chunk_size=chunk)
+
+
+def test_ignore_index(backend, device):
+    x, w, _, t = operands((12,), 8, 30, torch.float32, device)
+    t[::2] = 0
+    check(x, w, t, None, "both", ignore_index=0, chunk_size=5)
+    lp, h = fl.linear_log_probs(x, w, t, ignore_index=0, return_entropy=True)
+    assert torch.equal(lp[::2].cpu(), torch.zeros(6)) and torch.equal(h[::2].cpu(),
+                                                                      torch.zeros(6))
+
+
+def test_bf16_precision_against_the_bf16_logits_path(backend, device, capsys):
+    # bfloat16 operands, ordinary rows (logits of std 4): ours within 2e-3 nats of the float64
+    # truth on the same operands; the bfloat16-logits path (the logits rounded to bfloat16
+    # before the log-softmax, as TRL's tiles and torch's F.linear in bf16) is far off
+    x, w, _, t = operands((256,), 256, 4096, torch.bfloat16, device, logit_std=4.0)
+    lp, h = fl.linear_log_probs(x, w, t, temperature=0.9, return_entropy=True)
+    truth_lp, truth_h = reference(x.double().cpu(), w.double().cpu(), t.cpu(), temperature=0.9)
+    bf16_logits = F.linear(x.cpu(), w.cpu()).float()
+    peer_lp, peer_h = reference_log_probs(bf16_logits.double(), t.cpu(), temperature=0.9)
+    err = max((lp.cpu() - truth_lp).abs().max(), (h.cpu() - truth_h).abs().max()).item()
+    peer = max((peer_lp - truth_lp).abs().max(), (peer_h - truth_h).abs().max()).item()
+    with capsys.disabled():
+        print(f"\n  bf16 operands, max |error| in nats: ours {err:.2e}, bf16 logits {peer:.2e}")
+    assert err <= 2e-3
+    assert peer > 10 * err
+    assert bool((lp <= 0).all()) and bool((h >= 0).all())
+    assert bool((h.double() <= math.log(4096)).all())
+
+
+def test_against_trl_chunked_logprob(backend, device):
+    # TRL 1.16's ChunkedLogProbFunction on the same float32 operands (its CPU path):
+    # log-probabilities, entropies and the gradients of the input and the weight
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+    x, w, b, t = operands((24,), 32, 300, torch.float32, "cpu")
+    g_lp, g_h = upstream(t.shape, "both")
+
+    def trl_fn(x, w, t, b, temperature, softcap):
+        lp, h, *_ = chunked.ChunkedLogProbFunction.apply(x, w, b, t, temperature, 128,
+                                                         softcap, 1.0, ("entropy",))
+        return lp, h
+
+    def ours_fn(x, w, t, b, temperature, softcap):
+        return fl.linear_log_probs(x, w, t, linear_bias=b, temperature=temperature,
+                                   softcap=softcap, return_entropy=True)
+
+    results = []
+    for fn, dev in ((trl_fn, "cpu"), (ours_fn, device)):
+        leaves = [v.detach().clone().to(dev).requires_grad_(True) for v in (x, w, b)]
+        lp, h = fn(leaves[0], leaves[1], t.to(dev), leaves[2], 0.7, 20.0)
+        backward(lp, h, g_lp, g_h)
+        results.append([lp, h, *(v.grad for v in leaves)])
+    for theirs, mine in zip(*results, strict=True):
+        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_never_an_eighth_of_the_logits(backend, device):
+    # 1,024 tokens, an 800-class head of 16 features: no tensor of the forward or the
+    # backward holds an eighth of the logits' elements; under no_grad, one chunk
+    n, h, v = 1024, 16, 800
+    x, w, b, t = operands((n,), h, v, torch.bfloat16, device)
+    x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)
+    with LargestTensor() as mode:
+        lp, ent = fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True,
+                                      temperature=0.7)
+        backward(lp, ent, *upstream(t.shape, "both"))
+    assert mode.largest <= n * v // 8, mode.largest
+    with torch.no_grad(), LargestTensor() as mode:
+        fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True, chunk_size=32)
+    assert mode.largest <= 32 * v, mode.largest
+
+
+def test_no_grad(backend, device):
+    x, w, b, t = operands((20,), 16, 101, torch.float32, device)
+    with torch.no_grad():
+        lp, h = fl.linear_log_probs(x.requires_grad_(True), w.requires_grad_(True), t,
+                                    linear_bias=b, return_entropy=True, chunk_size=4)
+    assert lp.grad_fn is None and h.grad_fn is None
+    ref_lp, ref_h = reference(x.double().cpu(), w.double().cpu(), t.cpu(), b.double().cpu())
+    assert_close(lp, ref_lp, torch.float32, "log_probs")
+    assert_close(h, ref_h, torch.float32, "entropy")
+
+
+def test_deterministic(backend, device):
+    x, w, b, t = operands((40,), 16, 300, torch.bfloat16, device)
+    runs = [run(ours, x, w, t, b, "both", chunk_size=7, temperature=0.6) for _ in range(2)]
+    for a, b_ in zip((runs[0][0], runs[0][1], *runs[0][2]), (runs[1][0], runs[1][1],
+                                                              *runs[1][2]), strict=True):
+        assert torch.equal(a, b_)
+
+
+def test_confident_rows_keep_their_digits(backend, device):
+    # bfloat16 rows whose target has p = 1 - 6.1e-4 (row i sees feature i only, W[t_i, i] =
+    # 12): logits rounded to bfloat16 give p = 1 and d log p / d W[t_i, i] = 1 - p = 0; ours
+    # forms it in float32
+    n, v = 4, 100
+    x = torch.eye(n, dtype=torch.bfloat16, device=device)
+    t = torch.tensor([3, 7, 11, 42], device=device)
+    w = torch.zeros(v, n, dtype=torch.bfloat16, device=device)
+    w[t, torch.arange(n, device=device)] = 12.0
+    w.requires_grad_(True)
+    fl.linear_log_probs(x, w, t).sum().backward()
+    expected = 99 / (math.exp(12) + 99)
+    got = w.grad[t, torch.arange(n, device=device)].double().cpu()
+    assert torch.allclose(got, torch.full_like(got, expected), rtol=2**-7), (got, expected)
+
+
+def test_double_backward(backend, device):
+    x, w, b, t = operands((6,), 8, 13, torch.float32, device)
+    v = torch.randn(6, 8, dtype=torch.float64)
+
+    def hvp(fn, x, w):
+        x = x.detach().clone().requires_grad_(True)
+        lp, h = fn(x, w, t.to(x.device))
+        (g,) = torch.autograd.grad((lp + 0.3 * h).sum(), x, create_graph=True)
+        (g * v.to(x.dtype).to(x.device)).sum().backward()
+        return g.detach(), x.grad
+
+    g, hv = hvp(lambda x, w, t: ours(x, w, t, None, temperature=0.8, chunk_size=4), x, w)
+    ref_g, ref_hv = hvp(lambda x, w, t: reference(x, w, t, temperature=0.8),
+                        x.double().cpu(), w.double().cpu())
+    assert_close(g, ref_g, torch.float32, "gradient")
+    assert_close(hv, ref_hv, torch.float32, "Hessian-vector product")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_autocast(backend, device, dtype):
+    # under torch.autocast the GEMMs run in bfloat16 (as F.linear's), the logits still in
+    # float32; gradients in each operand's dtype
+    x, w, b, t = operands((24,), 16, 101, dtype, device)
+    x.requires_grad_(True), w.requires_grad_(True)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        lp = fl.linear_log_probs(x, w, t, linear_bias=b, chunk_size=8)
+    assert lp.dtype == torch.float32
+    lp.sum().backward()
+    assert x.grad.dtype == w.grad.dtype == dtype
+    rounded = [v.detach().cpu().to(torch.bfloat16).double() for v in (x, w, b)]
+    ref_lp, _ = reference(rounded[0], rounded[1], t.cpu(), rounded[2])
+    if torch.device(device).type == "cuda" or (backend == "triton"):
+        assert_close(lp, ref_lp, torch.float32, "log_probs (autocast)")
+    else:  # the eager path's float32 GEMMs (autocast's dtype is the kernels')
+        assert (lp.cpu() - ref_lp).abs().max() < 0.1
+
+
+BAD = {
+    "weight rank": ((torch.randn(4, 8), torch.randn(10, 2, 8), torch.zeros(4, dtype=torch.long)),
+                    {}, RuntimeError, "linear_weight of shape"),
+    "in_features": ((torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long)),
+                    {}, RuntimeError, "in_features"),
+    "bias shape": ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)),
+                   {"linear_bias": torch.randn(11)}, RuntimeError, "linear_bias shape"),
+    "target shape": ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long)),
+                     {}, ValueError, "target of shape"),
+    "dtypes": ((torch.randn(4, 8), torch.randn(10, 8, dtype=torch.float64),
+                torch.zeros(4, dtype=torch.long)), {}, RuntimeError, "same dtype"),
+    "out of range": ((torch.randn(4, 8), torch.randn(10, 8), torch.tensor([0, 1, 10, 2])), {},
+                     IndexError, "Target 10 is out of bounds."),
+    "logit_scale 0": ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)),
+                      {"logit_scale": 0.0}, ValueError, "logit_scale"),
+    "chunk_size 0": ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)),
+                     {"chunk_size": 0}, ValueError, "chunk_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_errors(backend, case):
+    args, kwargs, error, words = BAD[case]
+    with pytest.raises(error, match=words):
+        fl.linear_log_probs(*args, **kwargs)

@@ -1,0 +1,276 @@
+"""fused_losses.log_probs (per-token log-probabilities and entropy of given logits) against
+torch in float64, both backends.
+
+The reference (``reference_log_probs``) is torch's ``log_softmax`` in float64 on the same
+rounded logits, transformed as the issue defines it (scale, softcap, temperature), with the
+entropy ``-sum p log p`` (a -inf logit adds 0): values, and the gradients from random
+upstream gradients of the log-probabilities, of the entropy, and of both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import assert_close, random_logits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fused_losses as fl
+
+
+def reference_log_probs(logits, target, temperature=1.0, softcap=None, logit_scale=1.0,
+                        ignore_index=-100):
+    """(log p_y, entropy) in the logits' dtype (float64 for references): zero where the
+    target is ignored. Written so that -inf logits give finite gradients (0 log 0 = 0)."""
+    z = logits * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    lsm = torch.log_softmax(z, -1)
+    ok = target != ignore_index
+    lp = lsm.gather(-1, torch.where(ok, target, 0).unsqueeze(-1)).squeeze(-1)
+    p = lsm.exp()
+    h = -(p * torch.where(p > 0, lsm, 0.0)).sum(-1)
+    return torch.where(ok, lp, 0.0), torch.where(ok, h, 0.0)
+
+
+UPSTREAMS = ("log_probs", "entropy", "both")
+
+
+def upstream(shape, which: str, seed: int = 1):
+    """float32 upstream gradients (of log p, of H; None where that output gets none), drawn
+    in float64 and rounded to float32 so both sides see the same numbers."""
+    g = torch.Generator().manual_seed(seed)
+    g_lp = (torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    g_h = (torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    return (g_lp if which in ("log_probs", "both") else None,
+            g_h if which in ("entropy", "both") else None)
+
+
+def backward(lp, h, g_lp, g_h):
+    outs = [(o, g) for o, g in ((lp, g_lp), (h, g_h)) if g is not None]
+    torch.autograd.backward([o for o, _ in outs], [g.to(o.device, o.dtype) for o, g in outs])
+
+
+def check(logits, target, which="both", terms=0.0, **opts):
+    """Ours on the current backend against the float64 reference; returns ours. ``terms``:
+    the size of terms that cancel (``_helpers.assert_close``)."""
+    x = logits.detach().clone().requires_grad_(True)
+    lp, h = fl.log_probs(x, target, return_entropy=True, **opts)
+    assert lp.dtype == h.dtype == torch.float32
+    assert lp.shape == h.shape == target.shape
+    g_lp, g_h = upstream(target.shape, which)
+    backward(lp, h, g_lp, g_h)
+    ref_x = logits.detach().cpu().double().requires_grad_(True)
+    ref_lp, ref_h = reference_log_probs(ref_x, target.cpu(), **opts)
+    backward(ref_lp, ref_h, None if g_lp is None else g_lp.double(),
+             None if g_h is None else g_h.double())
+    assert_close(lp, ref_lp, torch.float32, "log_probs", terms=terms)
+    assert_close(h, ref_h, torch.float32, "entropy", terms=terms)
+    assert x.grad.dtype == logits.dtype
+    assert_close(x.grad, ref_x.grad, logits.dtype, f"d out / d logits ({which})", terms=terms)
+    return lp, h
+
+
+OPTIONS = {
+    "plain": dict(),
+    "temperature": dict(temperature=0.7),
+    "softcap and temperature": dict(softcap=5.0, temperature=1.3),
+    "ignore_index 0": dict(ignore_index=0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", UPSTREAMS)
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_values_and_gradients(backend, device, dtype, which, case):
+    # K-dimensional leading shape (batch, sequence); 203 classes (not a power of 2); some
+    # targets ignored
+    logits = random_logits((3, 7, 203), dtype, device)
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 203, (3, 7), generator=g)
+    target[0, ::3] = OPTIONS[case].get("ignore_index", -100)
+    check(logits, target.to(device), which, **OPTIONS[case])
+
+
+def test_ignored_targets_give_zero_and_no_gradient(backend, device):
+    logits = random_logits((4, 50), torch.float32, device).requires_grad_(True)
+    target = torch.tensor([3, -100, 7, -100], device=device)
+    lp, h = fl.log_probs(logits, target, return_entropy=True)
+    (lp.sum() + h.sum()).backward()
+    assert torch.equal(lp[1::2].cpu(), torch.zeros(2)) and torch.equal(h[1::2].cpu(),
+                                                                       torch.zeros(2))
+    assert torch.equal(logits.grad[1::2].cpu(), torch.zeros(2, 50))
+    assert bool((logits.grad[::2] != 0).any())
+
+
+@pytest.mark.parametrize("which", UPSTREAMS)
+def test_long_rows(backend, device, which):
+    # more classes than a program holds in registers: the row looped over blocks, its
+    # statistics merged (b included), the gradient written by 4096-class blocks
+    logits = random_logits((2, 40000), torch.bfloat16, device)
+    check(logits, torch.tensor([5, 39999], device=device), which, temperature=0.8)
+
+
+def test_confident_rows_keep_their_digits(backend, device):
+    # p_y = 1 - 6.1e-4: in bfloat16 p_y is 1 and the gradient g (p_y - 1) would vanish (the
+    # peers' bfloat16 logits); formed in float32 it keeps float32's absolute precision (the
+    # terms that cancel are p_y and 1: terms=1), and so do log p_y and the entropy
+    target = torch.tensor([3, 50, 99])
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.zeros(3, 100, dtype=dtype)
+        logits[torch.arange(3), target] = 12.0
+        check(logits.to(device), target.to(device), "both", terms=1.0)
+        x = logits.to(device).requires_grad_(True)
+        fl.log_probs(x, target.to(device)).sum().backward()
+        expected = -99 / (math.exp(12) + 99)  # p_y - 1
+        got = x.grad[torch.arange(3), target].double().cpu()
+        assert torch.allclose(-got, torch.full_like(got, expected), rtol=2**-7), got
+
+
+def test_minus_infinity_logits(backend, device):
+    # masked vocabulary entries (-inf): they add 0 to the entropy and get a zero gradient
+    logits = random_logits((4, 33), torch.float32, "cpu")
+    logits[:, ::4] = -math.inf
+    target = torch.tensor([1, 2, 3, 5])
+    lp, h = check(logits.to(device), target.to(device), "both", temperature=0.5)
+    assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(h).all())
+
+
+def test_bounds(backend, device):
+    # log p <= 0 and 0 <= H <= log C, exactly: uniform rows (H = log C, where a float32 sum
+    # of C equal terms rounds above it), one-hot rows (H = 0, log p = 0), random rows
+    n_classes = 1000
+    logits = torch.cat([torch.zeros(2, n_classes), torch.full((2, n_classes), 7.25),
+                        random_logits((4, n_classes), torch.float32, "cpu", scale=8.0)])
+    logits[1, 0] = 200.0  # p_0 = 1 in float32
+    target = torch.tensor([0, 0, 999, 5, 1, 2, 3, 4])
+    lp, h = fl.log_probs(logits.to(device), target.to(device), return_entropy=True)
+    assert bool((lp <= 0).all()) and bool((h >= 0).all())
+    assert bool((h.double() <= math.log(n_classes)).all())
+    assert lp[1].item() == 0.0 and h[1].item() == 0.0
+
+
+def test_no_grad_and_entropy_without_gradient(backend, device):
+    logits = random_logits((5, 64), torch.float32, device).requires_grad_(True)
+    target = torch.arange(5, device=device)
+    with torch.no_grad():
+        lp, h = fl.log_probs(logits, target, return_entropy=True)
+    assert lp.grad_fn is None and h.grad_fn is None
+    # the entropy logged, not trained on: the gradient is the log-probabilities' alone
+    lp, h = fl.log_probs(logits, target, return_entropy=True)
+    lp.sum().backward()
+    ref = logits.detach().double().requires_grad_(True)
+    reference_log_probs(ref, target.cpu())[0].sum().backward()
+    assert_close(logits.grad, ref.grad, torch.float32, "d log p / d logits")
+    assert torch.equal(fl.log_probs(logits, target), lp)
+
+
+def test_double_backward(backend, device):
+    logits = random_logits((3, 11), torch.float32, device)
+    target = torch.tensor([1, 4, 10], device=device)
+    v = torch.randn(3, 11, dtype=torch.float64)
+
+    def hvp(fn, x, t):
+        x = x.detach().clone().requires_grad_(True)
+        lp, h = fn(x, t)
+        (g,) = torch.autograd.grad((lp * 0.5 + h).sum(), x, create_graph=True)
+        (g * v.to(x.dtype).to(x.device)).sum().backward()
+        return g.detach(), x.grad
+
+    g, hv = hvp(lambda x, t: fl.log_probs(x, t, temperature=0.9, return_entropy=True),
+                logits, target)
+    ref_g, ref_hv = hvp(lambda x, t: reference_log_probs(x, t, temperature=0.9),
+                        logits.double().cpu(), target.cpu())
+    assert_close(g, ref_g, torch.float32, "gradient")
+    assert_close(hv, ref_hv, torch.float32, "Hessian-vector product")
+
+
+def test_return_types(backend, device):
+    logits = random_logits((2, 3, 9), torch.float32, device)
+    target = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    out = fl.log_probs(logits, target, return_entropy=True)
+    assert isinstance(out, fl.LogProbs) and out.log_probs.shape == (2, 3)
+    assert fl.log_probs(logits, target).shape == (2, 3)
+    # one row of (C,) logits and a 0-d target
+    lp = fl.log_probs(logits[0, 0], target[0, 0])
+    assert lp.shape == ()
+    # int32 targets
+    assert torch.equal(fl.log_probs(logits, target.int()), fl.log_probs(logits, target))
+
+
+def test_against_trl(backend, device):
+    # TRL's own functions on the same float32 logits: selective_log_softmax(logits / T),
+    # entropy_from_logits(logits / T)
+    utils = pytest.importorskip("trl.trainer.utils")
+    logits = random_logits((2, 6, 300), torch.float32, "cpu")
+    target = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(1))
+    lp, h = fl.log_probs(logits.to(device), target.to(device), temperature=0.7,
+                         return_entropy=True)
+    theirs_lp = utils.selective_log_softmax(logits / 0.7, target)
+    theirs_h = utils.entropy_from_logits(logits / 0.7)
+    torch.testing.assert_close(lp.cpu(), theirs_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.cpu(), theirs_h, rtol=1e-5, atol=1e-5)
+
+
+BAD = {
+    "target shape": (lambda d: (torch.randn(3, 5, device=d), torch.zeros(4, dtype=torch.int64,
+                                                                         device=d)),
+                     {}, ValueError, "expected target of shape"),
+    "float target": (lambda d: (torch.randn(3, 5, device=d), torch.zeros(3, device=d)), {},
+                     RuntimeError, "integer tensor"),
+    "integer logits": (lambda d: (torch.ones(3, 5, dtype=torch.int64, device=d),
+                                  torch.zeros(3, dtype=torch.int64, device=d)), {},
+                       RuntimeError, "floating-point logits"),
+    "temperature 0": (lambda d: (torch.randn(3, 5, device=d),
+                                 torch.zeros(3, dtype=torch.int64, device=d)),
+                      {"temperature": 0.0}, ValueError, "temperature"),
+    "softcap -1": (lambda d: (torch.randn(3, 5, device=d),
+                              torch.zeros(3, dtype=torch.int64, device=d)),
+                   {"softcap": -1.0}, ValueError, "softcap"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_errors(backend, device, case):
+    make, kwargs, error, words = BAD[case]
+    with pytest.raises(error, match=words):
+        fl.log_probs(*make(device), **kwargs)
+
+
+def test_target_out_of_range_cpu(backend):
+    # torch's words on the CPU (the values are read there: no sync)
+    with pytest.raises(IndexError, match="Target 5 is out of bounds."):
+        fl.log_probs(torch.randn(3, 5), torch.tensor([0, 5, 1]))
+
+
+@pytest.mark.cuda
+def test_target_out_of_range_cuda_gives_nan():
+    lp, h = fl.log_probs(torch.randn(3, 5, device="cuda"),
+                         torch.tensor([0, 5, 1], device="cuda"), return_entropy=True)
+    assert bool(lp[1].isnan()) and bool(h[1].isnan()) and bool(lp[0::2].isfinite().all())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    shape=st.sampled_from([(1, 1), (3, 2), (17, 1), (2, 3, 4)]),
+    n_classes=st.sampled_from([1, 2, 31, 257]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    which=st.sampled_from(UPSTREAMS),
+    temperature=st.sampled_from([1.0, 0.6, 2.0]),
+    softcap=st.sampled_from([None, 4.0]),
+    strided=st.booleans(),
+)
+def test_hypothesis(backend, device, shape, n_classes, dtype, which, temperature, softcap,
+                    strided):
+    # strided: the logits a causal LM shifts (x[..., :-1, :]) or a class slice of a wider
+    # row, read without a copy
+    wide = random_logits((*shape[:-1], shape[-1] + 1, n_classes + 3), dtype, device, seed=2)
+    logits = (wide[..., 1:, :n_classes] if strided
+              else random_logits((*shape, n_classes), dtype, device, seed=2))
+    g = torch.Generator().manual_seed(4)
+    target = torch.randint(0, n_classes, shape, generator=g)
+    target.view(-1)[::5] = -100
+    check(logits, target.to(device), which, temperature=temperature, softcap=softcap)
