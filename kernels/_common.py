@@ -6,6 +6,7 @@ Imported by every kernel file; nothing here is loss-specific.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 
 import torch
@@ -83,6 +84,15 @@ def _device_of(kwargs: dict) -> torch.device | None:
 # transformers...) could not interpret a kernel: "Cannot call @triton.jit'd outside of the
 # scope of a kernel". So a CPU launch runs the kernel's Python function as an
 # InterpretedFunction, in a scope where every JITFunction it calls is interpreted too.
+#
+# The interpreter swaps triton.language's builtins (tl.core.cast, tl.core.add, ...) and some
+# methods of its classes (tl.tensor.__index__, tl.dtype.to_ir) for numpy versions while a
+# kernel runs. It puts them back after a launch, but not after a call of a @triton.jit helper
+# (tl.max, tl.sum, our own): those stay patched for the rest of the process (Triton 3.6 to
+# 3.9 at least), and the next kernel *compiled* for a GPU in that process fails in its first
+# cast: "'value' object has no attribute 'dtype'" at `tl.program_id(0).to(tl.int64)`. So the
+# scope also snapshots the namespaces the interpreter patches and puts back whatever a launch
+# left changed.
 # ------------------------------------------------------------------------------------------
 
 _interpreted: dict[object, object] = {}  # Python function -> its InterpretedFunction
@@ -116,6 +126,7 @@ def _interpreter_scope():
     from triton.runtime import interpreter
 
     with _interpreter_lock:
+        saved_language = _snapshot_language()
         saved_call = JITFunction.__call__
         saved_cast = interpreter.InterpreterBuilder.cast_impl
         knobs = getattr(triton, "knobs", None)
@@ -136,6 +147,44 @@ def _interpreter_scope():
             interpreter.InterpreterBuilder.cast_impl = saved_cast
             if knobs is not None:
                 knobs.runtime.interpret = saved_knob
+            _restore_language(saved_language)
+
+
+def _language_namespaces() -> list:
+    """What the interpreter patches: triton.language and its core, math and standard modules,
+    and every class of triton.language.core (tensor, dtype, condition, ...)."""
+    core = tl.core
+    spaces = [tl, core, tl.math, getattr(tl, "standard", tl)]
+    spaces += [value for value in vars(core).values()
+               if isinstance(value, type) and value.__module__ == core.__name__]
+    return list({id(space): space for space in spaces}.values())
+
+
+def _snapshot_language() -> list[tuple[object, dict]]:
+    return [(space, dict(vars(space))) for space in _language_namespaces()]
+
+
+def _restore_language(snapshot: list[tuple[object, dict]]) -> None:
+    """Put every attribute of the snapshot's namespaces back as it was, and remove those a
+    launch added, except what must stay: a submodule imported meanwhile
+    (triton.language.semantic), and the interpreter's own globals, which its rewriter adds to
+    the module of each function it interprets (tl.standard's helpers) and their cached
+    rewritten code reads at every later launch."""
+    from triton.runtime import interpreter
+
+    kept = vars(interpreter)
+    for space, saved in snapshot:
+        now = vars(space)
+        for name in [name for name in now if name not in saved]:
+            value = now[name]
+            if not (inspect.ismodule(value) or kept.get(name, _MISSING) is value):
+                delattr(space, name)
+        for name, value in saved.items():
+            if now.get(name, _MISSING) is not value:
+                setattr(space, name, value)
+
+
+_MISSING = object()
 
 
 def _gpu_rounding_cast(original):
