@@ -43,11 +43,23 @@ def backend_setting() -> str:
     return value
 
 
-def triton_available() -> bool:
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or blocked install counts as absent
         return False
+
+
+# Looked up once, when this module is imported (finding the package imports nothing): the
+# dispatch runs inside torch.compile's traced region, and Dynamo refuses to trace
+# importlib.util.find_spec on some torch versions (2.11: "Attempted to call function marked
+# as skipped"), which broke every compiled call with fullgraph=True.
+_TRITON_AVAILABLE = _find_triton()
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (as it was when fused_losses was imported)."""
+    return _TRITON_AVAILABLE
 
 
 def functorch_wrapped(x: torch.Tensor) -> bool:

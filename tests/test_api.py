@@ -223,6 +223,32 @@ def test_dispatch_policy(monkeypatch):
     assert not _dispatch.use_kernels(x, supported=False)
 
 
+def test_dispatch_does_not_look_for_triton_per_call(monkeypatch):
+    # torch.compile traces the dispatch, and Dynamo refuses to trace importlib.util.find_spec
+    # on some torch versions (2.11: "Attempted to call function marked as skipped", every
+    # compiled kernel call with fullgraph=True failed): the dispatch asks for no module search
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("FUSED_LOSSES_BACKEND", "triton")
+    from fused_losses import _dispatch
+
+    def find_spec(*args, **kwargs):
+        raise AssertionError(f"the dispatch looked for a module: find_spec{args}")
+
+    # (the dispatch's importlib only: torch.compile itself looks for modules)
+    monkeypatch.setattr(_dispatch, "importlib", SimpleNamespace(
+        util=SimpleNamespace(find_spec=find_spec)))
+    x = torch.randn(2, 3)
+    assert _dispatch.use_kernels(x)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda x: (x * 2, _dispatch.use_kernels(x)), backend="eager",
+                                 fullgraph=True)
+        assert compiled(x)[1] is True
+    finally:
+        torch._dynamo.reset()
+
+
 def test_ci_runs_the_readme_test_command():
     from pathlib import Path
 
