@@ -355,7 +355,7 @@ def test_double_backward(backend, device, reduction, prob):
         x = x.detach().clone().requires_grad_(True)
         loss = fn(x, t, w, reduction=reduction, label_smoothing=0.1)
         (g,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
-        (g * v.to(x.dtype)).sum().backward()
+        (g * v.to(x)).sum().backward()
         return g.detach(), x.grad
 
     g, h = hvp(fl.cross_entropy, x, t, w)
