@@ -107,6 +107,7 @@ def check_cross_entropy(
     ignore_index: int,
     label_smoothing: float,
     input_dtype: torch.dtype | None = None,
+    reduction: str = "mean",
 ) -> CrossEntropySpec:
     """Every check ``torch.nn.functional.cross_entropy`` makes but the target values', with
     its exception and words, in its order.
@@ -114,6 +115,8 @@ def check_cross_entropy(
     ``input`` has at least one dimension and a floating dtype (the caller hands 0-d and
     integer inputs to torch itself, which raises its own errors for them). ``input_dtype``:
     the dtype torch would see (float32 under torch.autocast), if not the input's.
+    ``reduction``: the resolved reduction (torch skips some dtype checks of an empty target
+    when the loss is reduced).
     """
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
@@ -143,21 +146,24 @@ def check_cross_entropy(
     if label_smoothing > 0.0 and label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
 
-    _check_class_target_shape(input, target)
-    if input.dim() == 1 and target.dim() == 1 and label_smoothing > 0.0:
-        # torch's smoothing path fails on this shape (its masked_fill_ cannot broadcast a
-        # (1,) mask into the 0-d loss); raise as it does rather than answer where it cannot.
-        raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")
-
+    # A target of another dtype than int64 or uint8: torch >= 2.13 refuses it among the
+    # shape checks; older torch when its kernel reads the targets, after every other check,
+    # and not where a reduced loss has no target to read (_target_dtype_rule).
+    dtype_error = rule = None
     if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(
-            f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}"
-        )
-    if input.dim() == 4 and target.shape != (input.shape[0],) + tuple(input.shape[2:]):
-        # nll_loss2d checks the dtype before the sizes (the other ranks check sizes first).
-        raise RuntimeError(
-            f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}"
-        )
+        rule = _target_dtype_rule()
+        dtype_error = RuntimeError(rule.message(target.dtype))
+    reads_targets = target.numel() > 0 or reduction not in ("mean", "sum")
+    _check_class_target_shape(input, target, dtype_error if rule and rule.early else None)
+
+    if input.dim() == 4:
+        # nll_loss2d: the weight's size, then the sizes, then (below) the weight's dtype
+        if weight is not None and weight.numel() != n_classes:
+            raise RuntimeError("weight tensor should be defined either for all or no classes")
+        if target.shape != (input.shape[0],) + tuple(input.shape[2:]):
+            raise RuntimeError(
+                f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}"
+            )
 
     if weight is not None:
         if input.dim() <= 2:
@@ -174,9 +180,16 @@ def check_cross_entropy(
                 f"expected scalar type {scalar_type_name(input_dtype)} but found "
                 f"{scalar_type_name(weight.dtype)}"
             )
-    if input.dim() > 2 and target.dtype == torch.uint8 and target.numel() > 0:
-        # torch's K-dimensional path takes int64 targets only (its 1-D and 2-D ones Byte too)
+    if input.dim() > 2 and target.dtype == torch.uint8 and reads_targets:
+        # torch's K-dimensional kernels take int64 targets only (its 1-D and 2-D ones Byte too)
         raise RuntimeError("expected scalar type Long but found Byte")
+    if dtype_error is not None and not rule.early and (reads_targets or rule.checks_empty):
+        raise dtype_error
+    if input.dim() == 1 and target.dim() == 1 and label_smoothing > 0.0:
+        # torch's smoothing path fails on this shape (its masked_fill_ cannot broadcast a
+        # (1,) mask into the 0-d loss), after nll_loss's checks; raise as it does rather than
+        # answer where it cannot.
+        raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")
 
     smoothing = label_smoothing if label_smoothing > 0.0 else 0.0
     return CrossEntropySpec(False, n_classes, smoothing)
@@ -267,12 +280,16 @@ def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor) -> None:
-    """Shape checks of ``nll_loss_nd`` for class-index targets, in torch's order."""
+def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor,
+                              dtype_error: RuntimeError | None) -> None:
+    """Shape checks of ``nll_loss_nd`` for class-index targets, in torch's order, with
+    ``dtype_error`` (a target dtype refused among them) where torch raises it."""
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        if target.dtype in (torch.int64, torch.uint8) and target.dim() == 1 and target.numel() != 1:
+        if dtype_error is not None:
+            raise dtype_error
+        if target.dim() == 1 and target.numel() != 1:
             raise ValueError(
                 "For 1D input, 1D target must have size 1, but got target size: "
                 f"{target.shape[0]}"
@@ -300,6 +317,72 @@ def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor) -> None
             raise RuntimeError(
                 f"Expected target size [{', '.join(map(str, expected))}], got {_shape(target)}"
             )
+    if dtype_error is not None:
+        raise dtype_error
+
+
+# --------------------------------------------------------------------------------------
+# the dtype of class-index targets, as the installed torch refuses it
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetDtypeRule:
+    """How the installed torch refuses a class-index target that is neither int64 nor uint8
+    (probed: ``_target_dtype_rule``).
+
+    ``template``: its message, ``{}`` for the dtype's name ("expected target dtype to be Long
+    or Byte, but got {}" from torch 2.13 on, "expected scalar type Long but found {}"
+    before). ``early``: refused among the shape checks, before the weight's (torch >= 2.13),
+    rather than after every other check, where its kernel reads the targets.
+    ``checks_empty``: refused also where a reduced loss has no target to read."""
+
+    template: str
+    early: bool
+    checks_empty: bool
+
+    def message(self, dtype: torch.dtype) -> str:
+        return self.template.format(scalar_type_name(dtype))
+
+
+# torch 2.13's behaviour: the answer while torch.compile traces, before any probe ran
+_NEWEST_TARGET_DTYPE_RULE = TargetDtypeRule(
+    "expected target dtype to be Long or Byte, but got {}", early=True, checks_empty=True)
+_target_dtype_rule_probed: TargetDtypeRule | None = None
+
+
+def _target_dtype_rule() -> TargetDtypeRule:
+    """The installed torch's ``TargetDtypeRule``, found once by calling ``nll_loss`` on
+    one-element CPU tensors with an int32 target (only ever on the way to an error)."""
+    global _target_dtype_rule_probed
+    if _target_dtype_rule_probed is None:
+        if torch.compiler.is_compiling():  # (no probe inside a traced region)
+            return _NEWEST_TARGET_DTYPE_RULE
+        _target_dtype_rule_probed = _probe_target_dtype_rule()
+    return _target_dtype_rule_probed
+
+
+def _nll_loss_error(input, target, weight=None) -> str | None:
+    try:
+        torch.nn.functional.nll_loss(input, target, weight)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _probe_target_dtype_rule() -> TargetDtypeRule:
+    int32 = torch.int32
+    words = _nll_loss_error(torch.zeros(1, 1), torch.zeros(1, dtype=int32))
+    name = scalar_type_name(int32)
+    if words is None or not words.endswith(name):  # a torch this module does not know
+        return _NEWEST_TARGET_DTYPE_RULE
+    # a weight of the wrong size: which does torch refuse first?
+    first = _nll_loss_error(torch.zeros(1, 2), torch.zeros(1, dtype=int32), torch.ones(1))
+    return TargetDtypeRule(
+        template=words[:-len(name)].replace("{", "{{").replace("}", "}}") + "{}",
+        early=first == words,
+        checks_empty=_nll_loss_error(torch.zeros(0, 2), torch.zeros(0, dtype=int32)) is not None,
+    )
 
 
 # the names in F.linear's dtype message (C++'s type names)

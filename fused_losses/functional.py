@@ -136,7 +136,7 @@ def cross_entropy(
         weight = _dispatch.autocast_cast(weight)
     input_dtype = _dispatch.autocast_dtype(input.dtype) if autocast else input.dtype
     spec = check_cross_entropy(input, target, weight, ignore_index, label_smoothing,
-                               input_dtype)
+                               input_dtype, reduction)
     check_class_target_values(target, spec, weight, ignore_index, reduction,
                               _dispatch.reads_values_on_host(target))
     if inplace_backward and input.is_leaf and input.requires_grad:
