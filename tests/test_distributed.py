@@ -50,13 +50,13 @@ def run_world(world: int, checks: list[str], tmp_path, module: str = __name__) -
     init = tmp_path / "init"
     ctx = mp.start_processes(_worker, args=(world, str(init), module, checks), nprocs=world,
                              join=False, start_method="spawn")
-    pids = [process.pid for process in ctx.processes]
+    cpu: dict[int, float] = {}  # pid -> the CPU seconds it had used when last read
     start = last_busy = time.monotonic()
-    used = _cpu_seconds(pids)
+    used = _cpu_seconds(ctx.processes, cpu)
     try:
         while not ctx.join(timeout=2):
-            now, now_used = time.monotonic(), _cpu_seconds(pids)
-            if now_used is None or now_used > used + 0.5:  # (no /proc: the wall limit only)
+            now, now_used = time.monotonic(), _cpu_seconds(ctx.processes, cpu)
+            if now_used is None or now_used > used + 0.5:  # (None: no /proc, the wall limit)
                 used, last_busy = now_used, now
             hang = (f"used no CPU for {STALL} s" if now - last_busy > STALL else
                     f"did not finish in {TIMEOUT} s" if now - start > TIMEOUT else None)
@@ -72,17 +72,19 @@ def run_world(world: int, checks: list[str], tmp_path, module: str = __name__) -
                 process.kill()
 
 
-def _cpu_seconds(pids) -> float | None:
-    """The CPU time the processes have used (Linux's /proc), or None where it cannot be read."""
-    total = 0
-    try:
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    except (OSError, IndexError, ValueError):
+def _cpu_seconds(processes, last: dict) -> float | None:
+    """The CPU time the processes have used, from Linux's /proc (a rank that has exited
+    counts with what it had used when last read); None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
         return None
-    return total / os.sysconf("SC_CLK_TCK")
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            last[process.pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass  # (gone)
+    return sum(last.values())
 
 
 def _worker(rank: int, world: int, init: str, module: str, checks: list[str]) -> None:
