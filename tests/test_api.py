@@ -258,3 +258,25 @@ def test_ci_runs_the_readme_test_command():
     command = 'pip install -e ".[test]" && pytest'
     assert f"\n{command}\n" in readme
     assert f"\n{command}\n" in ci
+
+
+def test_the_torch_floor_is_what_ci_runs():
+    """pyproject's torch floor is no newer than the torch CI runs the whole suite on (.ci/run's
+    main pin; an older floor needs a green run of the whole suite on that torch elsewhere),
+    the README says the same floor, and CI's extra run is on a newer torch than its main one."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    pyproject = (root / "pyproject.toml").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    readme = (root / "README.md").read_text()
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("."))
+
+    (floor,) = re.findall(r'"torch>=([0-9.]+)"', pyproject)
+    (main_pin,) = re.findall(r"pip install --quiet torch==([0-9.]+)\n", ci)
+    (newest,) = re.findall(r"NEWEST_TORCH=([0-9.]+)\n", ci)
+    assert version(floor) <= version(main_pin), (floor, main_pin)
+    assert version(newest) > version(main_pin), (newest, main_pin)
+    assert f"torch >= {floor};" in readme

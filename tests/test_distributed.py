@@ -2,8 +2,11 @@
 
 Each test spawns one world of processes (2, 3 or 4 ranks, uneven and empty blocks of the
 vocabulary) and runs a list of checks in it, on both backends (the kernels under the Triton
-interpreter, and the eager formula), reusing one process group; a world that does not finish
-in ``TIMEOUT`` seconds is killed and fails the test, so a hang fails fast. Every rank builds
+interpreter, and the eager formula), reusing one process group. A hang fails fast: a world
+whose ranks all stop using the CPU for ``STALL`` seconds (a deadlock, a collective that waits
+for a rank that will never come) is killed and fails the test with every rank's stack, and
+so is one still running after ``TIMEOUT`` seconds (a busy loop); a slow world on a loaded
+machine is neither. Every rank builds
 the same full logits, takes its block, and compares the vocab-parallel loss and its block of
 the gradient with ``reference_cross_entropy`` (torch's ops in float64) on the full logits:
 values and gradients, with a random upstream gradient, for every argument.
@@ -11,8 +14,11 @@ values and gradients, with a random upstream gradient, for every argument.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
+import signal
+import sys
 import time
 from datetime import timedelta
 
@@ -23,7 +29,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _helpers import assert_close, loss_and_grads, random_logits, reference_cross_entropy
 
-TIMEOUT = 150  # seconds per spawned world (the interpreter on 2 shared CPU cores)
+TIMEOUT = 900  # seconds per spawned world at most, however busy (a test takes 20-60 s alone)
+STALL = 60  # seconds in which no rank of a world used any CPU: a hang
 BACKENDS = ("triton", "torch")
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
                "broadcast", "reduce_scatter_tensor", "all_to_all_single", "barrier",
@@ -37,25 +44,57 @@ COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all
 
 def run_world(world: int, checks: list[str], tmp_path, module: str = __name__) -> None:
     """Run the named checks (functions of ``module``) in ``world`` spawned processes, one
-    gloo group; kill them and fail after TIMEOUT seconds."""
+    gloo group. A rank that raises or dies fails the test (torch.multiprocessing's join
+    names it, and its signal); a world that hangs (see the module's docstring) is killed,
+    after every rank has printed its threads' stacks."""
     init = tmp_path / "init"
     ctx = mp.start_processes(_worker, args=(world, str(init), module, checks), nprocs=world,
                              join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT
+    cpu: dict[int, float] = {}  # pid -> the CPU seconds it had used when last read
+    start = last_busy = time.monotonic()
+    used = _cpu_seconds(ctx.processes, cpu)
     try:
         while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"a world of {world} ranks did not finish in {TIMEOUT} s (a hang?)")
+            now, now_used = time.monotonic(), _cpu_seconds(ctx.processes, cpu)
+            if now_used is None or now_used > used + 0.5:  # (None: no /proc, the wall limit)
+                used, last_busy = now_used, now
+            hang = (f"used no CPU for {STALL} s" if now - last_busy > STALL else
+                    f"did not finish in {TIMEOUT} s" if now - start > TIMEOUT else None)
+            if hang:
+                for process in ctx.processes:  # each rank's stacks to its stderr
+                    if process.is_alive():
+                        os.kill(process.pid, signal.SIGUSR1)
+                time.sleep(2)
+                pytest.fail(f"a world of {world} ranks {hang} (a hang?)")
     finally:
         for process in ctx.processes:
             if process.is_alive():
                 process.kill()
 
 
+def _cpu_seconds(processes, last: dict) -> float | None:
+    """The CPU time the processes have used, from Linux's /proc (a rank that has exited
+    counts with what it had used when last read); None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            last[process.pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass  # (gone)
+    return sum(last.values())
+
+
 def _worker(rank: int, world: int, init: str, module: str, checks: list[str]) -> None:
+    # A fatal signal (an abort in a C++ thread) prints every thread's Python stack first, and
+    # SIGUSR1 (a hang, from run_world) prints them and carries on.
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)  # (ranks share the machine's cores)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+                            world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
         tests = importlib.import_module(module)
         for name in checks:
@@ -513,6 +552,26 @@ def test_world_3(tmp_path):
 def test_world_4(tmp_path):
     run_world(4, ["check_world_4", "check_row_losses_in_place", "check_dtensor",
                   "check_training_loop"], tmp_path)
+
+
+def check_hang(rank, world):
+    """Rank 0 waits in a collective that rank 1 never joins."""
+    if rank == 0:
+        dist.barrier()
+    else:
+        time.sleep(3600)
+
+
+def test_a_hang_fails_fast(tmp_path, monkeypatch, capfd):
+    """A world whose ranks all wait fails after STALL seconds, not the collective's timeout,
+    and every rank's stack is in the test's output."""
+    monkeypatch.setattr(sys.modules[__name__], "STALL", 5)
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="used no CPU for 5 s"):
+        run_world(2, ["check_hang"], tmp_path)
+    assert time.monotonic() - start < TIMEOUT / 4
+    err = capfd.readouterr().err
+    assert "in check_hang" in err and "barrier" in err, err[-2000:]
 
 
 # ------------------------------------------------------------------------------------------

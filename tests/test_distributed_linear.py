@@ -3,8 +3,8 @@ FSDP2 weights, on the CPU with gloo.
 
 Each test spawns one world (2 or 3 ranks, uneven blocks of the vocabulary, an empty one) and
 runs a list of checks in it on both backends (the kernels under the Triton interpreter, and
-the eager formula); a world that does not finish in test_distributed's ``TIMEOUT`` seconds
-is killed and fails the test. Every rank builds the same whole head ``W`` (V, H) and bias,
+the eager formula); a world that hangs is killed and fails the test (test_distributed's
+``run_world``). Every rank builds the same whole head ``W`` (V, H) and bias,
 takes its block of rows, and compares the sharded call with the single-process loss of the
 whole head, ``cross_entropy(linear(x, W, b))`` in float64 (``reference``): the loss (bitwise
 the same on every rank), the input's whole gradient on every rank, the rank's block of the
@@ -34,8 +34,8 @@ N, H, CHUNK = 5, 4, 2  # tokens, hidden size, tokens per chunk: 3 chunks
 
 
 def run_world(world: int, checks: list[str], tmp_path) -> None:
-    """Run the named checks of this module in ``world`` spawned processes (one gloo group,
-    killed after test_distributed's TIMEOUT)."""
+    """Run the named checks of this module in ``world`` spawned processes (one gloo group;
+    a hang fails the test, as in test_distributed)."""
     run_distributed_world(world, checks, tmp_path, module=__name__)
 
 
