@@ -57,11 +57,14 @@ models are untouched) route the loss around the logits:
 An instance forward survives what calls ``model.forward`` directly (PEFT's ``LoraModel``),
 which module hooks would not. What the forward does with the logits between ``lm_head`` and
 the loss is checked once per class, from its source, when :func:`apply` is called: the one
-``self.lm_head(...)`` call, the logits going to ``self.loss_function`` and the output, and
-at most the softcapping, whose value is read from the same expression per call. Anything else
-(Cohere's ``logit_scale``, Granite's ``logits_scaling``, a loss computed without
-``self.loss_function``, a head other than ``nn.Linear``) is refused with the reason, rather
-than trained with a silently different loss.
+``self.lm_head(...)`` call (or of the module ``get_output_embeddings()`` names where a family
+calls it otherwise: BioGPT's ``output_projection``, GPT-NeoX-Japanese's ``embed_out``, RWKV's
+``head``), at most ``.float()`` or ``.contiguous()`` on its result (Mamba, Mllama, BLT: the
+stock loss upcasts the logits itself), the logits going to ``self.loss_function`` and the
+output, and at most the softcapping, whose value is read from the same expression per call.
+Anything else (Cohere's ``logit_scale``, Granite's ``logits_scaling``, a loss computed without
+``self.loss_function`` as the encoder-decoder families' causal LMs do, a head other than
+``nn.Linear``) is refused with the reason, rather than trained with a silently different loss.
 
 Under ``torch.compile`` the fused loss runs outside the graph (``torch.compiler.disable``:
 one graph break), so a compiled model keeps the memory saving on every backend (compiled,
@@ -173,6 +176,8 @@ class _Layout:
     """The forward's shape, as far as the loss is concerned."""
 
     softcap: tuple | None  # how to read the softcap off the model: ("attr", name)/("call",)
+    # (a logit scale goes here, read the same way, once linear_cross_entropy takes one:
+    # Cohere's `logits * self.logit_scale`, Granite's `logits / self.config.logits_scaling`)
 
 
 class _Unsupported(Exception):
@@ -180,10 +185,11 @@ class _Unsupported(Exception):
 
 
 @functools.cache
-def _layout(cls: type) -> _Layout:
-    """Checks that ``cls.forward`` computes ``logits = self.lm_head(h)``, then at most the
-    final-logit softcapping, then hands the logits to ``self.loss_function`` and the output
-    only; raises ``_Unsupported`` with the reason otherwise."""
+def _layout(cls: type, head: str = "lm_head") -> _Layout:
+    """Checks that ``cls.forward`` computes ``logits = self.<head>(h)`` (``head``: the output
+    layer's attribute, ``lm_head`` but for a few families), then at most the final-logit
+    softcapping, then hands the logits to ``self.loss_function`` and the output only; raises
+    ``_Unsupported`` with the reason otherwise."""
     fn = inspect.unwrap(cls.forward)
     try:
         source = textwrap.dedent(inspect.getsource(fn))
@@ -210,22 +216,53 @@ def _layout(cls: type) -> _Layout:
             stmt = parent[stmt]
         return f"`{ast.unparse(stmt).splitlines()[0].strip()}`"
 
-    heads = [n for n in ast.walk(func) if isinstance(n, ast.Call) and self_attr(n.func, "lm_head")]
+    heads = [n for n in ast.walk(func) if isinstance(n, ast.Call) and self_attr(n.func, head)]
     if len(heads) != 1:
-        raise _Unsupported(f"{cls.__name__}.forward calls self.lm_head {len(heads)} times "
+        raise _Unsupported(f"{cls.__name__}.forward calls self.{head} {len(heads)} times "
                            "(expected once, on the final hidden states)")
     assign = parent[heads[0]]
-    if (isinstance(assign, ast.Attribute) and assign.attr == "contiguous"
-            and isinstance(parent[assign], ast.Call) and not parent[assign].args):
-        assign = parent[parent[assign]]  # OPT's `self.lm_head(h).contiguous()`
+    # `self.lm_head(h).contiguous()` (OPT) and `.float()` (Mamba, Mllama, BLT, ...): methods
+    # called without arguments that change neither the values nor, for the loss, the dtype
+    # (the stock loss upcasts the logits to float32 itself; the fused loss is float32 math
+    # with a float32 result). Nothing else: `.double()`, `.to(...)` or `.half()` would change
+    # what the stock loss computes.
+    while (isinstance(assign, ast.Attribute) and assign.attr in ("contiguous", "float")
+           and isinstance(parent[assign], ast.Call) and parent[assign].func is assign
+           and not parent[assign].args and not parent[assign].keywords):
+        assign = parent[parent[assign]]
+    if isinstance(assign, ast.Attribute):  # `self.lm_head(h).to(torch.bfloat16)`, `.double()`
+        raise _Unsupported(f"{cls.__name__}.forward calls `.{assign.attr}` on the logits of "
+                           f"self.{head} in {where(assign)}, which the fused loss cannot "
+                           "reproduce (it takes `.float()` and `.contiguous()` there only)")
     if not (isinstance(assign, ast.Assign) and len(assign.targets) == 1
             and isinstance(assign.targets[0], ast.Name)):
         raise _Unsupported(f"{cls.__name__}.forward does not assign the logits of "
-                           f"self.lm_head to a name: {where(heads[0])}")
+                           f"self.{head} to a name: {where(heads[0])}")
     name = assign.targets[0].id
 
     def is_logits(node):
         return isinstance(node, ast.Name) and node.id == name
+
+    def loss_call(node):
+        """``self.loss_function(logits, ...)`` or ``self.loss_function(logits=logits, ...)``
+        around the logits ``node``."""
+        up = parent[node]
+        if isinstance(up, ast.keyword) and up.arg == "logits":
+            up = parent[up]
+        elif not (isinstance(up, ast.Call) and up.args and up.args[0] is node):
+            return False
+        return self_attr(up.func, "loss_function")
+
+    # the loss comes from self.loss_function, the one function the fused loss replaces;
+    # checked first, as it is the reason that no change to the logits could overcome
+    if not any(is_logits(n) and loss_call(n) for n in ast.walk(func)):
+        own = sorted((n for n in ast.walk(func)
+                      if isinstance(n, ast.Call) and "loss" in ast.unparse(n.func).lower()
+                      and any(is_logits(a) for a in ast.walk(n))), key=lambda n: n.lineno)
+        raise _Unsupported(f"{cls.__name__}.forward does not compute its loss with "
+                           "self.loss_function"
+                           + (f" (it computes it in {where(own[0])})" if own else "")
+                           + ", which is what the fused loss takes the place of")
 
     # the softcapping: `L = L / C; L = torch.tanh(L); L = L * C` or `L = tanh(L / C) * C`
     def tanh_of(node):
@@ -260,7 +297,7 @@ def _layout(cls: type) -> _Layout:
                   and tanh_of(value.left) and divided(value.left.args[0]) is not None):
                 kind = ("fused", value.right, divided(value.left.args[0]))
         if kind is None:
-            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.lm_head "
+            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.{head} "
                                f"in {where(stmt)}, which the fused loss cannot reproduce")
         steps.append((stmt, kind))
         allowed.update(n for n in ast.walk(stmt) if is_logits(n))
@@ -272,8 +309,8 @@ def _layout(cls: type) -> _Layout:
             cap = steps[0][1][1]
         elif kinds == ["fused"] and same(steps[0][1][1]) == same(steps[0][1][2]):
             cap = steps[0][1][1]
-        else:
-            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.lm_head "
+        else:  # a lone "mul"/"div" is a logit scale (Cohere, Granite): not in the core yet
+            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.{head} "
                                f"in {where(steps[0][0])}, which the fused loss cannot "
                                "reproduce")
         # applied unconditionally, or under `if C is not None:` only
@@ -298,25 +335,20 @@ def _layout(cls: type) -> _Layout:
     for node in ast.walk(func):
         if not is_logits(node) or node in allowed or node is assign.targets[0]:
             continue
-        up = parent[node]
-        if isinstance(up, ast.keyword) and up.arg == "logits":
-            call = parent[up]
-            if self_attr(call.func, "loss_function"):
-                losses += 1
-                continue
-            if _is_output_class(call.func, fn.__globals__):  # CausalLMOutputWithPast(...)
-                continue
-        if isinstance(up, ast.Call) and self_attr(up.func, "loss_function") \
-                and up.args and up.args[0] is node:
+        if loss_call(node):
             losses += 1
             continue
+        up = parent[node]
+        if (isinstance(up, ast.keyword) and up.arg == "logits"
+                and _is_output_class(parent[up].func, fn.__globals__)):
+            continue  # CausalLMOutputWithPast(..., logits=logits)
         if isinstance(up, ast.Tuple):  # a tuple output: `(logits,) + outputs[1:]`
             continue
-        raise _Unsupported(f"{cls.__name__}.forward uses the logits of self.lm_head in "
+        raise _Unsupported(f"{cls.__name__}.forward uses the logits of self.{head} in "
                            f"{where(node)}, which the fused loss cannot reproduce")
     if losses != 1:
-        raise _Unsupported(f"{cls.__name__}.forward does not compute its loss from the logits "
-                           "with self.loss_function (transformers >= 4.50 layout expected)")
+        raise _Unsupported(f"{cls.__name__}.forward computes its loss from the logits with "
+                           f"self.loss_function {losses} times (expected once)")
     return _Layout(softcap=cap)
 
 
@@ -380,16 +412,18 @@ def _read(model, path: tuple | None):
 class _State:
     """One model's integration: its options, and the armed call's hidden states."""
 
-    def __init__(self, cls_forward, layout: _Layout, options: dict, previous_loss):
+    def __init__(self, cls_forward, head_attr: str, layout: _Layout, options: dict,
+                 previous_loss):
         self.cls_forward = cls_forward  # the class's forward, which the wrapper calls
+        self.head_attr = head_attr  # the model's attribute holding the output layer
         self.signature = inspect.signature(cls_forward)
         self.layout = layout
         self.options = options
         self.previous_loss = previous_loss  # the instance's own loss_function, if it had one
         self.armed = False
         self.softcap = None  # read off the model when armed
-        self.hidden = None  # what lm_head received, while armed
-        self.head = None  # the lm_head module that received it
+        self.hidden = None  # what the head received, while armed
+        self.head = None  # the head module that received it
         self.final = None  # the placeholder the loss function received
 
 
@@ -402,7 +436,8 @@ def apply(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
     Args:
         model: a transformers causal LM (``*ForCausalLM``, or a multimodal
             ``*ForConditionalGeneration`` with the same head) whose forward computes
-            ``self.lm_head(hidden_states)`` with an ``nn.Linear`` head and its loss with
+            ``self.lm_head(hidden_states)`` with an ``nn.Linear`` head (or the output layer
+            ``get_output_embeddings()`` returns, under its own name) and its loss with
             ``self.loss_function`` (transformers' ``ForCausalLMLoss``). Apply before
             ``torch.compile``.
         label_smoothing, z_loss: as :func:`fused_losses.cross_entropy` (defaults: the stock
@@ -435,10 +470,11 @@ def apply(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
                if hasattr(model, "get_base_model") else "")
         )
     name = type(model).__name__
-    head = getattr(model, "lm_head", None)
-    _check_head(head, name)
+    attr = _head_attr(model)
+    head = getattr(model, attr, None)
+    _check_head(head, name, attr)
     try:
-        layout = _layout(type(model))
+        layout = _layout(type(model), attr)
     except _Unsupported as e:
         raise ValueError(f"fused_losses cannot take over the loss of {name}: {e}") from None
     state = model.__dict__.get(_ATTR)
@@ -454,7 +490,7 @@ def apply(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
             f"{getattr(current, '__name__', current)!r}, expected transformers' "
             "ForCausalLMLoss (the causal LM's, or fused_losses' causal_lm_loss)"
         )
-    state = _State(type(model).forward, layout, options, previous)
+    state = _State(type(model).forward, attr, layout, options, previous)
     model.__dict__[_ATTR] = state
     model.forward = types.MethodType(_wrapped_forward(type(model).forward), model)
     model.loss_function = _FusedLoss(state)
@@ -476,7 +512,7 @@ def revert(model: nn.Module) -> nn.Module:
         model.__dict__.pop("_loss_function", None)
     else:
         model.loss_function = state.previous_loss
-    head = getattr(model, "lm_head", None)
+    head = getattr(model, state.head_attr, None)
     if isinstance(head, nn.Module) and head.__dict__.get(_ATTR) is state:
         del head.__dict__[_ATTR]
         head.__dict__.pop("forward", None)
@@ -503,14 +539,33 @@ def _check_options(label_smoothing, z_loss, chunk_size, accum_dtype) -> dict:
                 chunk_size=chunk_size, accum_dtype=accum_dtype)
 
 
-def _check_head(head, name: str) -> None:
+def _head_attr(model: nn.Module) -> str:
+    """The model's attribute that holds its output layer: ``lm_head``, or else the child
+    module ``get_output_embeddings()`` returns (BioGPT's ``output_projection``,
+    GPT-NeoX-Japanese's ``embed_out``, RWKV's ``head``). The forward's check then asks for
+    ``self.<that attribute>(...)``, so the module the forward calls is the one read."""
+    if hasattr(model, "lm_head"):
+        return "lm_head"
+    try:
+        out = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        out = None
+    if isinstance(out, nn.Module):
+        for attr, child in model.named_children():
+            if child is out:
+                return attr
+    return "lm_head"
+
+
+def _check_head(head, name: str, attr: str = "lm_head") -> None:
     if head is None:
-        raise TypeError(f"{name} has no lm_head: expected a causal LM whose output layer is "
-                        "model.lm_head, an nn.Linear")
+        raise TypeError(f"{name} has no lm_head: expected a causal LM whose output layer "
+                        "(model.lm_head, or the child module get_output_embeddings() "
+                        "returns) is an nn.Linear")
     ours = head.__dict__.get(_ATTR) is not None if isinstance(head, nn.Module) else False
     if (not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward
             or ("forward" in head.__dict__ and not ours)):
-        raise TypeError(f"{name}.lm_head is a {type(head).__name__}"
+        raise TypeError(f"{name}.{attr} is a {type(head).__name__}"
                         + (" with its own forward" if isinstance(head, nn.Linear) else "")
                         + ": expected a plain torch.nn.Linear (the fused loss reads its "
                         "weight and bias)")
@@ -545,9 +600,9 @@ def _wrapped_forward(cls_forward):
             labels = state.signature.bind_partial(self, *args, **kwargs).arguments.get("labels")
         if labels is None:
             return cls_forward(self, *args, **kwargs)
-        head = self.lm_head
-        if head.__dict__.get(_ATTR) is not state:  # a new lm_head (resize_token_embeddings)
-            _check_head(head, type(self).__name__)
+        head = getattr(self, state.head_attr)
+        if head.__dict__.get(_ATTR) is not state:  # a new head (resize_token_embeddings)
+            _check_head(head, type(self).__name__, state.head_attr)
             _patch_head(head, state)
         state.softcap = _read(self, state.layout.softcap)
         state.armed, state.hidden, state.head, state.final = True, None, None, None
@@ -563,7 +618,7 @@ def _wrapped_forward(cls_forward):
 
 
 def _head_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """``lm_head``'s forward: ``nn.Linear``'s, or while armed an empty placeholder."""
+    """The head's forward: ``nn.Linear``'s, or while armed an empty placeholder."""
     state = self.__dict__.get(_ATTR)
     if state is None or not state.armed or state.hidden is not None:
         return F.linear(input, self.weight, self.bias)
@@ -592,8 +647,8 @@ class _FusedLoss:
         head = state.head
         state.hidden, state.head, state.final = None, None, logits
         if head.weight.shape[0] != vocab_size:
-            raise ValueError(f"lm_head has {head.weight.shape[0]} outputs, the loss was asked "
-                             f"for a vocabulary of {vocab_size}")
+            raise ValueError(f"{state.head_attr} has {head.weight.shape[0]} outputs, the loss "
+                             f"was asked for a vocabulary of {vocab_size}")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         return _fused_loss(hidden, head.weight, head.bias, shift_labels, num_items_in_batch,
