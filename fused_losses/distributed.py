@@ -10,7 +10,7 @@ rows' loss (``combine_stats``, the same arithmetic and order on every rank, so t
 bitwise the same everywhere) and writes the gradient of its own block (``grad_from_stats``).
 The backward has no collective: for ``mean``/``sum`` the gradient was written in the forward
 and is only scaled, for ``none`` it is recomputed from the saved statistics. The kernels or
-the eager formula (``kernels/eager_stats.py``) compute the pieces, as ``_dispatch`` decides;
+the eager formula (``kernels/eager.py``) compute the pieces, as ``_dispatch`` decides;
 no value crosses to the host in steady state.
 
 Design points:
@@ -94,13 +94,13 @@ from ._validation import (
     check_tensor,
     resolve_reduction,
 )
-from .kernels import eager, eager_stats
+from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode, may_fuse_gradient
 
 __all__ = ["VocabShard", "reset_vocab_layout", "vocab_parallel_cross_entropy"]
 
 HEADER_WORDS = 8  # status, offset, width, vocab size, argument hash, target fingerprint (2), 0
-STATS = eager_stats.STATS
+STATS = eager.STATS
 
 # status codes: what a rank found wrong in its own arguments (raised there, after the gather)
 OK, BAD_WIDTH, BAD_TARGET = 0, 1, 2
@@ -209,8 +209,8 @@ def _exchanged_widths(group, rank: int, world: int, width: int, device, signatur
     if len(set(signatures)) > 1:
         raise RuntimeError(
             "vocab-parallel cross-entropy: the ranks called the loss with different "
-            "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, weight "
-            "or dtype)")
+            "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
+            "temperature, logit_scale, weight or dtype)")
     if sum(widths) == 0:
         raise ValueError("vocab-parallel cross-entropy: every rank's block of logits is empty")
     return tuple(widths)
@@ -263,8 +263,7 @@ def _signature(opts: eager.Options, weight, dtype: torch.dtype) -> int:
     """A hash of the arguments every rank must pass alike (not Python's hash: it differs
     between processes). Not the number of rows: the all-gather's size already agrees, and a
     header that does not change with it is copied to the device once."""
-    key = repr((opts.ignore_index, opts.reduction, opts.smoothing, opts.softcap, opts.z_loss,
-                weight is None, str(dtype)))
+    key = repr((tuple(opts), weight is None, str(dtype)))  # every option, whichever is added
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
@@ -304,8 +303,8 @@ def _check_headers_on_host(headers: torch.Tensor, shard: VocabShard) -> None:
     if len({h[4] for h in rows}) > 1:
         raise RuntimeError(
             "vocab-parallel cross-entropy: the ranks called the loss with different "
-            "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, weight "
-            "or dtype)")
+            "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
+            "temperature, logit_scale, weight or dtype)")
     differ = [r for r, h in enumerate(rows) if h[5:7] != rows[shard.rank][5:7]]
     if differ:
         raise RuntimeError(
@@ -319,7 +318,7 @@ def _check_headers_on_host(headers: torch.Tensor, shard: VocabShard) -> None:
 
 
 def _backend(kernels: bool):
-    return _dispatch.kernels("cross_entropy") if kernels else eager_stats
+    return _dispatch.kernels("cross_entropy") if kernels else eager
 
 
 def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Options,
@@ -329,7 +328,7 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     classes are sharded over ``group``, from this rank's block ``x`` (rows, width) with unit
     class stride (a row-major block of logits), as ``cross_entropy.row_losses`` gives them for
     whole rows; with ``grad`` (x's shape; x itself for in place), the gradient of the block
-    for ``scales`` (see ``eager_stats.upstream_scales``) is written into it.
+    for ``scales`` (see ``eager.upstream_scales``) is written into it.
 
     ``target``: the rows' global class indices (rows,), contiguous, the same on every rank;
     ``weight``: all ``shard.vocab_size`` class weights or None; ``kernels``: the Triton
@@ -419,10 +418,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         grad = scales = None
         if fused:
             grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            scales = eager_stats.upstream_scales(opts, denom, n_rows, None, x.device)
+            scales = eager.upstream_scales(opts, denom, n_rows, None, x.device)
         loss, z, stats = row_losses(x, target, weight, opts, shard, group, kernels=kernels,
                                     grad=grad, scales=scales, error=error)
-        out, z_out = eager_stats.reduce_rows(loss, z, opts, denom, n_rows)
+        out, z_out = eager.reduce_rows(loss, z, opts, denom, n_rows)
         if z_out is None:
             z_out = torch.zeros_like(out)
         ctx.grad, ctx.opts, ctx.shard, ctx.kernels = grad, opts, shard, kernels
@@ -451,7 +450,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             return None, None, *none
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if x.numel():
-            scales = eager_stats.upstream_scales(opts, denom, x.shape[0], grad_out, x.device)
+            scales = eager.upstream_scales(opts, denom, x.shape[0], grad_out, x.device)
             plan = {"n_splits": ops.split_plan(*x.shape, x.device)} if ctx.kernels else {}
             ops.grad_from_stats(x.unsqueeze(0), target, weight, stats, scales, opts,
                                 grad=grad.unsqueeze(0), class_offset=shard.offset,
@@ -473,20 +472,24 @@ def _options(fn: str, ignore_index, reduction, label_smoothing, softcap, z_loss)
 
 
 def _sharded_loss(x, target, weight, group, rank, world, shard_of, ignore_index, reduction,
-                  label_smoothing, softcap, z_loss, out_dtype, input_dtype):
+                  label_smoothing, softcap, z_loss, out_dtype, input_dtype, temperature=1.0,
+                  logit_scale=1.0):
     """(loss, z-loss term) of rows (rows, width) of a block of classes and their targets
     (rows,), after the checks every rank makes alike. ``shard_of(signature)`` gives the
     block's (VocabShard, deferred error)."""
     check_backend(group, x.device)
     n_rows, width = x.shape
-    signature = _signature(eager.Options(ignore_index, reduction, max(label_smoothing, 0.0),
-                                         softcap, z_loss), weight, x.dtype)
+    transform = dict(softcap=softcap, temperature=temperature, logit_scale=logit_scale)
+    signature = _signature(eager.Options(ignore_index=ignore_index, reduction=reduction,
+                                         smoothing=max(label_smoothing, 0.0), z_loss=z_loss,
+                                         **transform), weight, x.dtype)
     shard, error = shard_of(signature)
     # torch's checks of the gathered call, on a stand-in of the global logits
     stand_in = torch.empty((n_rows, shard.vocab_size), dtype=x.dtype, device="meta")
     spec = check_cross_entropy(stand_in, target, weight, ignore_index, label_smoothing,
                                input_dtype)
-    opts = eager.Options(ignore_index, reduction, spec.smoothing, softcap, z_loss)
+    opts = eager.Options(ignore_index=ignore_index, reduction=reduction,
+                         smoothing=spec.smoothing, z_loss=z_loss, **transform)
     if target.dtype != torch.int64:
         raise NotImplementedError(
             "vocab-parallel cross-entropy takes int64 class targets, got "
@@ -612,7 +615,8 @@ def _replicated_local(t, name: str):
 
 
 def dtensor_cross_entropy(input, target, weight, ignore_index: int, reduction: str,
-                          label_smoothing: float, softcap, z_loss: float, return_z_loss: bool):
+                          label_smoothing: float, softcap, z_loss: float, return_z_loss: bool,
+                          temperature: float = 1.0, logit_scale: float = 1.0):
     """``cross_entropy`` of DTensor logits sharded on the class dimension (``Shard(1)``;
     ``Shard(0)`` for a :math:`(C)` input) over one mesh dimension and replicated over the
     others: the vocab-parallel loss over that mesh dimension's group, returned as a DTensor
@@ -659,7 +663,8 @@ def dtensor_cross_entropy(input, target, weight, ignore_index: int, reduction: s
         return shard, error
 
     loss, z = _sharded_loss(rows, t, weight, group, rank, world, shard_of, ignore_index,
-                            reduction, label_smoothing, softcap, z_loss, out_dtype, input_dtype)
+                            reduction, label_smoothing, softcap, z_loss, out_dtype, input_dtype,
+                            temperature, logit_scale)
     if reduction == "none":
         shape = () if input.dim() == 1 else target.shape
         loss, z = loss.view(shape), z.view(shape)
@@ -727,7 +732,7 @@ class ShardedChunks:
             scales = None
             if write_grad:
                 if self.scales is None:
-                    self.scales = eager_stats.upstream_scales(opts, denom, n_rows, None,
+                    self.scales = eager.upstream_scales(opts, denom, n_rows, None,
                                                               logits.device)
                 scales = self.scales
             error, self.error = self.error, None
@@ -736,9 +741,9 @@ class ShardedChunks:
                                         grad=logits if write_grad else None, scales=scales,
                                         error=error)
             self.stats[key] = stats
-            return eager_stats.reduce_rows(loss, z, opts, denom, n_rows)
+            return eager.reduce_rows(loss, z, opts, denom, n_rows)
         if write_grad and logits.numel():
-            scales = eager_stats.upstream_scales(opts, denom, n_rows, grad_out, logits.device)
+            scales = eager.upstream_scales(opts, denom, n_rows, grad_out, logits.device)
             plan = ({"n_splits": self.ops.split_plan(*logits.shape, logits.device)}
                     if self.kernels else {})
             x3 = logits.unsqueeze(0)

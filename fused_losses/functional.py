@@ -22,6 +22,7 @@ from ._validation import (
     check_float_argument,
     check_huber,
     check_int,
+    check_logit_transform,
     check_tensor,
     resolve_reduction,
 )
@@ -44,6 +45,8 @@ def cross_entropy(
     z_loss: float = 0.0,
     return_z_loss: bool = False,
     inplace_backward: bool = False,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy between input logits and target, as
     :func:`torch.nn.functional.cross_entropy`.
@@ -60,7 +63,9 @@ def cross_entropy(
     :math:`t' = (1-\epsilon) t + \epsilon / C`, and ``mean`` divides by the number of rows.
 
     With ``softcap`` the logits are first replaced by ``softcap * tanh(logits / softcap)``
-    (Gemma 2/3's final-logit softcapping). With ``z_loss`` each counted row adds
+    (Gemma 2/3's final-logit softcapping); with ``logit_scale`` and ``temperature`` the
+    logits are ``softcap * tanh(logit_scale * logits / softcap) / temperature`` (the scale,
+    the softcap, the temperature). With ``z_loss`` each counted row adds
     ``z_loss * lse**2`` (PaLM's auxiliary loss, ``lse`` the log-sum-exp of the softcapped
     logits), reduced like the loss but **unweighted**: ``none`` adds it per row, ``sum`` sums
     it, ``mean`` divides it by the number of non-ignored rows (by every row for probability
@@ -98,6 +103,10 @@ def cross_entropy(
             gradient into the logits' storage instead of a new logits-sized buffer (the
             logits hold garbage afterwards). Refused for a leaf tensor that requires grad; a
             graph that used it cannot be run backward twice. Default: ``False``
+        temperature (float, keyword-only): the logits divided by it, last (distillation,
+            sampling temperatures); ``> 0``. Default: ``1.0``
+        logit_scale (float, keyword-only): the logits multiplied by it, first (Cohere's and
+            Granite's heads); finite, nonzero. Default: ``1.0``
 
     Shape:
         - Output: scalar, or for ``'none'`` the target's shape (class indices) or the input's
@@ -118,6 +127,7 @@ def cross_entropy(
     ignore_index = check_int(fn, "ignore_index", 5, ignore_index)
     label_smoothing = check_float_argument(fn, "label_smoothing", 6, label_smoothing)
     softcap, z_loss = check_cross_entropy_extras(softcap, z_loss)
+    temperature, logit_scale = check_logit_transform(temperature, logit_scale)
 
     if input.dim() == 0 or not input.is_floating_point():
         # Nothing a kernel runs: torch raises (or answers) for these itself.
@@ -130,7 +140,8 @@ def cross_entropy(
         from .distributed import dtensor_cross_entropy
 
         return dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
-                                     label_smoothing, softcap, z_loss, return_z_loss)
+                                     label_smoothing, softcap, z_loss, return_z_loss,
+                                     temperature=temperature, logit_scale=logit_scale)
     autocast = _dispatch.autocast_on(input)
     if autocast:
         weight = _dispatch.autocast_cast(weight)
@@ -147,8 +158,10 @@ def cross_entropy(
 
     out_dtype = _dispatch.cross_entropy_dtype(input.dtype, target, weight, spec.prob_target,
                                             autocast)
-    opts = eager.Options(ignore_index, reduction, spec.smoothing, softcap, z_loss,
-                         spec.prob_target, inplace_backward)
+    opts = eager.Options(ignore_index=ignore_index, reduction=reduction,
+                         smoothing=spec.smoothing, softcap=softcap, z_loss=z_loss,
+                         prob_target=spec.prob_target, inplace_backward=inplace_backward,
+                         temperature=temperature, logit_scale=logit_scale)
     # torch's smoothing term compares uint8 targets with ignore_index in uint8 (-100 counts
     # as 156): only the eager path reproduces that, where the two comparisons can differ.
     uint8_quirk = (target.dtype == torch.uint8 and spec.smoothing > 0.0

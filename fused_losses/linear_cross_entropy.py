@@ -25,6 +25,7 @@ from ._validation import (
     check_float_argument,
     check_int,
     check_linear_dtypes,
+    check_logit_transform,
     check_target_values,
     resolve_reduction,
     uint8_weighted_smoothed_mean,
@@ -62,6 +63,8 @@ def linear_cross_entropy(
     accum_dtype: torch.dtype | None = torch.float32,
     process_group=None,
     shard_sizes=None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy of ``input`` transformed linearly, as
     :func:`torch.nn.functional.linear_cross_entropy`: the loss of
@@ -81,7 +84,8 @@ def linear_cross_entropy(
     Args:
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
             label_smoothing, options: as :func:`torch.nn.functional.linear_cross_entropy`.
-        softcap, z_loss, return_z_loss (keyword-only): as :func:`fused_losses.cross_entropy`
+        softcap, z_loss, return_z_loss, temperature, logit_scale (keyword-only): as
+            :func:`fused_losses.cross_entropy`
             (Gemma's final-logit softcapping; PaLM's z-loss; the z-loss term returned too).
         chunk_size (int, optional, keyword-only): tokens per chunk. Default: the most whose
             logits fit 256 MiB on a GPU (16 MiB on a CPU), at most an eighth of the tokens
@@ -141,7 +145,7 @@ def linear_cross_entropy(
                  label_smoothing=label_smoothing, options=options, softcap=softcap,
                  z_loss=z_loss, return_z_loss=return_z_loss, chunk_size=chunk_size,
                  accum_dtype=accum_dtype, process_group=process_group,
-                 shard_sizes=shard_sizes))
+                 shard_sizes=shard_sizes, temperature=temperature, logit_scale=logit_scale))
     # ---- torch's checks, in its order -----------------------------------------------------
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
@@ -179,11 +183,13 @@ def linear_cross_entropy(
     reduction = resolve_reduction(None, None, reduction)
     label_smoothing = check_float_argument(fn, "label_smoothing", 6, label_smoothing)
     softcap, z_loss = check_cross_entropy_extras(softcap, z_loss)
+    temperature, logit_scale = check_logit_transform(temperature, logit_scale)
+    transform = dict(softcap=softcap, temperature=temperature, logit_scale=logit_scale)
     tp = None  # the tensor-parallel head: (group, this rank's block, its deferred error)
     if process_group is not None:
         tp = _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight,
                                      target, weight, reduction, ignore_index, label_smoothing,
-                                     softcap, z_loss)
+                                     z_loss, transform)
         logits_shape = (*n_batch, tp[1].vocab_size, *out_features)
     elif shard_sizes is not None:
         raise ValueError("linear_cross_entropy: shard_sizes is the layout of a sharded head: "
@@ -224,8 +230,9 @@ def linear_cross_entropy(
 
     out_dtype = _dispatch.cross_entropy_dtype(meta_logits.dtype, target, weight, spec.prob_target,
                                             autocast)
-    opts = eager.Options(ignore_index, reduction, spec.smoothing, softcap, z_loss,
-                         spec.prob_target)
+    opts = eager.Options(ignore_index=ignore_index, reduction=reduction,
+                         smoothing=spec.smoothing, z_loss=z_loss, prob_target=spec.prob_target,
+                         **transform)
 
     # ---- the call as rows of C classes: (tokens, H) x (d * C, H), rows ordered (token, d) --
     x = input.unsqueeze(0) if input.dim() == 1 else input
@@ -313,7 +320,7 @@ def _uint8_smoothing_quirk(target, smoothing: float, ignore_index: int) -> bool:
 
 
 def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, target, weight,
-                            reduction, ignore_index, label_smoothing, softcap, z_loss):
+                            reduction, ignore_index, label_smoothing, z_loss, transform):
     """(group, this rank's VocabShard, None or its deferred error) of a tensor-parallel head,
     after the checks every rank makes alike (raised before any collective)."""
     from .distributed import lm_head_layout
@@ -329,6 +336,7 @@ def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, ta
         raise NotImplementedError(
             f"{fn} over a process group takes int64 class targets, got "
             f"{str(target.dtype).removeprefix('torch.')}")
-    opts = eager.Options(ignore_index, reduction, max(label_smoothing, 0.0), softcap, z_loss)
+    opts = eager.Options(ignore_index=ignore_index, reduction=reduction,
+                         smoothing=max(label_smoothing, 0.0), z_loss=z_loss, **transform)
     return lm_head_layout(process_group, shard_sizes, input.device, linear_weight.shape[0],
                           target.numel(), opts, weight, input.dtype)

@@ -275,15 +275,17 @@ def linear_log_probs(
             None if linear_bias is None else linear_bias.to(compute))
         log_p, h, _ = eager.row_log_probs(logits, t, opts, entropy=return_entropy)
     else:
+        from .kernels.chunked_head import ChunkedHeadFunction
         from .kernels.linear_cross_entropy import Plan
-        from .kernels.linear_log_probs import LinearLogProbsFunction
+        from .kernels.linear_log_probs import LogProbChunks
 
         accum = torch.float64 if wide else torch.float32
         plan = Plan(n_vocab, 1, _chunk(n_tokens, n_vocab, input.device.type, chunk_size),
                     compute, accum, kernels)
         x, w, b, t = detached_without_grad_mode(x, linear_weight, linear_bias,
                                                 t.contiguous())
-        out = LinearLogProbsFunction.apply(x, w, b, t, opts, plan, return_entropy)
+        out = ChunkedHeadFunction.apply(x, w, b, plan,
+                                        LogProbChunks(opts, kernels, return_entropy), t)
         log_p, h = out if return_entropy else (out, None)
     log_p = log_p.view(n_batch)
     h = None if h is None else h.view(n_batch)

@@ -21,9 +21,9 @@ and its gradient with respect to z_c, with p_c = exp(z_c - lse), is
 
     hot (p_c - [c = y]) + extra p_c - kc k_c
 
-with per-row factors from ``grad_factors``. Softcapping (Gemma 2/3: z = cap tanh(x / cap)) is
-applied as the logits are loaded and its derivative at the end (``logits``): it is one option
-in one place.
+with per-row factors from ``grad_factors``. The logits' transform (a logit scale, Gemma 2/3's
+softcapping z = cap tanh(x / cap), a temperature) is applied as the logits are loaded and its
+derivative at the end (``logits``, ``times_slope``): each option in one place.
 
 **Log-probabilities and entropy** (RL from the LM head) take one more statistic, which merges
 exactly like the others (``entropy_stat``, ``merge_entropy_stat``):
@@ -37,17 +37,15 @@ and their gradients with respect to z_c, for upstream gradients g (of log p_y) a
 
     g ([c = y] - p_c) - g_H p_c (log p_c + H)    (``log_prob_grad_block``)
 
-The logits a log-probability sees are transformed as TRL's (scale, softcap, temperature):
+The logits are transformed as TRL's (scale, softcap, temperature), for every loss here:
 z = softcap tanh(x scale / softcap) / T, which is softcap' tanh(x mult / softcap') with
 mult = scale / T and softcap' = softcap / T: one multiply before the softcap, and
-d z / d x = mult (1 - (z / softcap')^2) (``scaled``; the host side in ``transform``).
+d z / d x = mult (1 - (z / softcap')^2) (``scaled``, ``times_slope``; the host side in
+``transform``).
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import triton
 import triton.language as tl
 
@@ -83,15 +81,6 @@ def softcap_slope(z, softcap):
 
 
 @triton.jit
-def logits(ptrs, mask, softcap, SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
-    """The logits of a block in float32, softcapped if SOFTCAP, -inf where masked."""
-    x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
-    if SOFTCAP:
-        x = tl.where(mask, softcapped(x, softcap), float("-inf"))
-    return x
-
-
-@triton.jit
 def scaled(x, logit_mult, softcap, SOFTCAP: tl.constexpr):
     """z = softcap' tanh(x mult / softcap') (module doc: mult = scale / T, softcap' =
     softcap / T), or x mult: the logits of a temperature and a logit scale. A multiply by
@@ -103,19 +92,21 @@ def scaled(x, logit_mult, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def scaled_logits(ptrs, mask, logit_mult, softcap, SOFTCAP: tl.constexpr,
-                  EVICT: tl.constexpr):
-    """The transformed logits (``scaled``) of a block in float32, -inf where masked."""
+def logits(ptrs, mask, logit_mult, softcap, SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
+    """The logits of a block in float32, transformed (``scaled``: the logit scale over the
+    temperature, the softcap), -inf where masked."""
     x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     return tl.where(mask, scaled(x, logit_mult, softcap, SOFTCAP), float("-inf"))
 
 
 @triton.jit
-def scaled_slope(z, logit_mult, softcap, SOFTCAP: tl.constexpr):
-    """d z / d x of transformed logits ``z``: mult, times the softcap's slope."""
+def times_slope(d, z, logit_mult, softcap, SOFTCAP: tl.constexpr):
+    """A gradient ``d`` with respect to transformed logits ``z``, times d z / d x: mult, and
+    the softcap's slope (the chain rule back to the raw logits)."""
+    d = d * logit_mult
     if SOFTCAP:
-        return logit_mult * softcap_slope(z, softcap)
-    return logit_mult
+        d = d * softcap_slope(z, softcap)
+    return d
 
 
 @triton.jit
@@ -221,7 +212,7 @@ def log_prob_grad_block(z, cols, y, m_safe, log2_s, h, g, g_h, ok, bad, logit_mu
         c - p a,   c = g [col = y],   a = g + g_H (log p + H)
 
     one fused multiply-add, so a confident row's g (1 - p) keeps its digits; a lane with
-    p = 0 (a -inf logit) is c (its entropy term's limit). Times d z / d x (``scaled_slope``);
+    p = 0 (a -inf logit) is c (its entropy term's limit). Times d z / d x (``times_slope``);
     exact zero for rows not counted, NaN for out-of-range targets."""
     t = (z - m_safe) * LOG2E - log2_s  # log2 p
     p = tl.exp2(t)
@@ -232,8 +223,7 @@ def log_prob_grad_block(z, cols, y, m_safe, log2_s, h, g, g_h, ok, bad, logit_mu
         a += g
     if ENTROPY_GRAD:
         a += g_h * (t * LN2 + h)
-    d = tl.where(p > 0.0, tl.fma(p, -a, c), c)
-    d = d * scaled_slope(z, logit_mult, softcap, SOFTCAP)
+    d = times_slope(tl.where(p > 0.0, tl.fma(p, -a, c), c), z, logit_mult, softcap, SOFTCAP)
     return tl.where(ok, d, tl.where(bad, float("nan"), 0.0))
 
 
@@ -299,7 +289,7 @@ def softmax(z, m_safe, log2_s):
 
 
 @triton.jit
-def grad_block(p, z, cols, y, k_c, hot, extra, kc, ok, bad, softcap,
+def grad_block(p, z, cols, y, k_c, hot, extra, kc, ok, bad, logit_mult, softcap,
                PROB_TARGET: tl.constexpr, HAS_K: tl.constexpr, SOFTCAP: tl.constexpr):
     """d loss / d x of a block of (softcapped) logits ``z`` from their softmax ``p``: exact
     zero for rows not counted, NaN for out-of-range targets. One fused multiply-add,
@@ -310,9 +300,7 @@ def grad_block(p, z, cols, y, k_c, hot, extra, kc, ok, bad, softcap,
         c = tl.where(cols == y, hot, 0.0)
     if HAS_K:
         c += kc * k_c
-    d = tl.fma(p, hot + extra, -c)
-    if SOFTCAP:
-        d = d * softcap_slope(z, softcap)
+    d = times_slope(tl.fma(p, hot + extra, -c), z, logit_mult, softcap, SOFTCAP)
     return tl.where(ok, d, tl.where(bad, float("nan"), 0.0))
 
 
@@ -340,23 +328,14 @@ def transform(opts) -> dict:
     )
 
 
-def max_entropy(n_classes: int) -> float:
-    """ln C, rounded down to a float32 (the bound an entropy of C classes never exceeds)."""
-    bound = np.float32(math.log(max(n_classes, 1)))
-    if float(bound) > math.log(max(n_classes, 1)):
-        bound = np.nextafter(bound, np.float32(0.0))
-    return float(bound)
-
-
 def flags(opts, weight) -> dict:
     """The constexpr flags of every cross-entropy kernel for ``opts`` (an ``eager.Options``), and
     the scalars they come with."""
     return dict(
         ignore_index=opts.ignore_index,
         smoothing=opts.smoothing,
-        softcap=opts.softcap or 1.0,
+        **transform(opts),
         PROB_TARGET=opts.prob_target,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=opts.smoothing > 0.0,
-        SOFTCAP=opts.softcap is not None,
     )

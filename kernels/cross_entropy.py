@@ -64,7 +64,6 @@ from ._common import (
     num_warps_for,
     scale_by_upstream_,
 )
-from .eager_stats import reduce_rows, upstream_scales
 
 # Rows up to this many classes are held in registers (32 float32 values per thread at 32
 # warps): one read of the logits, one write of the gradient. Longer rows loop over blocks.
@@ -185,6 +184,7 @@ def _ce_row_kernel(
     # scalars
     ignore_index,
     smoothing,
+    logit_mult,
     softcap,
     z_loss,
     # flags
@@ -219,7 +219,7 @@ def _ce_row_kernel(
     # ---- pass 1: the row's statistics (read n_cols) ---------------------------------------
     if SINGLE_BLOCK:
         mask = offs < n_read
-        z = logits(x_row + offs, mask, softcap, SOFTCAP, READ_EVICT)
+        z = logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, READ_EVICT)
         m, e, s, a, k = block_stats(z, t_row + offs, weight_ptr + offs, mask, n_cols,
                                     smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
     else:
@@ -230,7 +230,7 @@ def _ce_row_kernel(
         for start in range(0, n_read, BLOCK_SIZE):
             cols = start + offs
             mask = cols < n_read
-            z = logits(x_row + cols, mask, softcap, SOFTCAP, READ_EVICT)
+            z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, READ_EVICT)
             m_b, e_b, s_b, a_b, k_b = block_stats(z, t_row + cols, weight_ptr + cols, mask,
                                                   n_cols, smoothing, PROB_TARGET, HAS_WEIGHT,
                                                   HAS_SMOOTHING)
@@ -238,7 +238,7 @@ def _ce_row_kernel(
 
     z_y = 0.0
     if not PROB_TARGET:
-        z_y = logits(x_row + y, ok, softcap, SOFTCAP, "")
+        z_y = logits(x_row + y, ok, logit_mult, softcap, SOFTCAP, "")
     loss, z_term, m_safe, log2_s = row_loss(m, s, a, k, z_y, w_y, ok, bad, n_cols, smoothing,
                                             z_loss, PROB_TARGET, HAS_SMOOTHING)
     tl.store(loss_ptr + row, loss)
@@ -267,8 +267,9 @@ def _ce_row_kernel(
                 p = softmax(z, m_safe, log2_s)
             else:
                 p = e * (1.0 / s)
-            d = grad_block(p, z, offs, y.to(tl.int32), k_c, hot, extra, kc, ok, bad, softcap,
-                           PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+            d = grad_block(p, z, offs, y.to(tl.int32), k_c, hot, extra, kc, ok, bad,
+                           logit_mult, softcap, PROB_TARGET, PROB_TARGET or HAS_SMOOTHING,
+                           SOFTCAP)
             tl.store(g_row + offs, d.to(g_row.dtype.element_ty), mask=offs < n_cols)
         else:
             # Backwards over the row: the blocks pass 1 read last are the likeliest in L2.
@@ -276,7 +277,7 @@ def _ce_row_kernel(
             for i in range(0, n_blocks):
                 cols = (n_blocks - 1 - i) * BLOCK_SIZE + offs
                 mask = cols < n_read
-                z = logits(x_row + cols, mask, softcap, SOFTCAP, REREAD_EVICT)
+                z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, REREAD_EVICT)
                 if PROB_TARGET or HAS_SMOOTHING:
                     k_c = class_factors(t_row + cols, weight_ptr + cols, mask, n_cols,
                                         smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
@@ -284,7 +285,8 @@ def _ce_row_kernel(
                     k_c = 0.0
                 p = softmax(z, m_safe, log2_s)
                 d = grad_block(p, z, cols, y.to(tl.int32), k_c, hot, extra, kc, ok, bad,
-                               softcap, PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+                               logit_mult, softcap, PROB_TARGET, PROB_TARGET or HAS_SMOOTHING,
+                               SOFTCAP)
                 tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < n_cols,
                          eviction_policy=REREAD_EVICT)
 
@@ -311,6 +313,7 @@ def _ce_stats_kernel(
     # scalars
     ignore_index,
     smoothing,
+    logit_mult,
     softcap,
     # flags
     PROB_TARGET: tl.constexpr,
@@ -340,14 +343,14 @@ def _ce_stats_kernel(
     for start in range(c_start, n_end, BLOCK_SIZE):
         cols = start + offs
         mask = cols < n_end
-        z = logits(x_row + cols, mask, softcap, SOFTCAP, "")
+        z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
         m_b, e_b, s_b, a_b, k_b = block_stats(z, t_row + cols, weight_ptr + class_offset + cols,
                                               mask, n_classes, smoothing, PROB_TARGET,
                                               HAS_WEIGHT, HAS_SMOOTHING)
         m, s, a, k = merge_stats(m, s, a, k, m_b, s_b, a_b, k_b)
     y_local = (y - class_offset).to(tl.int32)  # (rows not counted: never used)
     mine = ok & (y_local >= c_start) & (y_local < c_end)
-    z_y = logits(x_row + y_local, mine, softcap, SOFTCAP, "")
+    z_y = logits(x_row + y_local, mine, logit_mult, softcap, SOFTCAP, "")
     out = partial_ptr + split * 5 * n_rows + row
     tl.store(out, m)
     tl.store(out + n_rows, s)
@@ -445,6 +448,7 @@ def _ce_grad_kernel(
     # scalars
     ignore_index,
     smoothing,
+    logit_mult,
     softcap,
     z_loss,
     # flags
@@ -483,7 +487,7 @@ def _ce_grad_kernel(
     for start in range(c_start, c_end, BLOCK_SIZE):
         cols = start + offs
         mask = cols < n_end
-        z = logits(x_row + cols, mask, softcap, SOFTCAP, "")
+        z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
         if PROB_TARGET or HAS_SMOOTHING:
             k_c = class_factors(t_row + cols, weight_ptr + class_offset + cols, mask,
                                 n_classes, smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
@@ -491,8 +495,8 @@ def _ce_grad_kernel(
             k_c = 0.0
         if X_GRAD:
             p = softmax(z, m_safe, log2_s)
-            d = grad_block(p, z, cols, y_local, k_c, hot, extra, kc, ok, bad, softcap,
-                           PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+            d = grad_block(p, z, cols, y_local, k_c, hot, extra, kc, ok, bad, logit_mult,
+                           softcap, PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
             tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < c_end)
         if TARGET_GRAD:
             w_c = class_factors(t_row + cols, weight_ptr + class_offset + cols, mask,
@@ -663,7 +667,7 @@ def combine_stats(partials: torch.Tensor, target, weight, opts: Options, n_class
     stats = float32_scratch(3 * n_rows, device)
     block = min(1024, next_power_of_2(n_rows))
     scalars = flags(opts, weight)
-    del scalars["softcap"], scalars["SOFTCAP"]
+    del scalars["logit_mult"], scalars["softcap"], scalars["SOFTCAP"]
     launch(
         _ce_combine_kernel,
         (triton.cdiv(n_rows, block),),
@@ -726,7 +730,7 @@ def grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad=Non
 
 # ------------------------------------------------------------------------------------------
 # reductions: what the per-row results become, and the upstream factors of each row
-# (``reduce_rows`` and ``upstream_scales``: torch ops both backends share, in eager_stats.py)
+# (``reduce_rows`` and ``upstream_scales``: torch ops both backends share, in eager.py)
 # ------------------------------------------------------------------------------------------
 
 
@@ -749,7 +753,7 @@ def chunk_loss(logits, target, weight, opts: Options, denom, n_rows: int, grad_o
     x = logits.unsqueeze(0)
     scales = None
     if write_grad or grad_target is not None:
-        scales = upstream_scales(opts, denom, n_rows, grad_out, logits.device)
+        scales = eager.upstream_scales(opts, denom, n_rows, grad_out, logits.device)
     if grad_target is None:
         loss, z, _ = row_losses(x, target, weight, opts, grad=x if write_grad else None,
                                 scales=scales)
@@ -757,7 +761,7 @@ def chunk_loss(logits, target, weight, opts: Options, denom, n_rows: int, grad_o
         loss, z, stats = row_losses(x, target, weight, opts)
         grad_from_stats(x, target, weight, stats, scales, opts, grad=x if write_grad else None,
                         grad_target=grad_target)
-    return reduce_rows(loss, z, opts, denom, n_rows)
+    return eager.reduce_rows(loss, z, opts, denom, n_rows)
 
 
 scale_grad_ = scale_by_upstream_  # the LM head scales its gradients on the device, as here
@@ -792,14 +796,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         if fused:
             grad = x if opts.inplace_backward else torch.empty(x.shape, dtype=x.dtype,
                                                                device=x.device)
-            scales = upstream_scales(opts, denom, n_rows, None, x.device)
+            scales = eager.upstream_scales(opts, denom, n_rows, None, x.device)
         losses = nd.row_losses if nd else row_losses
         loss, z, stats = losses(x, target, weight, opts, grad=grad, scales=scales)
         if fused and opts.inplace_backward:
             # The logits' storage now holds their gradient: any other node that saved them
             # fails its version check (torch's clear error) instead of using garbage.
             torch.autograd.graph.increment_version(x)
-        out, z_out = reduce_rows(loss, z, opts, denom, n_rows)
+        out, z_out = eager.reduce_rows(loss, z, opts, denom, n_rows)
         if z_out is None:
             z_out = torch.zeros_like(out)
 
@@ -853,7 +857,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                       else torch.empty(x.shape, dtype=x.dtype, device=x.device))
         if ctx.needs_input_grad[1]:
             grad_t = torch.empty_like(target)
-        scales = upstream_scales(opts, denom, ctx.n_rows, grad_out, x.device)
+        scales = eager.upstream_scales(opts, denom, ctx.n_rows, grad_out, x.device)
         grads = cross_entropy_nd.grad_from_stats if columns else grad_from_stats
         grads(x, target, weight, stats, scales, opts, grad=grad_x, grad_target=grad_t)
         if opts.inplace_backward and grad_x is not None:

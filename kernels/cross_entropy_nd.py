@@ -96,6 +96,7 @@ def _ce_nd_fwd_kernel(
     # scalars
     ignore_index,
     smoothing,
+    logit_mult,
     softcap,
     z_loss,
     # flags
@@ -113,7 +114,7 @@ def _ce_nd_fwd_kernel(
     y, ok, bad, w_y = _targets(target_ptr, weight_ptr, pos, in_inner, n_cols, ignore_index,
                                PROB_TARGET, HAS_WEIGHT, BLOCK_I)
     mask = in_tile & ok[None, :]  # ignored positions read no logits
-    z = logits(x_ptr + offs, mask, softcap, SOFTCAP, "")
+    z = logits(x_ptr + offs, mask, logit_mult, softcap, SOFTCAP, "")
     m, e, s, a, k = block_stats(z, target_ptr + offs, weight_ptr + cols, mask, n_cols,
                                 smoothing, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
     z_y = tl.sum(tl.where(cols == y[None, :], z, 0.0), axis=0)
@@ -135,8 +136,8 @@ def _ce_nd_fwd_kernel(
         if PROB_TARGET or HAS_SMOOTHING:
             k_c = class_factors(target_ptr + offs, weight_ptr + cols, mask, n_cols, smoothing,
                                 PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING)
-        d = grad_block(e * (1.0 / s), z, cols, y, k_c, hot, extra, kc, ok, bad, softcap,
-                       PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
+        d = grad_block(e * (1.0 / s), z, cols, y, k_c, hot, extra, kc, ok, bad, logit_mult,
+                       softcap, PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
         tl.store(grad_ptr + offs, d.to(grad_ptr.dtype.element_ty), mask=in_tile)
 
 
@@ -159,6 +160,7 @@ def _ce_nd_grad_kernel(
     # scalars
     ignore_index,
     smoothing,
+    logit_mult,
     softcap,
     # flags
     PROB_TARGET: tl.constexpr,
@@ -183,7 +185,7 @@ def _ce_nd_grad_kernel(
         k = tl.load(stats_ptr + 2 * n_rows + pos, mask=in_inner, other=0.0)
     scale = tl.load(scale_ptr + pos * stride_scale, mask=in_inner, other=0.0)
     z_scale = tl.load(scale_ptr + pos * stride_scale + 1, mask=in_inner, other=0.0)
-    z = logits(x_ptr + offs, mask, softcap, SOFTCAP, "")
+    z = logits(x_ptr + offs, mask, logit_mult, softcap, SOFTCAP, "")
     k_c = 0.0
     if PROB_TARGET or HAS_SMOOTHING:
         k_c = class_factors(target_ptr + offs, weight_ptr + cols, mask, n_cols, smoothing,
@@ -192,7 +194,7 @@ def _ce_nd_grad_kernel(
         hot, extra, kc = grad_factors(m_safe, log2_s, k, w_y, scale, z_scale, n_cols,
                                       smoothing, PROB_TARGET, HAS_SMOOTHING)
         p = softmax(z, m_safe, log2_s)
-        d = grad_block(p, z, cols, y, k_c, hot, extra, kc, ok, bad, softcap,
+        d = grad_block(p, z, cols, y, k_c, hot, extra, kc, ok, bad, logit_mult, softcap,
                        PROB_TARGET, PROB_TARGET or HAS_SMOOTHING, SOFTCAP)
         tl.store(grad_ptr + offs, d.to(grad_ptr.dtype.element_ty), mask=in_tile)
     if TARGET_GRAD:

@@ -6,8 +6,8 @@ entropy of the distribution, with gradients through both. The arithmetic is in
 exactly; the transform of the logits, z = softcap tanh(x scale / softcap) / T).
 
 - ``_lp_row_kernel``: one program per row. Its statistics in one read pass, in float32
-  (rows of up to ``SINGLE_BLOCK_MAX`` classes held in registers, longer ones looped over
-  blocks and merged), then log p_y, the entropy and (m~, log2 s) for the backward. No float32
+  (rows of up to ``ROW_BLOCK`` classes held in registers, longer ones looped over blocks and
+  merged), then log p_y, the entropy and (m~, log2 s) for the backward. No float32
   copy of the logits: they are read once in their own dtype. read C, write 8-16 B a row.
 - ``_lp_grad_kernel``: the backward, a program per block of a row's classes (rows x blocks:
   few long rows still fill the GPU), from the row's saved statistics and entropy and the
@@ -34,15 +34,19 @@ from ._ce_math import (
     class_target,
     entropy_stat,
     log_prob_grad_block,
+    logits,
     merge_entropy_stat,
     merge_stats,
     row_log_prob,
-    scaled_logits,
     transform,
 )
 from ._common import float32_scratch, launch, next_power_of_2, non_null, num_warps_for
-from .cross_entropy import _fold_rows, block_config
+from .cross_entropy import _fold_rows
 
+# The forward's rows: up to ROW_BLOCK classes in registers, longer rows looped over blocks
+# of ROW_BLOCK (16 per thread; no gradient pass follows, so holding a whole 32k-class row as
+# the cross-entropy's kernel does only spills: the entropy's sum needs more registers).
+ROW_BLOCK = 8192
 # The backward's programs: blocks of up to GRAD_BLOCK classes of a row, 16 per thread.
 GRAD_BLOCK = 4096
 
@@ -90,7 +94,7 @@ def _lp_row_kernel(
 
     if SINGLE_BLOCK:
         mask = offs < n_read
-        z = scaled_logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, "")
+        z = logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, "")
         m, e, s, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False, False, False)
         b = 0.0
         if ENTROPY:
@@ -102,7 +106,7 @@ def _lp_row_kernel(
         for start in range(0, n_read, BLOCK_SIZE):
             cols = start + offs
             mask = cols < n_read
-            z = scaled_logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
+            z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
             m_b, e_b, s_b, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False,
                                                 False, False)
             if ENTROPY:
@@ -111,7 +115,7 @@ def _lp_row_kernel(
             m, s, _a, _k = merge_stats(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
 
     # the target's logit, transformed as the block's were: z_y <= m, so log p_y <= 0
-    z_y = scaled_logits(x_row + y, ok, logit_mult, softcap, SOFTCAP, "")
+    z_y = logits(x_row + y, ok, logit_mult, softcap, SOFTCAP, "")
     log_p, h, m_safe, log2_s = row_log_prob(m, s, b, z_y, ok, bad, max_entropy, ENTROPY)
     tl.store(log_p_ptr + row, log_p)
     if ENTROPY:
@@ -164,7 +168,7 @@ def _lp_grad_kernel(
     y = tl.load(target_ptr + row).to(tl.int64)
     ok, bad, _ = class_target(y, target_ptr, n_cols, ignore_index, False)
     mask = cols < tl.where(ok, n_cols, 0)  # rows not counted read nothing (their gradient: 0)
-    z = scaled_logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
+    z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
     m_safe = tl.load(stats_ptr + 2 * row)
     log2_s = tl.load(stats_ptr + 2 * row + 1)
     g = 0.0
@@ -202,7 +206,7 @@ def row_log_probs(x, target, opts: eager.Options, *, entropy: bool, out=None):
                float32_scratch(n_rows, x.device) if entropy else None,
                torch.empty(n_rows, 2, dtype=torch.float32, device=x.device))
     log_p, h, stats = out
-    block, num_warps, single = block_config(n_cols)
+    block = min(ROW_BLOCK, next_power_of_2(n_cols))
     launch(
         _lp_row_kernel,
         (n_rows,),
@@ -221,9 +225,9 @@ def row_log_probs(x, target, opts: eager.Options, *, entropy: bool, out=None):
         **transform(opts),
         max_entropy=eager.max_entropy(n_cols),
         ENTROPY=entropy,
-        SINGLE_BLOCK=single,
+        SINGLE_BLOCK=block >= n_cols,
         BLOCK_SIZE=block,
-        num_warps=num_warps,
+        num_warps=num_warps_for(block),
     )
     return log_p, h, stats
 

@@ -66,10 +66,12 @@ class Capture:
             cross_entropy,
             cross_entropy_nd,
             huber,
+            log_probs,
         )
 
         # every kernel module imports ``launch`` by name: patch each binding
-        modules = (_common, _elementwise, bce, cross_entropy, cross_entropy_nd, huber)
+        modules = (_common, _elementwise, bce, cross_entropy, cross_entropy_nd, huber,
+                   log_probs)
         self._saved = [(m, m.launch) for m in modules if hasattr(m, "launch")]
 
         def record(kernel, grid, writes, **kwargs):
@@ -188,6 +190,17 @@ def _variants():
                     calls.append(("huber", shape, dtype, reduction, target_shape, weighted,
                                   all_grads))
     calls.append(("bce", (64, 8192), torch.bfloat16, torch.float32, "mean", "full", "col", True))
+    # log-probabilities and entropy: rows in registers and looped; every upstream (log p,
+    # entropy, both); softcap; float32 logits with a bfloat16 gradient (the LM head's chunks)
+    from fused_losses.kernels import log_probs
+
+    for n_cols in (1000, log_probs.ROW_BLOCK, log_probs.ROW_BLOCK + 1):
+        for dtype in (torch.bfloat16, torch.float32):
+            for softcap in (None, 30.0):
+                for which in ("log_probs", "entropy", "both"):
+                    calls.append(("lp", n_cols, dtype, dtype, softcap, which))
+            calls.append(("lp", n_cols, dtype, dtype, None, "log_probs only"))
+        calls.append(("lp", n_cols, torch.float32, torch.bfloat16, None, "both"))
     return calls
 
 
@@ -250,7 +263,23 @@ def _run_huber(shape, dtype, reduction, target_shape, weighted, all_grads):
     _backward_all_ways(loss, per_column=target_shape == "col")
 
 
-_RUNNERS = {"ce": _run_ce, "bce": _run_bce, "huber": _run_huber}
+def _run_lp(n_cols, dtype, grad_dtype, softcap, which):
+    """``which``: the upstream gradients the backward gets ("log_probs only": the entropy
+    not requested)."""
+    from fused_losses.kernels import eager, log_probs
+
+    opts = eager.Options(softcap=softcap, temperature=0.7, logit_scale=1.25)
+    x = torch.randn(1, 2, n_cols, dtype=dtype)
+    t = torch.randint(0, n_cols, (2,))
+    entropy = which != "log_probs only"
+    log_p, h, stats = log_probs.row_log_probs(x, t, opts, entropy=entropy)
+    g = torch.rand(2).expand(2) if which != "entropy" else None
+    g_h = torch.rand(2) if which in ("entropy", "both") else None
+    grad = torch.empty(x.shape, dtype=grad_dtype)
+    log_probs.log_prob_grad(x, t, stats, h, g, g_h, opts, grad=grad)
+
+
+_RUNNERS = {"ce": _run_ce, "bce": _run_bce, "huber": _run_huber, "lp": _run_lp}
 
 
 def main(argv=None):

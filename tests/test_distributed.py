@@ -283,7 +283,7 @@ def check_collective_count(rank, world):
 def check_row_losses_in_place(rank, world):
     """The building block the tensor-parallel LM head calls per chunk of rows: the rows'
     losses over the group, the gradient written into the logits block itself."""
-    from fused_losses.kernels import eager, eager_stats
+    from fused_losses.kernels import eager
 
     from fused_losses import distributed
 
@@ -300,11 +300,11 @@ def check_row_losses_in_place(rank, world):
     for kernels in (True, False):
         _backend("triton" if kernels else "torch")
         x = full[:, block].clone()
-        scales = eager_stats.upstream_scales(opts, None, N, None, x.device)
+        scales = eager.upstream_scales(opts, None, N, None, x.device)
         loss, z, stats = distributed.row_losses(x, t, None, opts, shard, dist.group.WORLD,
                                                 kernels=kernels, grad=x, scales=scales)
         assert stats.shape == (3, N)
-        out, _ = eager_stats.reduce_rows(loss, z, opts, None, N)
+        out, _ = eager.reduce_rows(loss, z, opts, None, N)
         assert_close(out, ref, torch.float32, "row_losses")
         assert_close(x, ref_x.grad[:, block], torch.float32, "gradient in place",
                      terms=1.0 / sum(widths))
@@ -581,11 +581,11 @@ def test_a_hang_fails_fast(tmp_path, monkeypatch, capfd):
 
 @pytest.mark.parametrize("prob", [False, True], ids=["class targets", "probabilities"])
 def test_eager_blocks_match_the_kernels(prob):
-    """eager_stats' partial_stats / combine_stats / grad_from_stats / denominators against
+    """eager's partial_stats / combine_stats / grad_from_stats / denominators against
     the kernels' on the same blocks of classes (one empty), and both against the float64
     reference: the two backends of the vocab-parallel loss are the same arithmetic."""
     from fused_losses.kernels import cross_entropy as ce
-    from fused_losses.kernels import eager, eager_stats
+    from fused_losses.kernels import eager
 
     n_rows, n_classes = 5, 29
     blocks = [(0, 11), (11, 0), (11, 18)]
@@ -604,17 +604,17 @@ def test_eager_blocks_match_the_kernels(prob):
     ref = reference_cross_entropy(ref_x, ref_t, w.double(), reduction="none",
                                   label_smoothing=0.1, softcap=3.0, z_loss=0.01)
     ref.backward(g_out.double())
-    for ops in (ce, eager_stats):
+    for ops in (ce, eager):
         def tgt(offset, width):
             return t[:, offset:offset + width].contiguous() if prob else t
 
         parts = torch.cat([
             ops.partial_stats(x[:, o:o + wd].contiguous().unsqueeze(0), tgt(o, wd), w, opts,
                               class_offset=o, n_classes=n_classes)
-            for o, wd in blocks if wd or ops is eager_stats])
+            for o, wd in blocks if wd or ops is eager])
         loss, z, stats = ops.combine_stats(parts, t, w, opts, n_classes)
         assert_close(loss + z, ref, torch.float32, f"{ops.__name__}: loss")
-        scales = eager_stats.upstream_scales(opts, None, n_rows, g_out, "cpu")
+        scales = eager.upstream_scales(opts, None, n_rows, g_out, "cpu")
         grad, grad_t = torch.zeros_like(x), torch.zeros_like(t) if prob else None
         for o, wd in blocks:
             if wd:
@@ -631,5 +631,5 @@ def test_eager_blocks_match_the_kernels(prob):
             assert_close(grad_t, ref_t.grad, torch.float32, f"{ops.__name__}: target gradient")
         else:
             torch.testing.assert_close(ops.denominators(t, w, -100, n_classes),
-                                       eager_stats.denominators(t, w, -100, n_classes))
+                                       eager.denominators(t, w, -100, n_classes))
 

@@ -283,3 +283,22 @@ def test_errors(backend, case):
     args, kwargs, error, words = BAD[case]
     with pytest.raises(error, match=words):
         fl.linear_log_probs(*args, **kwargs)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_torch_compile_fullgraph(backend, device, compiler):
+    # the chunked driver traced as it is on the kernel path; the formula whole on the eager
+    # path
+    torch._dynamo.reset()
+    x, w, b, t = operands((3, 7), 16, 50, torch.float32, device)
+    t[1, 2] = -100
+    fn = torch.compile(lambda x, w, t, b: ours(x, w, t, b, temperature=0.8, chunk_size=4),
+                       backend=compiler, fullgraph=True)
+    lp, h, grads = run(fn, x, w, t, b, "both")
+    ref_lp, ref_h, ref_grads = run(reference, x.double().cpu(), w.double().cpu(), t.cpu(),
+                                   b.double().cpu(), "both", temperature=0.8)
+    assert_close(lp, ref_lp, torch.float32, "log_probs")
+    assert_close(h, ref_h, torch.float32, "entropy")
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads, strict=True):
+        assert_close(got, want, torch.float32, f"d out / d {name}")
+    torch._dynamo.reset()

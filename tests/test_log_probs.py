@@ -274,3 +274,27 @@ def test_hypothesis(backend, device, shape, n_classes, dtype, which, temperature
     target = torch.randint(0, n_classes, shape, generator=g)
     target.view(-1)[::5] = -100
     check(logits, target.to(device), which, temperature=temperature, softcap=softcap)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_torch_compile_fullgraph(backend, device, compiler):
+    # no graph break: validation, dispatch, the Function (the CPU's interpreted launches as
+    # the opaque op), the entropy's bound a constant
+    torch._dynamo.reset()
+    logits = random_logits((2, 5, 40), torch.bfloat16, device)
+    target = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(2))
+    target[0, 1] = -100
+    fn = torch.compile(lambda x, t: fl.log_probs(x, t, temperature=0.7, softcap=8.0,
+                                                 return_entropy=True),
+                       backend=compiler, fullgraph=True)
+    x = logits.detach().clone().requires_grad_(True)
+    lp, h = fn(x, target.to(device))
+    g_lp, g_h = upstream(target.shape, "both")
+    backward(lp, h, g_lp, g_h)
+    ref_x = logits.detach().cpu().double().requires_grad_(True)
+    ref_lp, ref_h = reference_log_probs(ref_x, target, temperature=0.7, softcap=8.0)
+    backward(ref_lp, ref_h, g_lp.double(), g_h.double())
+    assert_close(lp, ref_lp, torch.float32, "log_probs")
+    assert_close(h, ref_h, torch.float32, "entropy")
+    assert_close(x.grad, ref_x.grad, torch.bfloat16, "d out / d logits")
+    torch._dynamo.reset()

@@ -1,0 +1,191 @@
+"""The chunked LM head's driver: chunks of tokens, a GEMM per chunk, a per-chunk loss.
+
+``x @ W.T + b`` is never formed whole. The driver (``ChunkedHeadFunction``) owns what every
+head shares: the chunks, each chunk's logits **in float32** from one GEMM (cuBLAS's float32
+result from bfloat16 operands where torch has it, the chunk upcast elsewhere: never rounded to
+bfloat16), and in the backward the logits formed again, their gradient written by the loss,
+then ``grad_x[chunk] = dlogits @ W`` and ``grad_W += dlogits.T @ x[chunk]`` (float32
+accumulation; the bias's sum too). What a head computes of a chunk's rows is a per-chunk loss,
+one class over this interface (``ChunkLoss``). Its object holds the call's options only and
+is never mutated (torch.compile traces the Function, and refuses side effects on an object
+from outside it): the tensors it reads (``operands``: the targets) come as arguments, and
+what it writes are buffers the driver allocates and hands back.
+
+- ``allocate(n_tokens, dtype, device)``: the call's per-token buffers (a tuple; None for one
+  not requested);
+- ``forward_chunk(logits, rows, operands, buffers)``: the results of tokens ``rows`` from
+  their logits (R, V), written into the buffers' rows;
+- ``outputs(buffers)``: what the Function returns; ``saved(buffers)``: what the backward
+  needs of them (through ``save_for_backward``);
+- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits)``: d out / d logits of
+  the chunk into ``dlogits`` (the logits themselves for float32 GEMMs) for the upstream
+  gradients of the outputs (None where none came: an output without a gradient costs
+  nothing);
+- ``reduce_input_grad_(grad)``: once per backward (a vocab-sharded head sums the ranks'
+  shares of the input's gradient there); ``differentiable(logits, operands)``: the outputs of
+  the whole logits in torch ops, for ``create_graph=True``.
+
+The log-probability head (``linear_log_probs.LogProbChunks``) is one such class. (The
+cross-entropy head, ``linear_cross_entropy.py``, still runs its own Function: it writes its
+gradients in the forward where the upstream gradient is one scalar.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear_cross_entropy import Plan, _mm, _plan_dtypes
+
+
+def chunks(n_tokens: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
+
+
+def logits_dtype(plan: Plan) -> torch.dtype:
+    """float32 (float64 for float64 GEMMs): the dtype of the chunks' logits."""
+    return torch.promote_types(torch.float32, plan.compute_dtype)
+
+
+def chunk_logits(x_chunk, w_c, b_wide, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """A chunk's logits ``x_chunk @ w_c.T (+ b)`` in ``dtype`` (float32), contiguous: the
+    GEMM's float32 result from narrower operands (``_mm``), never rounded to their dtype."""
+    if out is None:
+        out = torch.empty(x_chunk.shape[0], w_c.shape[0], dtype=dtype, device=x_chunk.device)
+    if b_wide is None:
+        _mm(out, x_chunk, w_c.t(), accumulate=False)
+    else:
+        out.copy_(b_wide.expand(out.shape))
+        _mm(out, x_chunk, w_c.t(), accumulate=True)
+    return out
+
+
+class ChunkLoss:
+    """The per-chunk interface (module doc); subclasses implement it."""
+
+    def allocate(self, n_tokens: int, dtype: torch.dtype, device) -> tuple:
+        raise NotImplementedError
+
+    def forward_chunk(self, logits: torch.Tensor, rows: slice, operands: tuple,
+                      buffers: tuple) -> None:
+        raise NotImplementedError
+
+    def outputs(self, buffers: tuple):
+        raise NotImplementedError
+
+    def saved(self, buffers: tuple) -> tuple:
+        return ()
+
+    def backward_chunk(self, logits, rows: slice, operands: tuple, saved: tuple,
+                       upstream: tuple, dlogits) -> None:
+        raise NotImplementedError
+
+    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
+        pass
+
+    def differentiable(self, logits: torch.Tensor, operands: tuple) -> tuple:
+        raise NotImplementedError
+
+
+class _Grads:
+    """The input's, the weight's and the bias's gradients accumulated over the chunks (the
+    weight's and the bias's in ``plan.accum_dtype``)."""
+
+    def __init__(self, x, w, b, needs, plan: Plan):
+        self.x = self.w = self.b = None
+        if needs[0]:
+            self.x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if needs[1]:
+            self.w = torch.zeros(w.shape, dtype=plan.accum_dtype, device=w.device)
+        if needs[2]:
+            self.b = torch.zeros(b.shape, dtype=plan.accum_dtype, device=b.device)
+
+    def add(self, rows: slice, x_chunk, dlogits, w_c) -> None:
+        if self.x is not None:
+            _mm(self.x[rows], dlogits, w_c, accumulate=False)
+        if self.w is not None:
+            _mm(self.w, dlogits.t(), x_chunk, accumulate=True)
+        if self.b is not None:
+            self.b += dlogits.sum(0, dtype=self.b.dtype)
+
+    def results(self, w, b):
+        return (self.x, None if self.w is None else self.w.to(w.dtype),
+                None if self.b is None else self.b.to(b.dtype))
+
+
+class ChunkedHeadFunction(torch.autograd.Function):
+    """The outputs of ``loss`` (a ``ChunkLoss``) on the logits ``x @ w.T + b``, a chunk of
+    ``plan.chunk`` tokens at a time. ``x``: (N, H); ``w``: (V, H); ``b``: (V,) or None;
+    ``operands``: the tensors the loss reads (per token: sliced by rows). Returns
+    ``loss.outputs(...)``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, plan: Plan, loss: ChunkLoss, *operands):
+        ctx.set_materialize_grads(False)
+        dtype = logits_dtype(plan)
+        buffers = loss.allocate(x.shape[0], dtype, x.device)
+        w_c = w.to(plan.compute_dtype)
+        # (the bias rounded to the GEMMs' dtype first, as F.linear under autocast)
+        b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
+        buf = None  # one chunk's logits, reused (the first chunk is the largest)
+        with _plan_dtypes(x):
+            for rows in chunks(x.shape[0], plan.chunk):
+                x_chunk = x[rows].to(plan.compute_dtype)
+                logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
+                                      None if buf is None else buf[:x_chunk.shape[0]])
+                buf = logits if buf is None else buf
+                loss.forward_chunk(logits, rows, operands, buffers)
+        saved = loss.saved(buffers)
+        ctx.save_for_backward(x, w, b, *operands, *saved)
+        ctx.plan, ctx.loss, ctx.n_operands = plan, loss, len(operands)
+        return loss.outputs(buffers)
+
+    @staticmethod
+    def backward(ctx, *upstream):
+        x, w, b, *rest = ctx.saved_tensors
+        operands, saved = tuple(rest[:ctx.n_operands]), tuple(rest[ctx.n_operands:])
+        plan, loss = ctx.plan, ctx.loss
+        needs = ctx.needs_input_grad[:3]
+        none = (None,) * (2 + ctx.n_operands)
+        if all(g is None for g in upstream) or not any(needs):
+            return None, None, None, *none
+        if torch.is_grad_enabled():
+            # create_graph=True: torch's ops on the whole logits, the only path that holds
+            # them (second derivatives need them)
+            wrt = [t for t, need in zip((x, w, b), needs, strict=True) if need]
+            with torch.enable_grad(), _plan_dtypes(x):
+                logits = torch.nn.functional.linear(
+                    x.to(plan.compute_dtype), w.to(plan.compute_dtype),
+                    None if b is None else b.to(plan.compute_dtype)).to(logits_dtype(plan))
+                pairs = [(o, g) for o, g in zip(loss.differentiable(logits, operands),
+                                                upstream, strict=False)
+                         if o is not None and g is not None]
+                grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt,
+                                                 [g.reshape(o.shape) for o, g in pairs],
+                                                 create_graph=True))
+            return (*(next(grads) if need else None for need in needs), *none)
+
+        grads = _Grads(x, w, b, needs, plan)
+        w_c = w.to(plan.compute_dtype)
+        dtype = logits_dtype(plan)
+        b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
+        buf = dbuf = None
+        with _plan_dtypes(x):
+            for rows in chunks(x.shape[0], plan.chunk):
+                x_chunk = x[rows].to(plan.compute_dtype)
+                r = x_chunk.shape[0]
+                logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
+                                      None if buf is None else buf[:r])
+                buf = logits if buf is None else buf
+                if plan.compute_dtype == dtype:  # float32 GEMMs: the gradient in place
+                    dlogits = logits
+                else:  # the GEMMs' dtype: formed in float32 by the loss, rounded once
+                    if dbuf is None:
+                        dbuf = torch.empty(logits.shape, dtype=plan.compute_dtype,
+                                           device=x.device)
+                    dlogits = dbuf[:r]
+                loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits)
+                grads.add(rows, x_chunk, dlogits, w_c)
+        if grads.x is not None:
+            loss.reduce_input_grad_(grads.x)
+        return (*grads.results(w, b), *none)
