@@ -32,6 +32,17 @@ def is_interpreted(kernel) -> bool:
     return not isinstance(kernel, JITFunction)
 
 
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+# Whether this process's kernels are built for the interpreter (TRITON_INTERPRET=1 when the
+# kernel files were imported). torch.compile asks this instead of is_interpreted(kernel):
+# torch 2.11's Dynamo cannot trace isinstance() on a Triton kernel.
+KERNELS_INTERPRETED = is_interpreted(_probe_kernel)
+
+
 def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
     """``kernel[grid](**kwargs)``: compiled for CUDA tensors, interpreted for CPU tensors.
 
@@ -46,7 +57,8 @@ def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
     """
     compiling = torch.compiler.is_compiling()
     device = _device_of(kwargs)
-    if device is None or device.type == "cpu" or is_interpreted(kernel):
+    interpreted = KERNELS_INTERPRETED if compiling else is_interpreted(kernel)
+    if device is None or device.type == "cpu" or interpreted:
         if compiling:
             _launch_interpreted_op(kernel, grid, writes, kwargs)
         else:

@@ -22,7 +22,6 @@ log-probabilities and entropy (``row_log_probs``, ``log_prob_grad``).
 from __future__ import annotations
 
 import math
-import struct
 from typing import NamedTuple
 
 import torch
@@ -653,15 +652,14 @@ def _pair(a: float, b: float, dtype: torch.dtype, device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
 def max_entropy(n_classes: int) -> float:
     """ln C rounded down to a float32: the most an entropy of C classes can be (the float32
-    sum of C equal terms may round above it). A constant to torch.compile."""
+    sum of C equal terms may round above it). Plain math on a Python number, which
+    torch.compile folds into a constant (no decorator: torch.compiler's would import Dynamo,
+    and with it Triton, when this module is imported)."""
     exact = math.log(max(n_classes, 1))
-    bits = struct.unpack("<I", struct.pack("<f", exact))[0]
-    if struct.unpack("<f", struct.pack("<I", bits))[0] > exact:
-        bits -= 1  # (a positive float32: one unit in the last place down)
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+    mantissa, exponent = math.frexp(exact)  # exact = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    return math.ldexp(math.floor(math.ldexp(mantissa, 24)), exponent - 24)  # float32's 24 bits
 
 
 def _log_prob_targets(target: torch.Tensor, opts: Options, n_classes: int):
