@@ -345,7 +345,13 @@ def test_module_matches_torch(backend, device):
     x = random_logits((4, 7), torch.float32, device)
     t = targets((4, 7), torch.float32, device)
     assert_close(ours(x, t), theirs(x.double().cpu(), t.double().cpu()), torch.float32, "loss")
-    with pytest.raises(TypeError, match="delta must be a float or int"):
+    # torch >= 2.13 refuses a string delta in the constructor (older torch takes it): as torch
+    try:
+        torch.nn.HuberLoss(delta="1")
+    except TypeError:
+        with pytest.raises(TypeError, match="delta must be a float or int"):
+            fl.HuberLoss(delta="1")
+    else:
         fl.HuberLoss(delta="1")
 
 
