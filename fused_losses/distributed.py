@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 import zlib
 from typing import NamedTuple
 
@@ -178,8 +179,12 @@ def _all_gather(out: torch.Tensor, block: torch.Tensor, group) -> None:
     gather(out, block, group=group)
 
 
-_LAYOUTS: dict[int, tuple[object, tuple[int, ...]]] = {}  # id(group) -> (group, widths)
-_CHECKED: set = set()  # the layouts whose first call has read its headers on the host
+# group -> the widths exchanged on its first call. Weak: a group the user destroyed must not
+# outlive its ``destroy_process_group`` here (gloo's threads torn down at the interpreter's
+# exit abort the process: "terminate called without an active exception").
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# group -> its layouts (widths, device type) whose first call has read its headers on the host
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Where the headers are checked: None: on the host for CPU tensors and a layout's first call,
 # else on the device; True / False: always on the host / the device (tests set it).
 CHECK_ON_HOST: bool | None = None
@@ -189,7 +194,7 @@ def reset_vocab_layout(process_group=None) -> None:
     """Forget the block widths exchanged on the group's first call (call it on every rank of
     the group, then the next call exchanges them again)."""
     group = _dist().group.WORLD if process_group is None else process_group
-    _LAYOUTS.pop(id(group), None)
+    _LAYOUTS.pop(group, None)
 
 
 def _exchanged_widths(group, rank: int, world: int, width: int, device, signature: int,
@@ -231,12 +236,10 @@ def vocab_shard(group, rank: int, world: int, width: int, device, *, shard_sizes
                 f"not all 0; got {list(shard_sizes)}")
         shard = _shard(sizes, rank, "shard_sizes")
     else:
-        cached = _LAYOUTS.get(id(group))
-        if cached is None or cached[0] is not group:
+        widths = _LAYOUTS.get(group)
+        if widths is None:
             widths = _exchanged_widths(group, rank, world, width, device, signature, n_rows)
-            _LAYOUTS[id(group)] = (group, widths)
-        else:
-            widths = cached[1]
+            _LAYOUTS[group] = widths
         shard = _shard(widths, rank, "the widths exchanged on the group's first call")
     error = None
     if width != shard.width:
@@ -376,13 +379,14 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
         raise error[1]
     headers = gathered[:, :h].view(torch.int32)
     partials = gathered[:, h:]  # (every rank's parts, contiguous once copied out)
-    key = (id(group), shard.widths, device.type)
+    checked = _CHECKED.setdefault(group, set())
+    key = (shard.widths, device.type)
     on_host = CHECK_ON_HOST
     if on_host is None:
-        on_host = device.type == "cpu" or key not in _CHECKED
+        on_host = device.type == "cpu" or key not in checked
     if on_host:
         _check_headers_on_host(headers, shard)
-        _CHECKED.add(key)
+        checked.add(key)
         partials = partials.contiguous()
     else:
         # on the device, no sync: a rank that disagrees makes every row's loss NaN

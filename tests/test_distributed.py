@@ -280,6 +280,28 @@ def check_collective_count(rank, world):
             restore_collectives()
 
 
+def check_group_released(rank, world):
+    """A group the user destroys is not kept alive by the library (its exchanged layout, its
+    checked headers): a destroyed gloo group that lives on until the interpreter's exit aborts
+    the process there, one run in five ("terminate called without an active exception")."""
+    import gc
+    import weakref
+
+    from fused_losses.distributed import vocab_parallel_cross_entropy
+
+    group = dist.new_group(list(range(world)), backend="gloo")
+    widths = tuple(3 + r for r in range(world))
+    x = random_logits((N, widths[rank]), torch.float32, "cpu")
+    for backend in BACKENDS:
+        _backend(backend)
+        vocab_parallel_cross_entropy(x, targets(sum(widths)), process_group=group)  # exchanged
+    alive = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    assert alive() is None, gc.get_referrers(alive())
+
+
 def check_row_losses_in_place(rank, world):
     """The building block the tensor-parallel LM head calls per chunk of rows: the rows'
     losses over the group, the gradient written into the logits block itself."""
@@ -542,7 +564,8 @@ def restore_collectives() -> None:
 
 def test_world_2(tmp_path):
     run_world(2, ["check_world_2", "check_collective_count", "check_exchanged_layout",
-                  "check_row_losses_in_place", "check_training_loop"], tmp_path)
+                  "check_row_losses_in_place", "check_training_loop", "check_group_released"],
+              tmp_path)
 
 
 def test_world_3(tmp_path):
