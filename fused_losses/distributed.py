@@ -96,7 +96,7 @@ from ._validation import (
     resolve_reduction,
 )
 from .kernels import eager
-from .kernels._autograd import detached_without_grad_mode, may_fuse_gradient
+from .kernels._autograd import detached_without_grad_mode, may_fuse_gradient, output_as
 
 __all__ = ["VocabShard", "reset_vocab_layout", "vocab_parallel_cross_entropy"]
 
@@ -430,9 +430,9 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             z_out = torch.zeros_like(out)
         ctx.grad, ctx.opts, ctx.shard, ctx.kernels = grad, opts, shard, kernels
         ctx.save_for_backward(x, target, weight, stats, denom)
-        z_out = z_out.to(out_dtype)
+        z_out = output_as(z_out, out_dtype)
         ctx.mark_non_differentiable(z_out)
-        return out.to(out_dtype), z_out
+        return output_as(out, out_dtype), z_out
 
     @staticmethod
     def backward(ctx, grad_out, _grad_z):

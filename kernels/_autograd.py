@@ -16,6 +16,16 @@ def detached_without_grad_mode(*tensors):
     return tuple(None if t is None else t.detach() for t in tensors)
 
 
+def output_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Function's output ``t`` in ``dtype``: ``t.to(dtype)``, or ``t`` itself where it has
+    that dtype already.
+
+    Never ``t.to(t.dtype)`` as a forward's output: torch.compile on torch 2.11 then hands the
+    backward a zero upstream gradient, and every gradient of a float32 loss is silently zero
+    (eager and later torch are unaffected)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def may_fuse_gradient() -> bool:
     """Whether a forward may write the input's gradient for its backward to scale in place.
 

@@ -42,7 +42,12 @@ import triton
 import triton.language as tl
 
 from . import cross_entropy_nd, eager
-from ._autograd import detached_without_grad_mode, differentiable_backward, may_fuse_gradient
+from ._autograd import (
+    detached_without_grad_mode,
+    differentiable_backward,
+    may_fuse_gradient,
+    output_as,
+)
 from ._ce_math import (
     block_stats,
     class_factors,
@@ -811,9 +816,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.overwritten = fused and opts.inplace_backward
         ctx.opts, ctx.columns, ctx.n_rows = opts, columns, n_rows
         ctx.save_for_backward(None if ctx.overwritten else x, target, weight, stats, denom)
-        z_out = z_out.to(out_dtype)
+        z_out = output_as(z_out, out_dtype)
         ctx.mark_non_differentiable(z_out)
-        return out.to(out_dtype), z_out
+        return output_as(out, out_dtype), z_out
 
     @staticmethod
     def backward(ctx, grad_out, _grad_z):

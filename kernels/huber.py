@@ -24,7 +24,12 @@ import triton
 import triton.language as tl
 
 from . import eager
-from ._autograd import detached_without_grad_mode, differentiable_backward, may_fuse_gradient
+from ._autograd import (
+    detached_without_grad_mode,
+    differentiable_backward,
+    may_fuse_gradient,
+    output_as,
+)
 from ._common import (
     float32_scratch,
     non_null,
@@ -188,7 +193,7 @@ class HuberFunction(torch.autograd.Function):
             out = partials.sum()  # fixed-order second stage
             if reduction == "mean":
                 out = out / numel
-            out = out.to(out_dtype)
+            out = output_as(out, out_dtype)
 
         ctx.grad = (grad, flat_grad) if fused else None
         ctx.meta = (shape, reduction, delta)

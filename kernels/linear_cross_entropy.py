@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from . import eager
-from ._autograd import differentiable_backward, may_fuse_gradient
+from ._autograd import differentiable_backward, may_fuse_gradient, output_as
 
 
 class Plan(NamedTuple):
@@ -200,9 +200,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.plan, ctx.dens, ctx.grads = opts, plan, dens, grads
         ctx.chunk_ce = chunk_ce
         z = torch.zeros_like(loss) if z is None else z
-        z = z.to(out_dtype)
+        z = output_as(z, out_dtype)
         ctx.mark_non_differentiable(z)
-        return loss.to(out_dtype), z
+        return output_as(loss, out_dtype), z
 
     @staticmethod
     def backward(ctx, grad_out, _grad_z):

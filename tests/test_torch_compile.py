@@ -140,6 +140,29 @@ def test_linear_cross_entropy(backend, device, compiler, case):
           {"input", "linear_weight", "linear_bias"}, torch.float32)
 
 
+FLOAT32_LOSSES = {
+    "cross_entropy": (lambda **a: fl.cross_entropy(**a, label_smoothing=0.1),
+                      lambda **a: F.cross_entropy(**a, label_smoothing=0.1)),
+    "bce": (fl.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+    "huber, sum": (lambda **a: fl.huber_loss(**a, reduction="sum"),
+                   lambda **a: F.huber_loss(**a, reduction="sum")),
+}
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("loss", list(FLOAT32_LOSSES))
+def test_float32_reduced_losses(backend, device, compiler, loss):
+    # a float32 loss is already in its output dtype: a Function that returned it through a
+    # no-op .to() got zero gradients under torch.compile on torch 2.11 (_autograd.output_as)
+    ours, theirs = FLOAT32_LOSSES[loss]
+    x = random_logits((5, 12), torch.float32, device)
+    if loss == "cross_entropy":
+        t = torch.randint(0, 12, (5,), generator=torch.Generator().manual_seed(1)).to(device)
+    else:
+        t = torch.rand(5, 12, generator=torch.Generator().manual_seed(2)).to(device)
+    check(compiler, ours, theirs, {"input": x, "target": t}, {"input"}, torch.float32)
+
+
 @pytest.mark.parametrize("compiler", COMPILERS)
 def test_bce_with_logits(backend, device, compiler):
     dtype = torch.bfloat16
