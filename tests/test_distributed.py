@@ -61,15 +61,30 @@ def run_world(world: int, checks: list[str], tmp_path, module: str = __name__) -
             hang = (f"used no CPU for {STALL} s" if now - last_busy > STALL else
                     f"did not finish in {TIMEOUT} s" if now - start > TIMEOUT else None)
             if hang:
-                for process in ctx.processes:  # each rank's stacks to its stderr
-                    if process.is_alive():
-                        os.kill(process.pid, signal.SIGUSR1)
-                time.sleep(2)
-                pytest.fail(f"a world of {world} ranks {hang} (a hang?)")
+                pytest.fail(f"a world of {world} ranks {hang} (a hang?); their stacks:\n"
+                            + _stacks(ctx.processes, init))
     finally:
         for process in ctx.processes:
             if process.is_alive():
                 process.kill()
+
+
+def _stacks(processes, init) -> str:
+    """Every live rank's threads' stacks: SIGUSR1 makes each write them to its own file."""
+    alive = [(rank, p) for rank, p in enumerate(processes) if p.is_alive()]
+    for _, process in alive:
+        os.kill(process.pid, signal.SIGUSR1)
+    files = {rank: f"{init}.stacks{rank}" for rank, _ in alive}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(
+            os.path.exists(f) and os.path.getsize(f) for f in files.values()):
+        time.sleep(0.2)
+    time.sleep(0.5)  # (a dump still being written)
+    out = []
+    for rank, f in files.items():
+        text = open(f).read() if os.path.exists(f) else ""
+        out.append(f"--- rank {rank} ---\n{text or '(none written)'}")
+    return "\n".join(out)
 
 
 def _cpu_seconds(processes, last: dict) -> float | None:
@@ -88,10 +103,11 @@ def _cpu_seconds(processes, last: dict) -> float | None:
 
 
 def _worker(rank: int, world: int, init: str, module: str, checks: list[str]) -> None:
-    # A fatal signal (an abort in a C++ thread) prints every thread's Python stack first, and
-    # SIGUSR1 (a hang, from run_world) prints them and carries on.
+    # A fatal signal (an abort in a C++ thread) prints every thread's Python stack to stderr
+    # first; SIGUSR1 (a hang, from run_world) writes them to this rank's file and carries on.
     faulthandler.enable(all_threads=True)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stacks = open(f"{init}.stacks{rank}", "w")  # (open while the rank runs)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     torch.set_num_threads(1)  # (ranks share the machine's cores)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=TIMEOUT))
@@ -585,16 +601,19 @@ def check_hang(rank, world):
         time.sleep(3600)
 
 
-def test_a_hang_fails_fast(tmp_path, monkeypatch, capfd):
+def test_a_hang_fails_fast(tmp_path, monkeypatch):
     """A world whose ranks all wait fails after STALL seconds, not the collective's timeout,
-    and every rank's stack is in the test's output."""
+    and the failure shows where each rank waits."""
     monkeypatch.setattr(sys.modules[__name__], "STALL", 5)
     start = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match="used no CPU for 5 s"):
+    with pytest.raises(pytest.fail.Exception, match="used no CPU for 5 s") as failure:
         run_world(2, ["check_hang"], tmp_path)
     assert time.monotonic() - start < TIMEOUT / 4
-    err = capfd.readouterr().err
-    assert "in check_hang" in err and "barrier" in err, err[-2000:]
+    message = str(failure.value)
+    ranks = message.split("--- rank 1 ---")
+    assert len(ranks) == 2 and "--- rank 0 ---" in ranks[0], message
+    assert "in barrier" in ranks[0] and "in check_hang" in ranks[0], message
+    assert "in check_hang" in ranks[1], message
 
 
 # ------------------------------------------------------------------------------------------
