@@ -248,6 +248,69 @@ def _three_gemms(case, t):
     return step
 
 
+# per-token log-probabilities and entropy from the LM head (RL): the GRPO step's loss,
+# -mean(advantage * log p) - 0.01 mean(entropy), at temperature 0.7, against TRL's function
+
+
+RL_TEMPERATURE = 0.7
+RL_ENTROPY_COEF = 0.01
+
+
+def _rl_inputs(case: Case, gen) -> dict:
+    inputs = _lce_inputs(case, gen)
+    inputs["advantage"] = _new(case, case.shape[0], dtype=torch.float32).normal_(generator=gen)
+    return inputs
+
+
+def _rl_step(per_token, t):
+    """A GRPO-style step on (log p, entropy) of every token: both outputs get a gradient."""
+    def forward():
+        lp, ent = per_token(t["input"], t["weight"], t["target"])
+        return -(t["advantage"] * lp).mean() - RL_ENTROPY_COEF * ent.mean()
+
+    return train_step(forward, [t["input"], t["weight"]])
+
+
+def _rl_fused(case, t):
+    fn = _ours("linear_log_probs")
+    return _rl_step(lambda x, w, y: fn(x, w, y, temperature=RL_TEMPERATURE,
+                                       return_entropy=True), t)
+
+
+def _rl_torch(case, t):
+    """The unfused formula (TRL <= 1.13's GRPO): the whole logits, log_softmax, the entropy."""
+    def per_token(x, w, y):
+        lsm = torch.log_softmax(F.linear(x, w).float() / RL_TEMPERATURE, -1)
+        return lsm.gather(-1, y.unsqueeze(-1)).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+
+    return _rl_step(per_token, t)
+
+
+def _rl_trl(case, t):
+    fn = _peer("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")
+
+    def per_token(x, w, y):  # (TRL's GRPOTrainer's vocabulary tile: 32,768 classes)
+        lp, ent, *_ = fn.apply(x, w, None, y, RL_TEMPERATURE, 32768, None, 1.0, ("entropy",))
+        return lp, ent
+
+    return _rl_step(per_token, t)
+
+
+def _four_gemms(case, t):
+    """The floor of a head whose upstream gradient is per token: the forward's GEMM, the
+    backward's recompute and the two gradients' GEMMs, no loss."""
+    x, w = t["input"].detach(), t["weight"].detach()
+
+    def step():
+        logits = x @ w.T
+        logits = x @ w.T  # the backward's recompute
+        logits @ w
+        logits.T @ x
+
+    step.leaves = []
+    return step
+
+
 # the Hugging Face training step: a tiny Llama, with and without fused_losses's integration
 
 
@@ -346,6 +409,19 @@ LOSSES = {
             "3 GEMMs": Provider("3 GEMMs", _three_gemms, "x @ W.T, dlogits @ W, dlogits.T @ x "
                                 "alone: the floor of any LM-head loss"),
         }, "torch", lambda s: s[2], "vocabulary V", lambda s: f"N={s[0]}, H={s[1]}"),
+    "linear_log_probs": Loss(
+        "RL head: log-probs + entropy", "N x H x V", _rl_inputs, {
+            "fused_losses": Provider("fused_losses", _rl_fused,
+                                     "fused_losses.linear_log_probs(..., temperature=0.7, "
+                                     "return_entropy=True)"),
+            "torch": Provider("torch", _rl_torch, "log_softmax(F.linear(x, W) / T): the whole "
+                              "logits, the entropy -sum p log p (TRL <= 1.13's GRPO)"),
+            "trl": Provider("trl", _rl_trl, "TRL 1.16's ChunkedLogProbFunction (GRPOTrainer's "
+                            "default: its tiles in the GEMMs' dtype)"),
+            "4 GEMMs": Provider("4 GEMMs", _four_gemms, "x @ W.T twice, dlogits @ W, "
+                                "dlogits.T @ x alone: the floor of a per-token upstream "
+                                "gradient"),
+        }, "torch", lambda s: s[2], "vocabulary V", lambda s: f"N={s[0]}, H={s[1]}"),
     "hf_llama_step": Loss(
         "transformers Llama training step", "batch x seq x hidden x V", _hf_inputs, {
             "fused_losses": Provider("fused_losses", _hf_fused, "the same model after "
@@ -370,12 +446,14 @@ def _sweep(device: str, quick: bool) -> list[tuple[str, str, tuple[int, ...]]]:
                                               (8192, 131072)]
         huber = [(1 << 26,)] if quick else [(1 << 24,), (1 << 26,), (1 << 28,)]
         lce = [(8192, 4096, v) for v in ((128256,) if quick else (32000, 128256, 262144))]
+        rl = [(8192, 4096, 128256)] if quick else [(8192, 4096, 128256), (16384, 4096, 151936)]
         hf = [(b, 2048, 1024, 128256) for b in ((4,) if quick else (2, 4))]
         dtypes = [("bfloat16", "float32")[: 1 if quick else 2], ("float32", "bfloat16")]
         return ([("cross_entropy", d, s) for d in dtypes[0] for s in ce]
                 + [(loss, d, s) for loss, shapes in (("bce", bce), ("huber", huber))
                    for d in dtypes[1][: 1 if quick else 2] for s in shapes]
                 + [("linear_cross_entropy", "bfloat16", s) for s in lce]
+                + [("linear_log_probs", "bfloat16", s) for s in rl]
                 + [("hf_llama_step", "bfloat16", s) for s in hf])
     # CPU: the eager path's cost against torch's; N=4096 x 32000 and (32, 1000) carry targets
     ce = [(4096, 32000)] if quick else [(4096, 8192), (4096, 32000)]
@@ -384,9 +462,11 @@ def _sweep(device: str, quick: bool) -> list[tuple[str, str, tuple[int, ...]]]:
     lce = [(512, 256, 2048), (512, 256, 8192)] if quick else [(4096, 512, 8192),
                                                               (4096, 512, 32000)]
     hf = [(1, 512, 256, 32000)] if quick else [(1, 512, 256, 32000), (2, 1024, 256, 32000)]
+    rl = [(4096, 512, 32000)]  # (the targets' shape: seconds a step, quick or not)
     return ([("cross_entropy", d, s) for d in ("bfloat16", "float32") for s in ce]
             + [(loss, "float32", s) for loss in ("bce", "huber") for s in small]
             + [("linear_cross_entropy", "float32", s) for s in lce]
+            + [("linear_log_probs", "float32", s) for s in rl]
             + [("hf_llama_step", "float32", s) for s in hf])
 
 
@@ -424,6 +504,12 @@ TARGETS = (
     Target("cuda", "huber", "float32", (1 << 26,), "roofline", 1.1),
     Target("cuda", "linear_cross_entropy", "bfloat16", (8192, 4096, 128256), "time", 1.05,
            ("3 GEMMs",)),
+    # issue 16: the RL head
+    Target("cpu", "linear_log_probs", "float32", (4096, 512, 32000), "time", 1.0, ("trl",)),
+    Target("cpu", "linear_log_probs", "float32", (4096, 512, 32000), "time", 1.1, ("torch",)),
+    Target("cpu", "linear_log_probs", "float32", (4096, 512, 32000), "peak", 1.0, ("trl",)),
+    Target("cuda", "linear_log_probs", "bfloat16", (8192, 4096, 128256), "time", 1.1,
+           ("4 GEMMs",)),
 )
 
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 PROVIDERS = list(dict.fromkeys(n for loss in LOSSES.values() for n in loss.providers))
-COLORED = [n for n in PROVIDERS if n != "3 GEMMs"]  # one of C0..C9 each, in every picture
+REFERENCES = ("3 GEMMs", "4 GEMMs")  # the GEMMs alone: black, dashed
+COLORED = [n for n in PROVIDERS if n not in REFERENCES]  # one colour each, in every picture
 METHOD = """\
 - **Time**: a training step (gradients set to None, forward, `backward()`), median and p20–p80
   of the samples. Each provider runs once untimed first (compilation, first-call costs), then
@@ -350,7 +351,7 @@ def plot(run: dict, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(len(shown), 2, figsize=(13, 3.3 * len(shown) + 0.6),
                              squeeze=False, layout="constrained")
-    markers = "osD^v<>pXh*"
+    markers = "osD^v<>pXhP*"  # (the last: the GEMMs references)
     for (ax_t, ax_m), (loss, dtype, rows) in zip(axes, shown, strict=True):
         xs = sorted({Case.from_json(r["case"]).x for r in rows if ok(r)})
         top = 0.0
@@ -360,7 +361,7 @@ def plot(run: dict, path: Path) -> bool:
             if not pts:
                 continue
             i, ours = COLORED.index(name) if name in COLORED else -1, name == "fused_losses"
-            color = f"C{i}" if i >= 0 else "k"  # black: the 3 GEMMs reference
+            color = f"C{i % 10}" if i >= 0 else "k"  # black: the GEMMs references
             # fused_losses filled and underneath, the others hollow on top: a point that
             # coincides with fused_losses's shows as an outline around it, never hidden
             style = {"color": color, "marker": markers[i], "label": name, "ms": 7, "mew": 1.5,

@@ -3,7 +3,9 @@
 ``cross_entropy`` / ``CrossEntropyLoss``, ``linear_cross_entropy`` /
 ``LinearCrossEntropyLoss`` (the fused LM head), ``binary_cross_entropy_with_logits`` /
 ``BCEWithLogitsLoss`` and ``huber_loss`` / ``HuberLoss`` take exactly the arguments of their
-``torch.nn.functional`` / ``torch.nn`` namesakes. CUDA tensors run the
+``torch.nn.functional`` / ``torch.nn`` namesakes. ``log_probs`` and ``linear_log_probs``
+give RL trainers per-token log-probabilities and entropies (with a temperature), on given
+logits or straight from the LM head. CUDA tensors run the
 Triton kernels, everything else eager PyTorch; ``FUSED_LOSSES_BACKEND=auto|triton|torch``
 overrides. Importing this package does not import triton.
 """

@@ -13,11 +13,15 @@ what it writes are buffers the driver allocates and hands back.
 
 - ``allocate(n_tokens, dtype, device)``: the call's per-token buffers (a tuple; None for one
   not requested);
-- ``forward_chunk(logits, rows, operands, buffers)``: the results of tokens ``rows`` from
-  their logits (R, V), written into the buffers' rows;
+- ``workspace(logits, backward)``: scratch the chunks share (None: none), made once a pass
+  from the first (the largest) chunk's logits;
+- ``forward_chunk(logits, rows, operands, buffers, work)``: the results of tokens ``rows``
+  from their logits (R, V) (scratch: the loss may overwrite them), written into the
+  buffers' rows;
 - ``outputs(buffers)``: what the Function returns; ``saved(buffers)``: what the backward
   needs of them (through ``save_for_backward``);
-- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits)``: d out / d logits of
+- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)``: d out / d
+  logits of
   the chunk into ``dlogits`` (the logits themselves for float32 GEMMs) for the upstream
   gradients of the outputs (None where none came: an output without a gradient costs
   nothing);
@@ -66,8 +70,11 @@ class ChunkLoss:
     def allocate(self, n_tokens: int, dtype: torch.dtype, device) -> tuple:
         raise NotImplementedError
 
+    def workspace(self, logits: torch.Tensor, backward: bool):
+        return None
+
     def forward_chunk(self, logits: torch.Tensor, rows: slice, operands: tuple,
-                      buffers: tuple) -> None:
+                      buffers: tuple, work) -> None:
         raise NotImplementedError
 
     def outputs(self, buffers: tuple):
@@ -77,7 +84,7 @@ class ChunkLoss:
         return ()
 
     def backward_chunk(self, logits, rows: slice, operands: tuple, saved: tuple,
-                       upstream: tuple, dlogits) -> None:
+                       upstream: tuple, dlogits, work) -> None:
         raise NotImplementedError
 
     def reduce_input_grad_(self, grad: torch.Tensor) -> None:
@@ -127,14 +134,15 @@ class ChunkedHeadFunction(torch.autograd.Function):
         w_c = w.to(plan.compute_dtype)
         # (the bias rounded to the GEMMs' dtype first, as F.linear under autocast)
         b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
-        buf = None  # one chunk's logits, reused (the first chunk is the largest)
+        buf = work = None  # one chunk's logits, reused (the first chunk is the largest)
         with _plan_dtypes(x):
             for rows in chunks(x.shape[0], plan.chunk):
                 x_chunk = x[rows].to(plan.compute_dtype)
                 logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
                                       None if buf is None else buf[:x_chunk.shape[0]])
-                buf = logits if buf is None else buf
-                loss.forward_chunk(logits, rows, operands, buffers)
+                if buf is None:
+                    buf, work = logits, loss.workspace(logits, backward=False)
+                loss.forward_chunk(logits, rows, operands, buffers, work)
         saved = loss.saved(buffers)
         ctx.save_for_backward(x, w, b, *operands, *saved)
         ctx.plan, ctx.loss, ctx.n_operands = plan, loss, len(operands)
@@ -169,14 +177,15 @@ class ChunkedHeadFunction(torch.autograd.Function):
         w_c = w.to(plan.compute_dtype)
         dtype = logits_dtype(plan)
         b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
-        buf = dbuf = None
+        buf = dbuf = work = None
         with _plan_dtypes(x):
             for rows in chunks(x.shape[0], plan.chunk):
                 x_chunk = x[rows].to(plan.compute_dtype)
                 r = x_chunk.shape[0]
                 logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
                                       None if buf is None else buf[:r])
-                buf = logits if buf is None else buf
+                if buf is None:
+                    buf, work = logits, loss.workspace(logits, backward=True)
                 if plan.compute_dtype == dtype:  # float32 GEMMs: the gradient in place
                     dlogits = logits
                 else:  # the GEMMs' dtype: formed in float32 by the loss, rounded once
@@ -184,7 +193,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
                         dbuf = torch.empty(logits.shape, dtype=plan.compute_dtype,
                                            device=x.device)
                     dlogits = dbuf[:r]
-                loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits)
+                loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)
                 grads.add(rows, x_chunk, dlogits, w_c)
         if grads.x is not None:
             loss.reduce_input_grad_(grads.x)

@@ -735,6 +735,96 @@ def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
     grad.copy_(torch.where(ok.unsqueeze(-1), d, nan).view(grad.shape))
 
 
+def _transform_(z: torch.Tensor, opts: Options) -> torch.Tensor:
+    """``transformed_logits`` in place (a chunk of logits that is scratch); without softcap
+    one multiply by scale / T."""
+    if opts.softcap is None:
+        mult = opts.logit_scale / opts.temperature
+        return z.mul_(mult) if mult != 1.0 else z
+    if opts.logit_scale != 1.0:
+        z.mul_(opts.logit_scale)
+    z.div_(opts.softcap).tanh_().mul_(opts.softcap)
+    if opts.temperature != 1.0:
+        z.div_(opts.temperature)
+    return z
+
+
+def chunk_log_probs_(logits: torch.Tensor, target: torch.Tensor, opts: Options, *,
+                     entropy: bool, out: tuple, work: torch.Tensor) -> None:
+    """``row_log_probs`` of an LM-head chunk whose logits (R, C) are scratch: overwritten,
+    with one logits-sized workspace ``work`` and no other temporary of their size (the CPU
+    allocates and faults in every new large tensor: a fresh one per op costs more than the
+    op). Writes log p_y, the entropy and (m~, log2 s) into ``out``. Not differentiable."""
+    log_p, h, stats = out
+    z = _transform_(logits, opts)
+    n_classes = z.shape[-1]
+    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(m == -math.inf, 0.0, m)
+    z_y = z.gather(-1, torch.where(ok, y, 0).unsqueeze(-1)).squeeze(-1)
+    zm = z.sub_(m)
+    e = torch.exp(zm, out=work)
+    s = e.sum(-1)
+    ln_s = s.log()
+    nan = torch.where(bad, math.nan, 0.0).to(z.dtype)
+    m = m.squeeze(-1)
+    log_p.copy_(torch.where(ok, (z_y - m) - ln_s, nan))
+    if entropy:
+        b = torch.bmm(e.unsqueeze(1), zm.unsqueeze(-1)).view(-1)  # row dot products (BLAS)
+        # a -inf logit makes its row's dot product NaN (0 * -inf): those rows again, masked
+        redo = torch.isnan(b) & ok
+        if bool(redo.any()):
+            rows = redo.nonzero().squeeze(-1)
+            b[rows] = (e[rows] * torch.where(e[rows] > 0, zm[rows], 0.0)).sum(-1)
+        ent = ln_s - b / s
+        h.copy_(torch.where(ok, ent.clamp(max=max_entropy(n_classes)), nan))
+    stats[:, 0] = torch.where(ok, m, 0.0)
+    stats[:, 1] = torch.where(ok, s.log2(), 0.0)
+
+
+def chunk_log_prob_grad_(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
+                         g, g_h, opts: Options, *, grad: torch.Tensor, work: tuple) -> None:
+    """``log_prob_grad`` of an LM-head chunk whose logits (R, C) are scratch (overwritten;
+    ``grad`` may be them), with two logits-sized workspaces ``work`` (``chunk_log_probs_``'s
+    reason), in as few passes as it takes: d = p a' (+ c at the target), where
+    a' = -mult (g + g_H (log p + H)) folds the negation and the transform's factor in."""
+    if logits.numel() == 0:
+        return
+    p, slope = work
+    z = _transform_(logits, opts)
+    n_classes = z.shape[-1]
+    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    dtype = p.dtype
+    mult = opts.logit_scale / opts.temperature
+    scale = -1.0
+    if opts.softcap is not None:  # mult (1 - t^2), t = z / softcap', from the output
+        torch.mul(z, opts.temperature / opts.softcap, out=slope)
+        slope.square_().neg_().add_(1.0).mul_(mult)
+    else:
+        scale = -mult
+    log_p = z.sub_((stats[:, 0] + stats[:, 1] * LN2).unsqueeze(-1))
+    torch.exp(log_p, out=p)
+    g = None if g is None else g.reshape(-1).to(dtype)
+    k = torch.zeros_like(stats[:, 0]) if g is None else g.clone()
+    if g_h is not None:
+        g_h = g_h.reshape(-1).to(dtype)
+        k = k + g_h * h
+        # a -inf logit has p = 0 and log p = -inf: clamped, its term is 0 * finite = 0 (a
+        # log p below -200 has p = 0 in float32 anyway)
+        a = torch.addcmul((k * scale).unsqueeze(-1), log_p.clamp_(min=-200.0),
+                          (g_h * scale).unsqueeze(-1), out=log_p)
+        d = torch.mul(p, a, out=grad)
+    else:
+        d = torch.mul(p, (k * scale).unsqueeze(-1), out=grad)
+    if g is not None:  # + g dz/dx at the target (c - p a, the sign folded into a')
+        d.scatter_add_(-1, torch.where(ok, y, 0).unsqueeze(-1),
+                       torch.where(ok, g * -scale, 0.0).unsqueeze(-1).to(d.dtype))
+    if opts.softcap is not None:
+        d.mul_(slope)
+    if not bool(ok.all()):  # rows not counted: 0; out of range: NaN
+        d[~ok] = torch.where(bad[~ok], math.nan, 0.0).to(d.dtype).unsqueeze(-1)
+
+
 def log_probs(input: torch.Tensor, target: torch.Tensor, opts: Options, entropy: bool):
     """The eager (log p_y, entropy or None) of logits (..., C) against class indices (...),
     float32 (float64 for float64 logits), differentiable by autograd."""

@@ -5,7 +5,8 @@ policy's last hidden states and its LM head, without the (N, V) logits. It runs 
 chunked head's driver (``chunked_head.py``: each chunk's logits in float32, never rounded to
 bfloat16 before the log-softmax) as ``LogProbChunks``:
 
-- forward, per chunk: the row pass (``log_probs.row_log_probs``, or its eager twin) writes
+- forward, per chunk: the row pass (``log_probs.row_log_probs``, or its eager twin
+  ``eager.chunk_log_probs_``, in place over the scratch logits) writes
   log p_y, the entropy, and (m~, log2 s) of each row, kept for the backward (8 B a token).
   Under ``torch.no_grad()`` the whole memory is one chunk of logits.
 - backward: the upstream gradients are per token (advantages), unknown in the forward, so the
@@ -45,17 +46,22 @@ class LogProbChunks(ChunkLoss):
                 torch.empty(n_tokens, dtype=dtype, device=device) if self.entropy else None,
                 torch.empty(n_tokens, 2, dtype=dtype, device=device))
 
-    def forward_chunk(self, logits, rows, operands, buffers):
+    def workspace(self, logits, backward):
+        """The eager path's scratch: one logits-sized buffer (two in the backward), so that
+        its ops make no new tensor of the chunk's size (``eager.chunk_log_probs_``)."""
+        if self.kernels:
+            return None
+        return tuple(torch.empty_like(logits) for _ in range(2 if backward else 1))
+
+    def forward_chunk(self, logits, rows, operands, buffers, work):
         (target,) = operands
         out = tuple(None if t is None else t[rows] for t in buffers)
         if self.kernels:
             _ops(True).row_log_probs(logits, target[rows], self.opts, entropy=self.entropy,
                                      out=out)
-            return
-        for dst, src in zip(out, eager.row_log_probs(logits, target[rows], self.opts,
-                                                     entropy=self.entropy), strict=True):
-            if dst is not None:
-                dst.copy_(src)
+        else:
+            eager.chunk_log_probs_(logits, target[rows], self.opts, entropy=self.entropy,
+                                   out=out, work=work[0][:logits.shape[0]])
 
     def outputs(self, buffers):
         log_p, h, _ = buffers
@@ -64,13 +70,16 @@ class LogProbChunks(ChunkLoss):
     def saved(self, buffers):
         return buffers[2], buffers[1]  # (m~, log2 s) of each row, the entropy
 
-    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits):
+    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
         (target,), (stats, h) = operands, saved
         g, g_h = (*upstream, None)[:2]
-        _ops(self.kernels).log_prob_grad(
-            logits, target[rows], stats[rows], None if h is None else h[rows],
-            None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts,
-            grad=dlogits)
+        args = (logits, target[rows], stats[rows], None if h is None else h[rows],
+                None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
+        if self.kernels:
+            _ops(True).log_prob_grad(*args, grad=dlogits)
+        else:
+            eager.chunk_log_prob_grad_(*args, grad=dlogits,
+                                       work=tuple(t[:logits.shape[0]] for t in work))
 
     def differentiable(self, logits, operands):
         lp, h, _ = eager.row_log_probs(logits, operands[0], self.opts, entropy=self.entropy)

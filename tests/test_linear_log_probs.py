@@ -302,3 +302,13 @@ def test_torch_compile_fullgraph(backend, device, compiler):
     for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads, strict=True):
         assert_close(got, want, torch.float32, f"d out / d {name}")
     torch._dynamo.reset()
+
+
+def test_masked_vocabulary(backend, device):
+    # a bias of -inf masks classes out (their p is 0: no entropy, a zero gradient)
+    x, w, b, t = operands((11,), 16, 40, torch.float32, device)
+    b[::3] = -math.inf
+    t = torch.where(t % 3 == 0, t + 1, t)
+    check(x, w, t, b.detach(), "both", chunk_size=4, temperature=0.9)
+    lp, h = fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True)
+    assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(h).all())
