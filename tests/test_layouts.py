@@ -1,0 +1,284 @@
+"""Operand layouts: every tensor argument as a strided, sliced, transposed, permuted or
+expanded view, against torch in float64, both backends.
+
+``cross_entropy`` and ``linear_cross_entropy`` are called on views of their operands (input,
+weights, bias, class or probability targets, class weight), drawn by hypothesis together
+with the options and small chunks; the reference is torch on float64 copies of the same
+rounded storage, viewed the same way, with a random upstream gradient: the value and the
+gradient of every view that takes one. The regressions first: what randomized differential
+tests of this kind found (issue 15, section 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, reference_cross_entropy
+from conftest import KERNEL_DEVICE
+
+import fused_losses as fl
+
+# ------------------------------------------------------------------------------------------
+# operands as views of a storage, and the differential check
+# ------------------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """How an operand of some shape lies in its storage: its dimensions stored in the order
+    ``perm`` (the first outermost), each every ``step`` elements from ``offset``; the
+    dimensions in ``expanded`` stride 0 (one element stored, expanded)."""
+
+    perm: tuple = ()
+    step: int = 1
+    offset: int = 0
+    expanded: frozenset = frozenset()
+
+    def base_shape(self, shape) -> list:
+        return [1 if d in self.expanded else shape[d] * self.step + self.offset
+                for d in self.perm or range(len(shape))]
+
+    def view(self, base: torch.Tensor, shape, expand: bool = True) -> torch.Tensor:
+        """The operand (``shape``) in ``base``; with ``expand=False``, its stored elements
+        (size 1 along the expanded dimensions)."""
+        perm = self.perm or tuple(range(len(shape)))
+        v = base[tuple(slice(None) if d in self.expanded else slice(self.offset, None, self.step)
+                       for d in perm)]
+        v = v.permute([perm.index(d) for d in range(len(shape))])
+        return v.expand(tuple(shape)) if expand else v
+
+
+class Operand(NamedTuple):
+    """A tensor argument: its storage (CPU, the operand's dtype) and the view the call
+    gets."""
+
+    base: torch.Tensor
+    make: Callable[[torch.Tensor], torch.Tensor] = lambda b: b
+
+
+def laid_out(values: torch.Tensor, layout: Layout) -> Operand:
+    """``values`` stored as ``layout`` says (along an expanded dimension, its first element).
+    The storage's other elements hold garbage, NaN or a class out of any range: an operand
+    read as if it were laid out otherwise gives a wrong number or an error."""
+    shape = tuple(values.shape)
+    fill = math.nan if values.is_floating_point() else -(2**40)
+    base = torch.full(layout.base_shape(shape), fill, dtype=values.dtype)
+    if values.numel():
+        stored = layout.view(base, shape, expand=False)
+        stored.copy_(values[tuple(slice(0, n) for n in stored.shape)])
+    return Operand(base, lambda b: layout.view(b, shape))
+
+
+def run(fn, ops: dict, grads, out_dtype, *, dtype=None, device="cpu", seed=1, **kwargs):
+    """``fn`` on the views of ``ops`` (floating storage in ``dtype`` if given, on ``device``),
+    backward with a random upstream gradient rounded to ``out_dtype``: (the result, {name:
+    d out / d the view}). (The view's gradient is what the call returned: autograd's sum
+    over an expanded dimension, in the operand's dtype, is torch's business, not the
+    loss's.)"""
+    views = {}
+    for name, op in ops.items():
+        if op is None:
+            views[name] = None
+            continue
+        base = op.base.to(device)
+        if dtype is not None and base.is_floating_point():
+            base = base.to(dtype)
+        if name in grads:
+            base = base.detach().clone().requires_grad_(True)
+        views[name] = op.make(base)
+        if name in grads:
+            views[name].retain_grad()
+    out = fn(**views, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    grad_out = (torch.rand(out.shape, generator=g, dtype=torch.float64) + 0.5).to(out_dtype)
+    if grads:
+        out.backward(grad_out.to(out.dtype).to(out.device))
+    return out.detach(), {name: views[name].grad for name in grads}
+
+
+def differential(ours, theirs, ops: dict, grads, out_dtype, device, *, own=False, terms=None,
+                 **kwargs):
+    """``ours`` on the current backend against ``theirs`` in float64, on the same views of
+    the same rounded storage: the value and the gradient of each view in ``grads``.
+    ``own``: allow twice torch's own error in the operands' dtype too (a bfloat16 LM head,
+    whose logits torch rounds); ``terms(name, reference gradient)``: the size of the terms
+    that cancel in it (the tolerance policy)."""
+    grads = {name for name in grads if ops.get(name) is not None}
+    out, got = run(ours, ops, grads, out_dtype, device=device, **kwargs)
+    ref, ref_grads = run(theirs, ops, grads, out_dtype, dtype=torch.float64, **kwargs)
+    torch_own = {}
+    if own:
+        own_out, own_grads = run(theirs, ops, grads, out_dtype, **kwargs)
+        # (an empty result has no error to allow)
+        torch_own = {k: v for k, v in dict(own_grads, out=own_out).items() if v.numel()}
+    assert out.dtype == out_dtype and out.device.type == torch.device(device).type
+    assert_close(out, ref, out_dtype, "loss", torch_own=torch_own.get("out"))
+    for name in sorted(grads):
+        assert got[name].dtype == ops[name].base.dtype
+        assert_close(got[name], ref_grads[name], ops[name].base.dtype, f"d loss / d {name}",
+                     terms=0.0 if terms is None else terms(name, ref_grads[name]),
+                     torch_own=torch_own.get(name))
+
+
+def head_reference(input, linear_weight, target, linear_bias=None, weight=None,
+                   ignore_index=None, chunk_size=None, **kwargs):
+    """``cross_entropy(linear(...))`` with softcap and z-loss, K-dimensional heads too."""
+    n_classes, out_features = linear_weight.shape[0], linear_weight.shape[1:-1]
+    logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]),
+                      None if linear_bias is None else linear_bias.reshape(-1))
+    logits = logits.reshape(*input.shape[:-1], n_classes, *out_features)
+    return reference_cross_entropy(logits, target, weight,
+                                   -100 if ignore_index is None else ignore_index, **kwargs)
+
+
+def check_head(ops: dict, **kwargs):
+    """``linear_cross_entropy`` on the views of ``ops`` against ``head_reference``."""
+    dtype = ops["input"].base.dtype
+    prob = ops["target"].base.is_floating_point()
+    sizes = {}
+
+    def terms(name, g):
+        """The size of the terms that cancel in d loss / d ``name``: for the input, the
+        weight and the bias, those of d loss / d logits (``logit_terms``) through the GEMMs
+        in absolute value; for probabilities, p_c S and w_c t'_c (a thousandth of the
+        gradient, as test_linear_cross_entropy's)."""
+        if name == "target":
+            return float(g.abs().max()) * 1e-3 if g.numel() else 0.0
+        if not sizes:
+            x = ops["input"].make(ops["input"].base.double())
+            w = ops["linear_weight"].make(ops["linear_weight"].base.double())
+            b = None if ops["linear_bias"] is None else ops["linear_bias"].make(
+                ops["linear_bias"].base.double())
+            logits = F.linear(x, w.reshape(-1, w.shape[-1]), None if b is None
+                              else b.reshape(-1)).reshape(*x.shape[:-1], *w.shape[:-1])
+            du = logit_terms(logits, ops["target"], ops["weight"], dtype,
+                             **_cross_entropy_options(kwargs))
+            du = du.reshape(-1, w[..., 0].numel())
+            x, w = x.reshape(-1, x.shape[-1]).abs(), w.reshape(-1, w.shape[-1]).abs()
+            sizes.update(input=du @ w, linear_weight=du.t() @ x, linear_bias=du.sum(0))
+        size = sizes[name]
+        return float(size.max()) if size.numel() else 0.0
+
+    differential(fl.linear_cross_entropy, head_reference, ops,
+                 {"input", "linear_weight", "linear_bias", "target"} if prob
+                 else {"input", "linear_weight", "linear_bias"},
+                 dtype, _device(), own=dtype != torch.float32, terms=terms, **kwargs)
+
+
+def _cross_entropy_options(kwargs: dict) -> dict:
+    """A linear_cross_entropy call's options as reference_cross_entropy's."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
+    if kwargs.get("ignore_index", 0) is None:
+        kwargs.pop("ignore_index")
+    return kwargs
+
+
+def logit_terms(logits, target: Operand, weight: Operand | None, out_dtype, **kwargs):
+    """The size of the terms that cancel in d loss / d logits, elementwise (float64): the
+    gradient's own, and that of p_c and 1 (or of p_c S and w_c t'_c): the gradient at
+    uniform logits (as test_cross_entropy's) and at logits rising along the classes (where
+    uniform probabilities cancel a uniform target's exactly)."""
+    class_dim = 0 if logits.dim() == 1 else 1
+    n_classes = logits.shape[class_dim]
+    ramp = torch.arange(n_classes, dtype=torch.float64) / max(n_classes, 1)
+    ramp = ramp.view(-1, *[1] * (logits.dim() - class_dim - 1)).expand_as(logits)
+    size = torch.zeros_like(logits)
+    for z in (logits.detach(), torch.zeros_like(logits), ramp):
+        _, dz = run(reference_cross_entropy, {"input": Operand(z), "target": target,
+                                              "weight": weight},
+                    {"input"}, out_dtype, dtype=torch.float64, **kwargs)
+        size += dz["input"].abs()
+    return size
+
+
+def check_cross_entropy(ops: dict, **kwargs):
+    """``cross_entropy`` on the views of ``ops`` against torch's (softcap and z-loss as
+    ``reference_cross_entropy``)."""
+    dtype = ops["input"].base.dtype
+    prob = ops["target"].base.is_floating_point()
+
+    def terms(name, g):
+        if name != "input":
+            return 0.0
+        x = ops["input"].make(ops["input"].base.double())
+        size = logit_terms(x, ops["target"], ops["weight"], dtype, **kwargs)
+        return float(size.max()) if size.numel() else 0.0
+
+    differential(fl.cross_entropy, reference_cross_entropy, ops,
+                 {"input", "target"} if prob else {"input"}, dtype, _device(), terms=terms,
+                 **kwargs)
+
+
+def _device():
+    """The current backend's device (the ``backend`` fixture sets it)."""
+    return KERNEL_DEVICE if os.environ.get("FUSED_LOSSES_BACKEND") == "triton" else "cpu"
+
+
+def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def classes(shape, n_classes, seed=0, ignore_frac=0.0, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, max(n_classes, 1), shape, generator=g)
+    if ignore_frac:
+        t[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+    return t
+
+
+def probabilities(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)  # need not sum to 1
+
+
+# ------------------------------------------------------------------------------------------
+# regressions (issue 15, section 2)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["channels-last", "permuted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_dimensional_permuted_input_with_smoothing(backend, reduction, layout, dtype):
+    # the eager path's backward raised "grad_input must be contiguous" (torch's 4-D
+    # nll_loss refuses a strided input's gradient)
+    make = ((lambda b: b.to(memory_format=torch.channels_last)) if layout == "channels-last"
+            else (lambda b: b.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)))
+    ops = {"input": Operand(randn(4, 5, 3, 3, scale=3.0, dtype=dtype), make),
+           "target": Operand(classes((4, 3, 3), 5, ignore_frac=0.2)), "weight": None}
+    check_cross_entropy(ops, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(5, 0), (5, 0, 3), (0, 0)])
+def test_probability_targets_of_no_class(backend, reduction, shape):
+    # torch's test_cross_entropy_loss_zero_div (its issue #73165): a ZeroDivisionError in
+    # the denominators; torch's mean is 0 / 0 (NaN), its sum 0, each row's loss 0
+    x = torch.rand(shape, requires_grad=True)
+    t = torch.rand(shape, requires_grad=True)
+    loss = fl.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    expected = F.cross_entropy(x.detach(), t.detach(), reduction=reduction, label_smoothing=0.1)
+    assert loss.shape == expected.shape and loss.dtype == expected.dtype
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    loss.sum().backward()
+    assert x.grad.shape == x.shape and t.grad.shape == t.shape
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_class_targets_of_no_class(backend, reduction, smoothing):
+    # every target ignored, rows of no class: torch's 0 (a mean 0 / 0), NaN with smoothing
+    # (e / C = inf times 0)
+    x = torch.rand(5, 0, requires_grad=True)
+    t = torch.full((5,), -100)
+    loss = fl.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
+    expected = F.cross_entropy(x.detach(), t, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    loss.sum().backward()
+    assert x.grad.shape == x.shape
