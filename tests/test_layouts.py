@@ -282,3 +282,87 @@ def test_ignored_class_targets_of_no_class(backend, reduction, smoothing):
     torch.testing.assert_close(loss, expected, equal_nan=True)
     loss.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def _head(n, h, c, seed=0, out_features=()):
+    return (randn(n, h, seed=seed), randn(c, *out_features, h, seed=seed + 1, scale=0.5),
+            randn(c, *out_features, seed=seed + 2))
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["labels[::2]", "labels2d[:, 1]", "labels[::2], 4 tokens"],
+)
+def test_head_strided_class_targets(backend, target):
+    # the kernel path read the raw storage: 9.9456 for 9.6556, 10.3896 for 9.5802, NaN
+    n, c = (4, 12) if "4 tokens" in target else (40, 50)
+    x, w, b = _head(n, 16, c)
+    labels = classes((2 * n,), c, seed=3)
+    make = ((lambda t: t[::2]) if "::2" in target
+            else (lambda t: t.view(n, 2)[:, 1]))
+    ops = {"input": Operand(x), "linear_weight": Operand(w), "target": Operand(labels, make),
+           "linear_bias": None, "weight": None}
+    check_head(ops, chunk_size=16)
+    check_head(dict(ops, linear_bias=Operand(b)), chunk_size=3, reduction="none",
+               label_smoothing=0.1)
+
+
+def test_head_strided_class_weight(backend):
+    x, w, _ = _head(8, 16, 12)
+    ops = {"input": Operand(x), "linear_weight": Operand(w),
+           "target": Operand(classes((8,), 12, seed=3, ignore_frac=0.25)), "linear_bias": None,
+           "weight": Operand(probabilities((24,), seed=4) + 0.25, lambda v: v[::2])}
+    check_head(ops, chunk_size=3)
+    check_head(ops, chunk_size=5, reduction="sum", label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_head_strided_probability_targets(backend, layout, reduction):
+    # 423.06 for 426.78; a weight-gradient entry -0.0053 for -0.0894
+    x, w, b = _head(8, 16, 12)
+    if layout == "transposed":
+        target = Operand(probabilities((12, 8), seed=5), lambda p: p.t())
+    else:
+        target = Operand(probabilities((8, 15), seed=5), lambda p: p[:, 2:14])
+    ops = {"input": Operand(x), "linear_weight": Operand(w), "target": target,
+           "linear_bias": Operand(b), "weight": None}
+    check_head(ops, chunk_size=3, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_head_transposed_input(backend, reduction):
+    # x = h_t.t(): the kernel path's gradient buffer kept the transposed strides, and the
+    # backward's scale viewed it flat ("view size is not compatible ...")
+    x, w, b = _head(8, 16, 12)
+    ops = {"input": Operand(x.t().contiguous(), lambda h_t: h_t.t()),
+           "linear_weight": Operand(w), "target": Operand(classes((8,), 12, seed=3)),
+           "linear_bias": Operand(b), "weight": None}
+    check_head(ops, chunk_size=3, reduction=reduction)
+
+
+@pytest.mark.parametrize("out_features", [(1,), (1, 1)])
+def test_head_k_dimensional_unit_dims(backend, out_features):
+    # a weight (C, 1, H) and bias (C, 1): "The expanded size of the tensor (4) must match
+    # the existing size (12)" (the bias was flattened only for more than one position)
+    x, w, b = _head(8, 16, 12, out_features=out_features)
+    ops = {"input": Operand(x), "linear_weight": Operand(w),
+           "target": Operand(classes((8, *out_features), 12, seed=3)),
+           "linear_bias": Operand(b), "weight": None}
+    check_head(ops, chunk_size=3)
+    check_head(dict(ops, target=Operand(probabilities((8, 12, *out_features), seed=4))),
+               chunk_size=3, reduction="none")
+
+
+def test_scale_by_upstream_any_dense_layout():
+    # the backward's in-place scale of a gradient the forward wrote, whatever its layout
+    pytest.importorskip("triton")
+    from fused_losses.kernels._common import scale_by_upstream_
+
+    for grad in (randn(6, 5).t(), randn(6, 5, 4).permute(2, 0, 1),
+                 randn(6, 5, 4, 3).to(memory_format=torch.channels_last)):
+        expected = grad * 1.5
+        scale_by_upstream_(grad, torch.tensor(1.5))
+        assert torch.equal(grad, expected)
+    with pytest.raises(ValueError, match="fill their storage"):
+        scale_by_upstream_(randn(4, 4)[:, ::2], torch.tensor(1.5))
