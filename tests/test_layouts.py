@@ -354,6 +354,39 @@ def test_head_k_dimensional_unit_dims(backend, out_features):
                chunk_size=3, reduction="none")
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_head_non_finite_input_on_an_ignored_row(backend, value):
+    # torch's backward: the ignored row's log_softmax is NaN, and 0 x NaN spreads NaN
+    # through the weight's and bias's gradients and that row's input gradient. The eager
+    # path is torch's formula (the same). The kernels read no logit of an ignored row (its
+    # logits' gradient is 0): NaN only where the GEMM meets the non-finite entry, its column
+    # of the weight's gradient; the rest is the gradient of the row made finite (README,
+    # "Where it differs from torch's").
+    x, w, b = _head(8, 16, 12)
+    t = classes((8,), 12, seed=3)
+    t[2] = -100
+    x_bad = x.clone()
+    x_bad[2, 5] = value
+
+    def grads(fn, x, dtype, device="cpu"):
+        leaves = [v.to(dtype).to(device).detach().clone().requires_grad_(True)
+                  for v in (x, w, b)]
+        loss = fn(leaves[0], leaves[1], t.to(device), linear_bias=leaves[2], chunk_size=3)
+        loss.backward(torch.tensor(0.75, dtype=loss.dtype, device=device))
+        return [v.grad for v in leaves]
+
+    ours = grads(fl.linear_cross_entropy, x_bad, torch.float32, _device())
+    if backend == "torch":
+        expected = grads(head_reference, x_bad, torch.float64)
+        assert expected[1].isnan().all()
+    else:
+        expected = grads(head_reference, torch.where(torch.arange(8)[:, None] == 2, 0.0, x),
+                         torch.float64)
+        expected[1][:, 5] = math.nan
+    for got, exp, what in zip(ours, expected, ("input", "weight", "bias"), strict=True):
+        assert_close(got, exp, torch.float32, f"d loss / d {what}")
+
+
 def test_scale_by_upstream_any_dense_layout():
     # the backward's in-place scale of a gradient the forward wrote, whatever its layout
     pytest.importorskip("triton")
