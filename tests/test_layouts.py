@@ -387,6 +387,25 @@ def test_head_non_finite_input_on_an_ignored_row(backend, value):
         assert_close(got, exp, torch.float32, f"d loss / d {what}")
 
 
+@pytest.mark.parametrize("view", ["rows", "transposed", "itself"])
+def test_inplace_backward_refuses_a_view_of_a_leaf(backend, view):
+    # the kernels wrote the gradient over the leaf's own values (torch refuses an in-place
+    # op on a view of a leaf that requires grad); a view of a non-leaf is served
+    leaf = randn(5, 7).requires_grad_(True)
+    make = {"rows": lambda v: v[1:], "transposed": lambda v: v.t(), "itself": lambda v: v}[view]
+    t = classes((4,) if view == "rows" else (7 if view == "transposed" else 5,), 5)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="inplace_backward=True.*view of one"):
+        fl.cross_entropy(make(leaf), t, inplace_backward=True)
+    assert torch.equal(leaf.detach(), before)
+    loss = fl.cross_entropy(make(leaf * 1.0), t, inplace_backward=True)
+    loss.backward()
+    assert torch.equal(leaf.detach(), before)
+    wide = leaf.detach().double().requires_grad_(True)
+    F.cross_entropy(make(wide), t).backward()
+    assert_close(leaf.grad, wide.grad, torch.float32, "d loss / d leaf")
+
+
 def test_scale_by_upstream_any_dense_layout():
     # the backward's in-place scale of a gradient the forward wrote, whatever its layout
     pytest.importorskip("triton")
