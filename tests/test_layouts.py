@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from _helpers import assert_close, reference_cross_entropy
 from conftest import KERNEL_DEVICE
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import fused_losses as fl
 
@@ -224,6 +226,11 @@ def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
+def quarters(*shape, seed=0, dtype=torch.float32):
+    """Normal values rounded to multiples of 1/4 (exact in bfloat16 up to 64)."""
+    return (randn(*shape, seed=seed, dtype=torch.float64) * 4).round().div(4).to(dtype)
+
+
 def classes(shape, n_classes, seed=0, ignore_frac=0.0, ignore_index=-100):
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, max(n_classes, 1), shape, generator=g)
@@ -418,3 +425,87 @@ def test_scale_by_upstream_any_dense_layout():
         assert torch.equal(grad, expected)
     with pytest.raises(ValueError, match="fill their storage"):
         scale_by_upstream_(randn(4, 4)[:, ::2], torch.tensor(1.5))
+
+
+# ------------------------------------------------------------------------------------------
+# the sweep: every tensor argument in a random layout, with random options
+# ------------------------------------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw, n_dims: int):
+    """Contiguous, transposed or permuted, every other element, offset in its storage, a
+    dimension expanded (stride 0), and their combinations."""
+    perm = tuple(draw(st.permutations(range(n_dims))))
+    expanded = frozenset(draw(st.sets(st.integers(0, n_dims - 1), max_size=1))
+                         if n_dims else ())
+    return Layout(perm, draw(st.sampled_from([1, 2])), draw(st.sampled_from([0, 1])), expanded)
+
+
+OPTIONS = dict(
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    softcap=st.sampled_from([None, 2.0]),
+    z_loss=st.sampled_from([0.0, 0.01]),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       n=st.integers(0, 5), h=st.integers(1, 6), n_classes=st.integers(1, 9),
+       out_features=st.sampled_from([(), (), (1,), (2,), (2, 1)]),
+       unbatched=st.booleans(), prob=st.booleans(), bias=st.booleans(),
+       weighted=st.booleans(), ignore_index=st.sampled_from([None, 0]),
+       chunk_size=st.sampled_from([None, 1, 2, 3]), seed=st.integers(0, 2**16), **OPTIONS)
+def test_head_layouts(backend, data, dtype, n, h, n_classes, out_features, unbatched, prob,
+                      bias, weighted, ignore_index, chunk_size, seed, **options):
+    unbatched = unbatched and not out_features  # (a K-dimensional head needs a batch)
+    batch = () if unbatched else (max(n, 1) if out_features else n,)
+    # Multiples of 1/4: the logits are exact in float32, so their rounding (which the
+    # z-loss's gradient, proportional to them, would carry beyond any tolerance where a
+    # GEMM's terms cancel) is not what is measured; the gradients' GEMMs are.
+    ops = {
+        "input": quarters(*batch, h, seed=seed, dtype=dtype),
+        "linear_weight": quarters(n_classes, *out_features, h, seed=seed + 1, dtype=dtype),
+        "linear_bias": quarters(n_classes, *out_features, seed=seed + 2, dtype=dtype) if bias
+        else None,
+        "weight": probabilities((n_classes,), seed + 3, dtype) + 0.25 if weighted else None,
+    }
+    if prob:
+        ignore_index = None
+        ops["target"] = probabilities((*batch, n_classes, *out_features), seed + 4, dtype)
+    else:
+        ops["target"] = classes((*batch, *out_features), n_classes, seed + 4, ignore_frac=0.3,
+                                ignore_index=-100 if ignore_index is None else ignore_index)
+    drawn = {name: data.draw(layouts(v.dim()), label=name) for name, v in ops.items()
+             if v is not None}
+    # (not in bfloat16: a weight whose every class is one row, expanded. The input's
+    # gradient is then exactly 0, and ours the sum of the bfloat16 roundings of d loss /
+    # d logits, as torch's bfloat16 path rounds them, which the allowance for torch's own
+    # error covers only where its rounding happens to be as large.)
+    assume(dtype == torch.float32 or 0 not in drawn["linear_weight"].expanded)
+    ops = {name: None if v is None else laid_out(v, drawn[name]) for name, v in ops.items()}
+    check_head(ops, ignore_index=ignore_index, chunk_size=chunk_size, **options)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       shape=st.sampled_from([(9,), (0, 4), (5, 3), (3, 1), (4, 7), (2, 4, 3), (2, 3, 2, 2),
+                              (1, 5, 3, 1, 2), (2, 300, 2)]),
+       prob=st.booleans(), weighted=st.booleans(), ignore_index=st.sampled_from([-100, 1]),
+       seed=st.integers(0, 2**16), **OPTIONS)
+def test_cross_entropy_layouts(backend, data, dtype, shape, prob, weighted, ignore_index, seed,
+                               **options):
+    # (300 classes: K-dimensional rows of classes, not the tiles of few classes)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    ops = {"input": randn(*shape, seed=seed, scale=3.0, dtype=dtype),
+           "weight": probabilities((n_classes,), seed + 1, dtype) + 0.25 if weighted else None}
+    if prob:
+        ops["target"] = probabilities(shape, seed + 2, dtype)
+    else:
+        target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        ops["target"] = classes(target_shape, n_classes, seed + 2, ignore_frac=0.3,
+                                ignore_index=ignore_index)
+    ops = {name: None if v is None else laid_out(v, data.draw(layouts(v.dim()), label=name))
+           for name, v in ops.items()}
+    check_cross_entropy(ops, **({} if prob else {"ignore_index": ignore_index}), **options)
