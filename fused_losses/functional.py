@@ -150,10 +150,14 @@ def cross_entropy(
                                input_dtype, reduction)
     check_class_target_values(target, spec, weight, ignore_index, reduction,
                               _dispatch.reads_values_on_host(target))
-    if inplace_backward and input.is_leaf and input.requires_grad:
+    if inplace_backward and input.requires_grad and (
+            input.is_leaf or (input._base is not None and input._base.is_leaf)):
+        # (a view of a leaf too: torch refuses an in-place op on one, and the kernels would
+        # write the gradient over the leaf's values)
         raise RuntimeError(
             "cross_entropy(..., inplace_backward=True) would overwrite a leaf tensor that "
-            "requires grad; pass a non-leaf tensor (the output of the layer before the loss)"
+            "requires grad (or a view of one); pass a non-leaf tensor (the output of the "
+            "layer before the loss)"
         )
 
     out_dtype = _dispatch.cross_entropy_dtype(input.dtype, target, weight, spec.prob_target,

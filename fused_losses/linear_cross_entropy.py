@@ -240,8 +240,9 @@ def linear_cross_entropy(
     w, b = linear_weight.reshape(n_classes, n_out, in_features), linear_bias
     if n_out > 1:  # K-dimensional: the weight's rows reordered (d, c) (a copy)
         w = w.transpose(0, 1)
-        b = None if b is None else b.reshape(n_classes, n_out).t().reshape(-1)
+        b = None if b is None else b.reshape(n_classes, n_out).t()
     w = w.reshape(-1, in_features)
+    b = None if b is None else b.reshape(-1)  # (C, 1, ..., 1) too
     if spec.prob_target:
         t = target.reshape(x.shape[0], n_classes, n_out).transpose(1, 2)
         t = t.reshape(-1, n_classes)

@@ -361,11 +361,27 @@ def _scale_by_upstream_kernel(
     tl.store(ptrs, (d.to(tl.float32) * g).to(d.dtype), mask=mask)
 
 
+def _in_memory_order(grad: torch.Tensor) -> torch.Tensor:
+    """A (1, 1, numel) view of a tensor whose elements fill their span of storage (a
+    contiguous tensor, or any permutation of one: transposed, channels-last), in the order
+    they lie in memory."""
+    if not grad.is_contiguous():
+        by_stride = sorted(range(grad.dim()), key=grad.stride, reverse=True)
+        if not grad.permute(by_stride).is_contiguous():
+            raise ValueError("scale_by_upstream_: the gradient's elements must fill their "
+                             f"storage (got shape {tuple(grad.shape)}, strides "
+                             f"{grad.stride()})")
+        grad = grad.permute(by_stride)
+    return grad.view(1, 1, -1)
+
+
 def scale_by_upstream_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """``grad *= grad_out`` in place (``grad_out`` a one-element device tensor); no traffic
-    when ``grad_out`` is 1. ``grad`` is any contiguous tensor, or an (outer, inner, cols)
-    view with unit column stride. Returns ``grad``."""
-    view = grad if grad.dim() == 3 else grad.view(1, 1, -1)
+    when ``grad_out`` is 1. ``grad`` is an (outer, inner, cols) view with unit column stride,
+    or any tensor whose elements fill their storage (any order of its dimensions). Returns
+    ``grad``."""
+    unit_cols = grad.dim() == 3 and (grad.stride(2) == 1 or grad.shape[2] <= 1)
+    view = grad if unit_cols else _in_memory_order(grad)
     n_outer, n_inner, n_cols = view.shape
     block = min(SCALE_BLOCK, next_power_of_2(n_cols))
     n_col_blocks = triton.cdiv(n_cols, block)

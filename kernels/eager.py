@@ -128,6 +128,8 @@ def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
                                      if t is not None and t.is_floating_point()))
     z = transformed_logits(x, opts, dtype)
     n_classes = z.shape[1]
+    if n_classes == 0:
+        return _classless_parts(z, target, opts)
     weight = None if weight is None else weight.reshape(-1)  # (any shape of C elements)
     w = None if weight is None else weight.to(dtype).view(-1, *([1] * (z.dim() - 2)))
     eps = opts.smoothing
@@ -169,6 +171,10 @@ def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
     if y.is_cuda:
         y = torch.where(bad, 0, y)
     nan = torch.where(bad, math.nan, 0.0).to(dtype)
+    if zm.dim() == 4 and not zm.is_contiguous():
+        # torch's 4-D nll_loss (nll_loss2d) refuses a strided input in its backward ("grad_input
+        # must be contiguous"; a channels-last or permuted input); other ranks it reshapes
+        zm = zm.contiguous()
     nll = ln_s + F.nll_loss(zm, y, ignore_index=opts.ignore_index, reduction="none")
     terms = [torch.where(ok, (1.0 - eps) * w_y * nll, nan)]
     if eps > 0:
@@ -180,6 +186,27 @@ def row_parts(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
     if opts.z_loss:
         lse = torch.logsumexp(z, 1) if lse is None else lse
         z_rows = torch.where(ok, opts.z_loss * lse**2, nan)
+    return Parts(terms, z_rows)
+
+
+def _classless_parts(z: torch.Tensor, target: torch.Tensor, opts: Options) -> Parts:
+    """``row_parts`` of rows of no class, as torch computes them: a probability target's
+    loss is a sum of no terms (-0; its mean 0 / 0, the denominators'), a class target is out
+    of range unless ignored (NaN, else 0), and smoothing makes every row NaN (e / C = inf
+    times 0); the z-loss of lse = -inf."""
+    lse = torch.logsumexp(z, 1)  # -inf, shaped like the rows (and connected to z)
+    if opts.prob_target:
+        terms = [-(target.to(z.dtype) * z).sum(1)]
+        counted = torch.ones_like(lse, dtype=torch.bool)
+    else:
+        counted = target.long() != opts.ignore_index
+        terms = [torch.where(counted, math.nan, z.sum(1))]
+        if opts.smoothing > 0:
+            terms.append(z.sum(1) + math.nan)
+    z_rows = None
+    if opts.z_loss:
+        z_rows = torch.where(counted, opts.z_loss * lse**2 if opts.prob_target else math.nan,
+                             0.0)
     return Parts(terms, z_rows)
 
 
@@ -199,7 +226,8 @@ def part_denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: O
     of rows for probability targets. The z-loss's is the count of the rows the unsmoothed
     term counts (every row for probabilities), unweighted."""
     if opts.prob_target:
-        n_rows = target.numel() // n_classes
+        # torch divides by numel / C: 0 / 0, a NaN mean, for rows of no class
+        n_rows = target.numel() // n_classes if n_classes else math.nan
         return Parts([n_rows], n_rows)
     y = target.long()
     bad = (y != opts.ignore_index) & ((y < 0) | (y >= n_classes))

@@ -98,8 +98,9 @@ class _Grads:
     def __init__(self, x, w, b, needs, plan: Plan, x_dtype: torch.dtype | None = None):
         self.x = None
         if needs[0]:
-            self.x = (torch.empty_like(x) if x_dtype in (None, x.dtype)
-                      else torch.empty(x.shape, dtype=x_dtype, device=x.device))
+            # contiguous whatever the input's layout: the chunks' GEMMs write rows of it and
+            # the backward scales it as one block (a transposed input's empty_like would not)
+            self.x = torch.empty(x.shape, dtype=x_dtype or x.dtype, device=x.device)
         self.w = self.b = None
         if needs[1]:
             # float32 accumulation straight into a float32 weight's gradient; a half one
@@ -143,9 +144,25 @@ def _logits(x_chunk, w_c, b_c, plan: Plan):
     return logits, logits.view(logits.shape[0] * plan.rows_per_token, plan.n_classes)
 
 
-def _target_rows(target, rows: slice, plan: Plan):
+def _call_rows(rows: slice, plan: Plan) -> slice:
+    """The call's rows of C classes of tokens ``rows``."""
     d = plan.rows_per_token
-    return target[rows.start * d:rows.stop * d]
+    return slice(rows.start * d, rows.stop * d)
+
+
+def _target_rows(target, rows: slice, plan: Plan):
+    """The targets of tokens ``rows``, contiguous: the kernels read a chunk's class indices
+    and rows of probabilities with unit strides (a strided caller's probabilities are copied
+    a chunk at a time, never whole)."""
+    return target[_call_rows(rows, plan)].contiguous()
+
+
+def _read_densely(target, weight, opts: eager.Options):
+    """Class targets and class weights contiguous, as the kernels read them (small: a copy of
+    a strided one costs nothing next to the GEMMs); probability targets as they are, copied
+    a chunk at a time where strided (``_target_rows``)."""
+    return (target if opts.prob_target else target.contiguous(),
+            None if weight is None else weight.contiguous())
 
 
 def _where(chunk_ce, rows: slice, plan: Plan) -> dict:
@@ -153,8 +170,7 @@ def _where(chunk_ce, rows: slice, plan: Plan) -> dict:
     which of the call's rows of C classes they are (module doc)."""
     if chunk_ce is None:
         return {}
-    d = plan.rows_per_token
-    return {"rows": slice(rows.start * d, rows.stop * d)}
+    return {"rows": _call_rows(rows, plan)}
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -171,6 +187,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, w, b, target, weight, opts: eager.Options, plan: Plan, out_dtype,
                 chunk_ce=None):
         ce = _ce(plan) if chunk_ce is None else chunk_ce
+        target, weight = _read_densely(target, weight, opts)
         n_tokens = x.shape[0]
         n_rows = n_tokens * plan.rows_per_token
         needs = ctx.needs_input_grad
@@ -243,7 +260,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         # ``none``, a second backward, or the probabilities' gradient: each chunk again
         grads = _Grads(x, w, b, needs, plan, getattr(chunk_ce, "input_grad_dtype", None))
-        grad_t = torch.empty_like(target) if needs[3] else None
+        # (contiguous: written a chunk of rows at a time)
+        grad_t = (torch.empty(target.shape, dtype=target.dtype, device=target.device)
+                  if needs[3] else None)
         w_c = w.to(plan.compute_dtype)
         b_c = None if b is None else b.to(plan.compute_dtype)
         n_rows = x.shape[0] * plan.rows_per_token
@@ -254,7 +273,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 g = grad_out
                 if opts.reduction == "none":
                     g = _target_rows(grad_out.reshape(-1), rows, plan)
-                t_grad = None if grad_t is None else _target_rows(grad_t, rows, plan)
+                t_grad = None if grad_t is None else grad_t[_call_rows(rows, plan)]
                 ce.chunk_loss(logit_rows, _target_rows(target, rows, plan), weight, opts,
                               ctx.dens, n_rows, g, write_grad=any(needs[:3]),
                               grad_target=t_grad, **_where(chunk_ce, rows, plan))
