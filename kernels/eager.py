@@ -27,11 +27,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Half-precision logits run in blocks of about this many float32 elements (8 MiB): their
-# float32 temporaries stay in the CPU's caches and a fraction of the logits' size, and the
-# blocks are few enough for their ops' overhead to stay small (measured at 4, 8, 16 and 64
-# MiB on 2 threads: 8 MiB was the fastest, 1.1x torch's own bfloat16 loss).
-BLOCK_ELEMENTS = 1 << 21
+from . import _threads
+
+# Logits run in blocks of rows of about this many float32 elements (2 MiB): each thread's
+# float32 temporaries of a block stay in its core's caches and a small fraction of the
+# logits' size. Measured interleaved on 2 threads (bfloat16, 4096 x 32,000, a busy
+# machine), 0.5 / 1 / 2 / 4 / 8 MiB: 0.80 / 0.65 / 0.60 / 0.68 / 0.72x torch's time: smaller
+# blocks pay their ops' Python (under the GIL), larger ones the caches.
+BLOCK_ELEMENTS = 1 << 19
 
 
 class Options(NamedTuple):
@@ -283,8 +286,20 @@ def chunk_loss(logits, target, weight, opts: Options, dens: Parts, n_rows: int, 
     ``call_denominators``): (its part of the reduced loss, of the z-loss term or None). With
     ``write_grad``, d out / d logits is written into ``logits`` in place, or into ``grad``
     (and d out / d probabilities into ``grad_target``), for ``grad_out`` (None: 1; one value,
-    or the block's rows for ``none``): autograd on the formula, one block at a time. The
-    contract of ``cross_entropy.chunk_loss``, the kernels' twin."""
+    or the block's rows for ``none``). The contract of ``cross_entropy.chunk_loss``, the
+    kernels' twin. Runs as ``HalfCrossEntropy`` does, blocks of rows over the CPU's cores
+    (``_run_blocks``), so its float32 temporaries are a few blocks', not the chunk's."""
+    if grad_target is not None:
+        return _formula_block(logits, target, weight, opts, dens, grad_out, write_grad,
+                              grad_target, grad)
+    out = (logits if grad is None else grad) if write_grad else None
+    return _join(_run_blocks(logits, target, weight, opts, dens, out, grad_out),
+                 opts.reduction)
+
+
+def _formula_block(logits, target, weight, opts: Options, dens: Parts, grad_out=None,
+                   write_grad: bool = False, grad_target=None, grad=None):
+    """``chunk_loss`` by autograd on the formula (every option)."""
     wrt = []
     with torch.set_grad_enabled(write_grad or grad_target is not None):
         z = logits.detach().requires_grad_(write_grad)
@@ -309,22 +324,24 @@ def scale_grad_(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
 
 
 class HalfCrossEntropy(torch.autograd.Function):
-    """``cross_entropy_float`` of half-precision logits, a block of rows at a time
-    (``chunk_loss``): each block is upcast, its loss and (for ``mean``/``sum``) its gradient
-    computed, the gradient rounded once into a logits-sized buffer; the backward scales it
-    (``none``: recomputes each block with its rows' upstream gradients). Peak memory: the
-    gradient and one block's float32 temporaries."""
+    """``cross_entropy_float`` of half-precision logits, a block of rows at a time: each
+    block is upcast, its loss and (for ``mean``/``sum``) its gradient computed, the gradient
+    rounded once into a logits-sized buffer; the backward scales it (``none``: recomputes
+    each block with its rows' upstream gradients). Peak memory: the gradient and each
+    thread's float32 temporaries of one block.
+
+    On the CPU the blocks are spread over the cores by ``_threads.run_blocks``, each block's
+    ops single-threaded (torch's parallel regions on small blocks stall while another process
+    uses a core). Class targets of (N, C) logits without softcap take ``_plain_block``, a
+    softmax and one pass that writes the gradient; the other cases ``_formula_block``,
+    autograd on the formula."""
 
     @staticmethod
     def forward(ctx, x, target, weight, opts: Options):
         dens = part_denominators(target, weight, opts, x.shape[1])
         fused = ctx.needs_input_grad[0] and opts.reduction != "none"
         grad = torch.empty_like(x) if fused else None
-        outs = []
-        for block in _blocks(x):
-            outs.append(chunk_loss(x[block].float(), target[block], weight, opts, dens,
-                                   x.shape[0], write_grad=fused,
-                                   grad=grad[block] if fused else None))
+        outs = _run_blocks(x, target, weight, opts, dens, grad, None)
         loss, z = _join(outs, opts.reduction)
         ctx.save_for_backward(x, target, weight)
         ctx.opts, ctx.dens, ctx.grad = opts, dens, grad
@@ -346,17 +363,165 @@ class HalfCrossEntropy(torch.autograd.Function):
             grad, ctx.grad = ctx.grad, None
             return scale_grad_(grad, grad_out), None, None, None
         grad = torch.empty_like(x)
-        for block in _blocks(x):
-            g = grad_out[block] if opts.reduction == "none" else grad_out
-            chunk_loss(x[block].float(), target[block], weight, opts, ctx.dens, x.shape[0], g,
-                       write_grad=True, grad=grad[block])
+        _run_blocks(x, target, weight, opts, ctx.dens, grad, grad_out)
         return grad, None, None, None
 
 
+def _run_blocks(x, target, weight, opts: Options, dens: Parts, grad, grad_out) -> list:
+    """Each block's (loss part, z-loss part or None) of logits ``x`` (N, C, d1, ..., dK)
+    split along N (``_blocks``), and with ``grad`` (``x`` itself allowed) their gradient
+    written there (``grad_out``: None for 1, else the upstream gradient, per row for
+    ``none``). On the CPU over ``_threads.run_blocks``; (N, C) logits against class targets
+    without softcap in ``_plain_block``, the rest by ``_formula_block``."""
+    x = x.detach()
+    blocks = _blocks(x)
+    plain = (x.dim() == 2 and x.shape[1] > 0 and x.device.type == "cpu"
+             and opts.softcap is None and not opts.prob_target
+             and compute_dtype(x.dtype, torch.float32 if weight is None else weight.dtype)
+             == torch.float32)
+    rows = _plain_rows(target, weight, opts, dens, grad_out, x.shape[1]) if plain else None
+
+    def one(i, scratch):
+        block = blocks[i]
+        if rows is not None:
+            return _plain_block(x[block], rows.block(block), weight, opts, dens,
+                                None if grad is None else grad[block], scratch)
+        g = grad_out if grad_out is None or opts.reduction != "none" else grad_out[block]
+        return _formula_block(as_dtype(x[block], compute_dtype(x.dtype)), target[block],
+                              weight, opts, dens, g, write_grad=grad is not None,
+                              grad=None if grad is None else grad[block])
+
+    return _threads.run_blocks(one, len(blocks), x.device)
+
+
+class _Rows(NamedTuple):
+    """What ``_plain_block`` needs of each row besides its logits, for a whole call: the
+    target (0 where not counted), the rows each term counts, the terms' factors and the
+    gradient's (module doc of ``_plain_block``), NaN where a target is out of range."""
+
+    y: torch.Tensor  # int64
+    ok: torch.Tensor  # bool: counted by the unsmoothed term and the z-loss
+    smoothed: torch.Tensor | None  # bool: counted by the smoothing term
+    nan: torch.Tensor  # NaN where the target is out of range, else 0
+    w_y: torch.Tensor  # (1 - eps) w_y (the unsmoothed term's factor)
+    b: torch.Tensor  # the gradient's at the target
+    a: torch.Tensor  # the gradient's of p, less the z-loss's
+    d: torch.Tensor | None  # the smoothing's, of the class weights (or of 1)
+    dz: torch.Tensor | None  # the z-loss's, of lse p
+
+    def block(self, rows: slice) -> _Rows:
+        return _Rows(*(None if v is None else v[rows] for v in self))
+
+
+def _plain_rows(target, weight, opts: Options, dens: Parts, grad_out, n_classes: int) -> _Rows:
+    """``_Rows`` of a call (``grad_out``: None for 1, a scalar, or per row for ``none``)."""
+    y = target.long()
+    counted = y != opts.ignore_index
+    bad = counted & ((y < 0) | (y >= n_classes))
+    ok = counted & ~bad
+    y = torch.where(ok, y, 0)
+    zero = torch.zeros((), dtype=torch.float32)
+    w_y = ok.float() if weight is None else torch.where(ok, weight.reshape(-1).float()[y], zero)
+    eps = opts.smoothing
+    g = torch.ones((), dtype=torch.float32) if grad_out is None else grad_out.float()
+    mean = opts.reduction == "mean"
+    # Rows not counted get exactly 0 (NaN only from their NaN logits), even over a mean's
+    # zero or NaN denominator, as autograd through the formula's where() gives.
+    b = torch.where(ok, (1.0 - eps) * w_y * g / dens.terms[0] if mean
+                    else (1.0 - eps) * w_y * g, zero)
+    a, smoothed, d, dz = b, None, None, None
+    if eps > 0:
+        smoothed = _smoothing_counted(target, opts)
+        d = torch.where(smoothed, eps / n_classes * g / dens.terms[1] if mean
+                        else eps / n_classes * g, zero)
+        total = n_classes if weight is None else weight.float().sum()
+        a = b + d * total
+    if opts.z_loss:
+        dz = torch.where(ok, 2 * opts.z_loss * g / dens.z if mean else 2 * opts.z_loss * g,
+                         zero)
+    nan = torch.where(bad, math.nan, 0.0)
+    return _Rows(y, ok, smoothed, nan, (1.0 - eps) * w_y, b, a, d, dz)
+
+
+def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scratch):
+    """One block of rows of ``_run_blocks``: (R, C) half-precision or float32 logits on the
+    CPU, class targets, no softcap, float32 math: the block's (loss part, z-loss part or
+    None), and with ``grad`` (which may be ``x`` itself) its gradient written, without
+    autograd.
+
+    With p = softmax(z) and e the smoothing, a row's loss is ``(1 - e) w_y (lse - z_y)
+    + e/C (W lse - sum_c w_c z_c)`` (W = sum_c w_c; w = 1 without weights) (+ ``z_loss
+    lse^2``), its gradient ``a p - b e_y - d w`` with b = (1 - e) w_y g / den, d = e g / (C
+    den_s), a = b + d W (+ 2 z_loss lse g / den_z) (g the upstream gradient, den the terms'
+    mean denominators, 1 for ``sum``/``none``; 0 where a term does not count the row:
+    ``_plain_rows``). ``lse = max z - log(max p)``: max p = 1 / sum exp(z - max z) is at
+    least 1/C, so it never underflows as p_y can (and a softmax is cheaper than a
+    logsumexp). The gradient is formed in float32 and rounded once into ``grad``; the
+    target's entry is then overwritten by ``a p_y - b - d w_y``, formed in float32 (no
+    p_y - 1 after a rounding). Passes over the block: the upcast, two max, the softmax, the
+    gradient (and with smoothing a sum, and a second float32 pass where there are class
+    weights). Float32 temporaries: p, and z for half logits, reused from block to block
+    (``scratch``)."""
+    n_rows, n_classes = x.shape
+    z = x
+    if x.dtype != torch.float32:
+        z = _scratch(scratch, "z", x.shape)
+        z.copy_(x)
+    m = z.amax(1)
+    p = _scratch(scratch, "p", x.shape)
+    torch.softmax(z, 1, out=p)
+    # NaN where a logit is NaN or +inf, or every logit -inf, as torch's log_softmax
+    lse = m - p.amax(1).log()
+    z_y = z.gather(1, rows.y[:, None]).squeeze(1)
+    terms = [torch.where(rows.ok, rows.w_y * (lse - z_y), rows.nan)]
+    w = None if weight is None else weight.reshape(-1).float()
+    if rows.smoothed is not None:
+        total = n_classes if w is None else w.sum()
+        weighted_z = z.sum(1) if w is None else z @ w
+        terms.append(torch.where(rows.smoothed, opts.smoothing / n_classes
+                                 * (total * lse - weighted_z), rows.nan))
+    z_rows, a = None, rows.a
+    if opts.z_loss:  # torch's logsumexp there: +-inf for such rows, not NaN
+        lse = torch.where(m.isinf(), m, lse)
+        z_rows = torch.where(rows.ok, opts.z_loss * lse**2, rows.nan)
+        if rows.dz is not None:
+            a = a + rows.dz * lse
+    out, z_out = reduce_parts(Parts(terms, z_rows), dens, opts.reduction)
+    if grad is None:
+        return out, z_out
+    at_target = torch.arange(n_rows), rows.y
+    target_grad = a * p[at_target] - rows.b
+    if rows.d is None:
+        torch.mul(p, a[:, None], out=grad)
+    elif w is None:  # a p - d, in one rounding
+        torch.addcmul(-rows.d[:, None], p, a[:, None], out=grad)
+        target_grad = target_grad - rows.d
+    else:
+        p.mul_(a[:, None]).addr_(rows.d, w, alpha=-1.0)
+        grad.copy_(p)
+        target_grad = target_grad - rows.d * w[rows.y]
+    grad[at_target] = target_grad.to(grad.dtype)
+    return out, z_out
+
+
+def _scratch(scratch: dict, name: str, shape) -> torch.Tensor:
+    """A float32 buffer of ``shape`` from the thread's scratch (the first rows of the
+    largest block's)."""
+    buf = scratch.get(name)
+    if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:]:
+        buf = scratch[name] = torch.empty(shape, dtype=torch.float32)
+    return buf[: shape[0]]
+
+
 def _blocks(x: torch.Tensor):
-    """Slices of about BLOCK_ELEMENTS elements along the first dimension."""
-    rows = max(1, BLOCK_ELEMENTS // max(1, x[0].numel()))
-    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+    """Slices of about BLOCK_ELEMENTS elements along the first dimension; logits of a few
+    blocks' size are cut into one block per thread (down to an eighth of BLOCK_ELEMENTS
+    each), so that they too run on every core without torch's parallel regions."""
+    n_rows, numel = x.shape[0], x.numel()
+    n_blocks = max(math.ceil(numel / BLOCK_ELEMENTS),
+                   min(torch.get_num_threads(), numel // (BLOCK_ELEMENTS // 8)))
+    rows = max(1, math.ceil(n_rows / max(1, n_blocks)))
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
 
 
 def _join(outs, reduction: str):
