@@ -5,11 +5,15 @@
 ``BCEWithLogitsLoss`` and ``huber_loss`` / ``HuberLoss`` take exactly the arguments of their
 ``torch.nn.functional`` / ``torch.nn`` namesakes. ``log_probs`` and ``linear_log_probs``
 give RL trainers per-token log-probabilities and entropies (with a temperature), on given
-logits or straight from the LM head. CUDA tensors run the
+logits or straight from the LM head; ``distillation_loss`` and
+``linear_distillation_loss`` the KL / generalized JSD between a student's and a teacher's
+next-token distributions (TRL's GKD loss), on given logits or from the two heads. CUDA
+tensors run the
 Triton kernels, everything else eager PyTorch; ``FUSED_LOSSES_BACKEND=auto|triton|torch``
 overrides. Importing this package does not import triton.
 """
 
+from .distillation import distillation_loss, linear_distillation_loss
 from .functional import binary_cross_entropy_with_logits, cross_entropy, huber_loss
 from .linear_cross_entropy import linear_cross_entropy
 from .log_probs import LogProbs, linear_log_probs, log_probs
@@ -25,8 +29,10 @@ __all__ = [
     "LogProbs",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distillation_loss",
     "huber_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_log_probs",
     "log_probs",
 ]

@@ -138,14 +138,16 @@ CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 EIGHTH_FROM = 1024
 
 
-def _chunk(n_tokens: int, n_classes: int, device_type: str, chunk_size) -> int:
+def _chunk(n_tokens: int, n_classes: int, device_type: str, chunk_size,
+           fn: str = "linear_log_probs") -> int:
+    """Tokens per chunk of the chunked head: ``chunk_size`` checked, or the budget's."""
     if chunk_size is None:
         budget = CHUNK_BYTES["cuda" if device_type == "cuda" else "cpu"]
         chunk_size = max(1, budget // max(1, 4 * n_classes))
         if n_tokens >= EIGHTH_FROM:
             chunk_size = min(chunk_size, n_tokens // 8)
     else:
-        chunk_size = check_int("linear_log_probs", "chunk_size", 0, chunk_size)
+        chunk_size = check_int(fn, "chunk_size", 0, chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     return max(1, min(chunk_size, n_tokens))

@@ -15,9 +15,10 @@ what it writes are buffers the driver allocates and hands back.
   not requested);
 - ``workspace(logits, backward)``: scratch the chunks share (None: none), made once a pass
   from the first (the largest) chunk's logits;
-- ``forward_chunk(logits, rows, operands, buffers, work)``: the results of tokens ``rows``
-  from their logits (R, V) (scratch: the loss may overwrite them), written into the
-  buffers' rows;
+- ``forward_chunk(logits, rows, operands, buffers, work, dlogits)``: the results of tokens
+  ``rows`` from their logits (R, V) (scratch: the loss may overwrite them), written into the
+  buffers' rows; and where ``dlogits`` is given (``fuses_gradient``, below), d out / d
+  logits for an upstream gradient of 1 into it;
 - ``outputs(buffers)``: what the Function returns; ``saved(buffers)``: what the backward
   needs of them (through ``save_for_backward``);
 - ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)``: d out / d
@@ -29,7 +30,15 @@ what it writes are buffers the driver allocates and hands back.
   shares of the input's gradient there); ``differentiable(logits, operands)``: the outputs of
   the whole logits in torch ops, for ``create_graph=True``.
 
-The log-probability head (``linear_log_probs.LogProbChunks``) is one such class. (The
+A loss whose output is one scalar (a reduced loss) sets ``fuses_gradient``: its upstream
+gradient is then one number, so the forward writes each chunk's gradient while it has the
+logits, the driver runs the two gradient GEMMs right away, and the backward only scales
+them: the forward's GEMM and the two gradients', no recompute (as ``linear_cross_entropy``).
+Not while torch.compile traces, nor for a second backward (``_autograd.may_fuse_gradient``):
+those recompute.
+
+The log-probability head (``linear_log_probs.LogProbChunks``) and the distillation head
+(``linear_distillation.DistillationChunks``) are such classes. (The
 cross-entropy head, ``linear_cross_entropy.py``, still runs its own Function: it writes its
 gradients in the forward where the upstream gradient is one scalar.)
 """
@@ -38,6 +47,8 @@ from __future__ import annotations
 
 import torch
 
+from . import eager
+from ._autograd import may_fuse_gradient
 from .linear_cross_entropy import Plan, _mm, _plan_dtypes
 
 
@@ -67,6 +78,8 @@ def chunk_logits(x_chunk, w_c, b_wide, dtype: torch.dtype,
 class ChunkLoss:
     """The per-chunk interface (module doc); subclasses implement it."""
 
+    fuses_gradient = False  # one scalar output: its gradient written in the forward
+
     def allocate(self, n_tokens: int, dtype: torch.dtype, device) -> tuple:
         raise NotImplementedError
 
@@ -74,7 +87,7 @@ class ChunkLoss:
         return None
 
     def forward_chunk(self, logits: torch.Tensor, rows: slice, operands: tuple,
-                      buffers: tuple, work) -> None:
+                      buffers: tuple, work, dlogits: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def outputs(self, buffers: tuple):
@@ -120,6 +133,17 @@ class _Grads:
                 None if self.b is None else self.b.to(b.dtype))
 
 
+def _dlogits(logits: torch.Tensor, dbuf: torch.Tensor | None, plan: Plan):
+    """Where a chunk's gradient goes, and the buffer reused for it: the logits themselves
+    for float32 GEMMs (in place), else a buffer in the GEMMs' dtype (formed in float32 by the
+    loss, rounded once)."""
+    if plan.compute_dtype == logits.dtype:
+        return logits, dbuf
+    if dbuf is None:
+        dbuf = torch.empty(logits.shape, dtype=plan.compute_dtype, device=logits.device)
+    return dbuf[:logits.shape[0]], dbuf
+
+
 class ChunkedHeadFunction(torch.autograd.Function):
     """The outputs of ``loss`` (a ``ChunkLoss``) on the logits ``x @ w.T + b``, a chunk of
     ``plan.chunk`` tokens at a time. ``x``: (N, H); ``w``: (V, H); ``b``: (V,) or None;
@@ -131,21 +155,29 @@ class ChunkedHeadFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         dtype = logits_dtype(plan)
         buffers = loss.allocate(x.shape[0], dtype, x.device)
+        needs = ctx.needs_input_grad[:3]
+        fused = loss.fuses_gradient and any(needs) and may_fuse_gradient()
+        grads = _Grads(x, w, b, needs, plan) if fused else None
         w_c = w.to(plan.compute_dtype)
         # (the bias rounded to the GEMMs' dtype first, as F.linear under autocast)
         b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
-        buf = work = None  # one chunk's logits, reused (the first chunk is the largest)
+        buf = dbuf = work = None  # one chunk's logits, reused (the first chunk is the largest)
         with _plan_dtypes(x):
             for rows in chunks(x.shape[0], plan.chunk):
                 x_chunk = x[rows].to(plan.compute_dtype)
                 logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
                                       None if buf is None else buf[:x_chunk.shape[0]])
                 if buf is None:
-                    buf, work = logits, loss.workspace(logits, backward=False)
-                loss.forward_chunk(logits, rows, operands, buffers, work)
+                    buf, work = logits, loss.workspace(logits, backward=fused)
+                dlogits = None
+                if fused:
+                    dlogits, dbuf = _dlogits(logits, dbuf, plan)
+                loss.forward_chunk(logits, rows, operands, buffers, work, dlogits)
+                if fused:
+                    grads.add(rows, x_chunk, dlogits, w_c)
         saved = loss.saved(buffers)
         ctx.save_for_backward(x, w, b, *operands, *saved)
-        ctx.plan, ctx.loss, ctx.n_operands = plan, loss, len(operands)
+        ctx.plan, ctx.loss, ctx.n_operands, ctx.grads = plan, loss, len(operands), grads
         return loss.outputs(buffers)
 
     @staticmethod
@@ -172,6 +204,14 @@ class ChunkedHeadFunction(torch.autograd.Function):
                                                  [g.reshape(o.shape) for o, g in pairs],
                                                  create_graph=True))
             return (*(next(grads) if need else None for need in needs), *none)
+        if ctx.grads is not None:  # the first backward after a forward that wrote them
+            grads, ctx.grads = ctx.grads, None
+            for g in (grads.x, grads.w, grads.b):
+                if g is not None:
+                    eager.scale_grad_(g, upstream[0].to(g.dtype))
+            if grads.x is not None:
+                loss.reduce_input_grad_(grads.x)
+            return (*grads.results(w, b), *none)
 
         grads = _Grads(x, w, b, needs, plan)
         w_c = w.to(plan.compute_dtype)
@@ -186,13 +226,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
                                       None if buf is None else buf[:r])
                 if buf is None:
                     buf, work = logits, loss.workspace(logits, backward=True)
-                if plan.compute_dtype == dtype:  # float32 GEMMs: the gradient in place
-                    dlogits = logits
-                else:  # the GEMMs' dtype: formed in float32 by the loss, rounded once
-                    if dbuf is None:
-                        dbuf = torch.empty(logits.shape, dtype=plan.compute_dtype,
-                                           device=x.device)
-                    dlogits = dbuf[:r]
+                dlogits, dbuf = _dlogits(logits, dbuf, plan)
                 loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)
                 grads.add(rows, x_chunk, dlogits, w_c)
         if grads.x is not None:

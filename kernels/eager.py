@@ -15,8 +15,9 @@ The kernels' building blocks have their eager twins here, with the same contract
 ``_ce_math.py``'s arithmetic: the row statistics of a block of classes and their merge
 (``partial_stats``, ``combine_stats``, ``grad_from_stats``, ``denominators``: split and
 sharded rows), the reductions both backends share (``reduce_rows``, ``upstream_scales``), the
-LM head's per-chunk steps (``call_denominators``, ``chunk_loss``, ``scale_grad_``), and the
-log-probabilities and entropy (``row_log_probs``, ``log_prob_grad``).
+LM head's per-chunk steps (``call_denominators``, ``chunk_loss``, ``scale_grad_``), the
+log-probabilities and entropy (``row_log_probs``, ``log_prob_grad``), and the distillation
+divergence (``divergence_rows``, ``chunk_divergence_``).
 """
 
 from __future__ import annotations
@@ -1024,6 +1025,105 @@ def log_probs(input: torch.Tensor, target: torch.Tensor, opts: Options, entropy:
     n_classes = input.shape[-1]
     log_p, h, _ = row_log_probs(input.reshape(-1, n_classes), target, opts, entropy=entropy)
     return log_p.view(target.shape), None if h is None else h.view(target.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# distillation: the generalized JSD between a student's and a teacher's rows (TRL's)
+# ------------------------------------------------------------------------------------------
+
+
+class DistillOptions(NamedTuple):
+    """A distillation call's options (validated by the caller): ``beta`` (0: KL(teacher ||
+    student); 1: KL(student || teacher); between: the generalized JSD through the mixture
+    (1 - beta) p_s + beta p_t) and each head's logits' transform (``Options``' logit scale,
+    softcap and temperature; its other fields unused)."""
+
+    beta: float = 0.5
+    student: Options = Options()
+    teacher: Options = Options()
+
+
+def _p_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_c p (log p - log q) over the last dimension, p = exp(log p): a class of p = 0
+    adds 0 (0 log 0 = 0: a masked -inf logit, an underflowed probability), never NaN, and
+    back-propagates 0; one of p > 0 = q adds +inf, the truth."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def _mixture(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """log((1 - beta) p_s + beta p_t). The log-probabilities clamped to the dtype's lowest
+    finite value first: a class both give -inf would make logaddexp's gradient NaN (its
+    exp(-inf - -inf)); clamped, that class's mixture is about -3.4e38 and its p's 0."""
+    low = torch.finfo(log_s.dtype).min
+    return torch.logaddexp(log_s.clamp(min=low) + math.log1p(-beta),
+                           log_t.clamp(min=low) + math.log(beta))
+
+
+def divergence(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Each row's divergence from the student's and the teacher's log-probabilities (TRL's
+    ``generalized_jsd_loss`` summed over the classes), differentiable by autograd."""
+    if beta == 0.0:
+        return _p_log_ratio(log_t, log_s)
+    if beta == 1.0:
+        return _p_log_ratio(log_s, log_t)
+    mix = _mixture(log_s, log_t, beta)
+    return beta * _p_log_ratio(log_t, mix) + (1.0 - beta) * _p_log_ratio(log_s, mix)
+
+
+def divergence_rows(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
+    """The divergence of each row of the student's logits ``s`` (R, C) from the teacher's
+    ``t`` (R, C), float32 (float64 where either is), differentiable by autograd in both: the
+    double backward's formula and the tests' reference of the chunked one."""
+    dtype = compute_dtype(s.dtype, t.dtype)
+    log_s = torch.log_softmax(transformed_logits(s, opts.student, dtype), -1)
+    log_t = torch.log_softmax(transformed_logits(t, opts.teacher, dtype), -1)
+    return divergence(log_s, log_t, opts.beta)
+
+
+def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
+                      loss: torch.Tensor, row_scale: torch.Tensor | None = None,
+                      grad: torch.Tensor | None = None) -> None:
+    """The divergence of each row of a chunk whose student and teacher logits ``s``, ``t``
+    (R, C) are scratch (float32 or float64; overwritten) into ``loss`` (R,); with ``grad``
+    (which may be ``s``), d (sum_r row_scale_r loss_r) / d s into it, from the closed forms
+    (z the student's transformed logits, KL_s = sum p_s (log p_s - m)):
+
+        beta = 0:  p_s - p_t
+        beta = 1:  p_s (log p_s - log p_t - loss)
+        between:   (1 - beta) p_s (log p_s - m - KL_s),   m = log((1 - beta) p_s + beta p_t)
+
+    times d z / d s. A class of p_s = 0 gets 0 (no 0 * inf). Not differentiable."""
+    z = _transform_(s, opts.student)
+    slope = transform_slope(z, opts.student) if grad is not None else None
+    log_s = torch.log_softmax(z, -1)
+    log_t = torch.log_softmax(_transform_(t, opts.teacher), -1)
+    beta = opts.beta
+    if beta == 0.0:
+        p_t = log_t.exp()
+        loss.copy_((p_t * torch.where(p_t > 0, log_t - log_s, 0.0)).sum(-1))
+        if grad is None:
+            return
+        d = log_s.exp_().sub_(p_t)
+    else:
+        other = log_t if beta == 1.0 else _mixture(log_s, log_t, beta)
+        p_s = log_s.exp()
+        ratio = torch.where(p_s > 0, log_s - other, 0.0)
+        kl_s = (p_s * ratio).sum(-1)
+        if beta == 1.0:
+            loss.copy_(kl_s)
+        else:
+            loss.copy_(beta * _p_log_ratio(log_t, other) + (1.0 - beta) * kl_s)
+        if grad is None:
+            return
+        d = torch.where(p_s > 0, ratio.sub_(kl_s.unsqueeze(-1)).mul_(p_s), 0.0)
+        if beta != 1.0:
+            d.mul_(1.0 - beta)
+    if not isinstance(slope, float) or slope != 1.0:
+        d.mul_(slope)
+    if row_scale is not None:
+        d.mul_(row_scale.to(d.dtype).unsqueeze(-1))
+    grad.copy_(d)
 
 
 # ------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class LogProbChunks(ChunkLoss):
             return None
         return tuple(torch.empty_like(logits) for _ in range(2 if backward else 1))
 
-    def forward_chunk(self, logits, rows, operands, buffers, work):
+    def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
         (target,) = operands
         out = tuple(None if t is None else t[rows] for t in buffers)
         if self.kernels:
