@@ -11,6 +11,7 @@ that is not written yet) raises ``Skip``: a skipped row with the reason, never a
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -311,6 +312,87 @@ def _four_gemms(case, t):
     return step
 
 
+# distillation from two LM heads: TRL's generalized JSD (beta 0.5, temperature 2) of a
+# student's head against a teacher's, the student's input and weight trained
+
+
+DISTILL_BETA = 0.5
+DISTILL_TEMPERATURE = 2.0
+
+
+def _distill_inputs(case: Case, gen) -> dict:
+    n, h_s, h_t, v = case.shape
+    target = _classes(case, n, v, gen)
+    target[::10] = -100  # a few positions left out (prompt tokens)
+    return {"input": _new(case, n, h_s).normal_(generator=gen).requires_grad_(),
+            "weight": _new(case, v, h_s).normal_(0.0, h_s**-0.5, generator=gen)
+            .requires_grad_(),
+            "teacher_input": _new(case, n, h_t).normal_(generator=gen),
+            "teacher_weight": _new(case, v, h_t).normal_(0.0, 1.5 * h_t**-0.5, generator=gen),
+            "target": target}
+
+
+def _distill_step(loss, t):
+    return train_step(lambda: loss(t["input"], t["weight"], t["teacher_input"],
+                                   t["teacher_weight"], t["target"]),
+                      [t["input"], t["weight"]])
+
+
+def _distill_fused(case, t):
+    fn = _ours("linear_distillation_loss")
+    return _distill_step(lambda x, w, xt, wt, y: fn(x, w, xt, wt, y, beta=DISTILL_BETA,
+                                                    temperature=DISTILL_TEMPERATURE), t)
+
+
+def _distill_torch(case, t):
+    """The unfused formula (TRL's GKDTrainer.generalized_jsd_loss on whole logits)."""
+    def loss(x, w, xt, wt, y):
+        with torch.no_grad():
+            log_t = torch.log_softmax(F.linear(xt, wt).float() / DISTILL_TEMPERATURE, -1)
+        log_s = torch.log_softmax(F.linear(x, w).float() / DISTILL_TEMPERATURE, -1)
+        beta = DISTILL_BETA
+        mix = torch.logsumexp(torch.stack([log_s + math.log1p(-beta), log_t + math.log(beta)]),
+                              dim=0)
+        jsd = (beta * F.kl_div(mix, log_t, reduction="none", log_target=True)
+               + (1 - beta) * F.kl_div(mix, log_s, reduction="none", log_target=True))
+        mask = y != -100
+        return jsd[mask].sum() / mask.sum().clamp_min(1)
+
+    return _distill_step(loss, t)
+
+
+def _distill_trl(case, t):
+    fn = _peer("trl.kernels.chunked_divergence", "ChunkedDivergenceFunction")
+
+    def loss(x, w, xt, wt, y):
+        divergence, _ = fn.apply(x, w, None, xt, wt, None, DISTILL_BETA, DISTILL_TEMPERATURE)
+        mask = y != -100
+        return (divergence * mask).sum() / mask.sum().clamp_min(1)
+
+    return _distill_step(loss, t)
+
+
+def _distill_liger(case, t):
+    cls = _peer("liger_kernel.transformers", "LigerFusedLinearJSD")
+    module = cls(jsd_beta=DISTILL_BETA, temperature=DISTILL_TEMPERATURE)
+    return _distill_step(lambda x, w, xt, wt, y: module(x, w, xt, wt, y), t)
+
+
+def _four_distill_gemms(case, t):
+    """The floor of the two heads' loss: both heads' logits, the student's two gradients."""
+    x, w = t["input"].detach(), t["weight"].detach()
+    xt, wt = t["teacher_input"], t["teacher_weight"]
+
+    def step():
+        logits = x @ w.T
+        xt @ wt.T
+        logits @ w
+        logits.T @ x
+
+    step.leaves = []
+    return step
+
+
 # the Hugging Face training step: a tiny Llama, with and without fused_losses's integration
 
 
@@ -422,6 +504,20 @@ LOSSES = {
                                 "dlogits.T @ x alone: the floor of a per-token upstream "
                                 "gradient"),
         }, "torch", lambda s: s[2], "vocabulary V", lambda s: f"N={s[0]}, H={s[1]}"),
+    "linear_distillation": Loss(
+        "distillation from two heads (generalized JSD)", "N x H_s x H_t x V", _distill_inputs, {
+            "fused_losses": Provider("fused_losses", _distill_fused,
+                                     "fused_losses.linear_distillation_loss(..., beta=0.5, "
+                                     "temperature=2)"),
+            "torch": Provider("torch", _distill_torch, "TRL's generalized_jsd_loss on the two "
+                              "heads' whole logits"),
+            "trl": Provider("trl", _distill_trl, "TRL 1.16's ChunkedDivergenceFunction"),
+            "liger": Provider("liger", _distill_liger, "Liger-Kernel LigerFusedLinearJSD",
+                              ("cuda",)),
+            "4 GEMMs": Provider("4 GEMMs", _four_distill_gemms, "both heads' x @ W.T, the "
+                                "student's dlogits @ W and dlogits.T @ x alone: the floor"),
+        }, "torch", lambda s: s[3], "vocabulary V",
+        lambda s: f"N={s[0]}, H_s={s[1]}, H_t={s[2]}"),
     "hf_llama_step": Loss(
         "transformers Llama training step", "batch x seq x hidden x V", _hf_inputs, {
             "fused_losses": Provider("fused_losses", _hf_fused, "the same model after "
@@ -454,6 +550,7 @@ def _sweep(device: str, quick: bool) -> list[tuple[str, str, tuple[int, ...]]]:
                    for d in dtypes[1][: 1 if quick else 2] for s in shapes]
                 + [("linear_cross_entropy", "bfloat16", s) for s in lce]
                 + [("linear_log_probs", "bfloat16", s) for s in rl]
+                + [("linear_distillation", "bfloat16", (8192, 2048, 4096, 128256))]
                 + [("hf_llama_step", "bfloat16", s) for s in hf])
     # CPU: the eager path's cost against torch's; N=4096 x 32000 and (32, 1000) carry targets
     ce = [(4096, 32000)] if quick else [(4096, 8192), (4096, 32000)]
@@ -467,6 +564,7 @@ def _sweep(device: str, quick: bool) -> list[tuple[str, str, tuple[int, ...]]]:
             + [(loss, "float32", s) for loss in ("bce", "huber") for s in small]
             + [("linear_cross_entropy", "float32", s) for s in lce]
             + [("linear_log_probs", "float32", s) for s in rl]
+            + [("linear_distillation", "float32", (2048, 256, 512, 32000))]
             + [("hf_llama_step", "float32", s) for s in hf])
 
 
@@ -509,6 +607,15 @@ TARGETS = (
     Target("cpu", "linear_log_probs", "float32", (4096, 512, 32000), "time", 1.1, ("torch",)),
     Target("cpu", "linear_log_probs", "float32", (4096, 512, 32000), "peak", 1.0, ("trl",)),
     Target("cuda", "linear_log_probs", "bfloat16", (8192, 4096, 128256), "time", 1.1,
+           ("4 GEMMs",)),
+    # issue 17: distillation from two heads
+    Target("cpu", "linear_distillation", "float32", (2048, 256, 512, 32000), "time", 1.0,
+           ("trl",)),
+    Target("cpu", "linear_distillation", "float32", (2048, 256, 512, 32000), "time", 1.1,
+           ("torch",)),
+    Target("cpu", "linear_distillation", "float32", (2048, 256, 512, 32000), "peak", 1.0,
+           ("trl",)),
+    Target("cuda", "linear_distillation", "bfloat16", (8192, 2048, 4096, 128256), "time", 1.1,
            ("4 GEMMs",)),
 )
 

@@ -424,3 +424,50 @@ def test_errors(backend, case):
     fn, args, kwargs, error, words = BAD[case]
     with pytest.raises(error, match=words):
         fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face models
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_llama(hidden, seed, vocab=97):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden,
+                                      intermediate_size=2 * hidden, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("masking", ["labels", "attention_mask"])
+def test_transformers_helper(backend, masking):
+    # two tiny Llamas of different widths: the helper against TRL's formula on the stock
+    # models' logits (the causal shift, the masked positions), loss and the student's
+    # gradients
+    from fused_losses.integrations import transformers as fl_hf
+
+    student, teacher = _tiny_llama(32, 0), _tiny_llama(64, 1)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding
+    kwargs = dict(labels=labels) if masking == "labels" else dict(attention_mask=mask)
+    loss = fl_hf.distillation_loss(student, teacher, ids, beta=0.3, temperature=1.5,
+                                   chunk_size=5, **kwargs)
+    loss.backward()
+    ours = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    with torch.no_grad():
+        t_logits = teacher(ids, attention_mask=kwargs.get("attention_mask")).logits[:, :-1]
+    s_logits = student(ids, attention_mask=kwargs.get("attention_mask")).logits[:, :-1]
+    if masking == "labels":
+        target = labels[:, 1:]
+    else:
+        target = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+    ref = reference(s_logits, t_logits, target, beta=0.3, temperature=1.5)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for got, p in zip(ours, student.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)

@@ -102,7 +102,7 @@ except ImportError as e:  # pragma: no cover - the optional dependency is missin
         'pip install "fused_losses[transformers]"'
     ) from e
 
-__all__ = ["apply", "causal_lm_loss", "is_applied", "revert"]
+__all__ = ["apply", "causal_lm_loss", "distillation_loss", "is_applied", "revert"]
 
 _ATTR = "_fused_losses_lm_head"  # the state, on the model and on its lm_head
 _MISSING = object()
@@ -681,3 +681,75 @@ def _without(out, final):
     if isinstance(out, tuple):
         return tuple(v for v in out if v is not final)
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Distillation: a student and a teacher causal LM on the same batch
+# ------------------------------------------------------------------------------------------
+
+
+def distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+    chunk_size: int | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """The distillation loss of ``student`` from ``teacher`` (two transformers causal LMs of
+    one vocabulary) on one batch, neither model's ``(batch x seq, vocab)`` logits allocated:
+    :func:`fused_losses.linear_distillation_loss` on each model's last hidden states and
+    output layer (its bias and final-logit softcapping included).
+
+    Both bodies run (``model.base_model``, with ``input_ids``, ``attention_mask`` and
+    ``model_kwargs``), the teacher's under ``torch.no_grad()``. The causal shift: position
+    ``t``'s next-token distributions are compared where ``labels[t + 1]`` is not
+    ``ignore_index`` (TRL's GKD masks with the shifted labels); without ``labels``, where
+    ``attention_mask[t + 1]`` is 1, or everywhere but the last position. ``beta``,
+    ``temperature``, ``reduction``, ``num_items_in_batch`` and ``chunk_size`` as
+    :func:`fused_losses.linear_distillation_loss` (TRL's ``generalized_jsd_loss``).
+
+    Each model's forward is checked as :func:`apply` checks it (``logits =
+    self.lm_head(hidden)``, at most a softcapping, then the loss): a family whose forward does
+    more to the logits is refused with the reason.
+    """
+    heads = []
+    for role, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, transformers.PreTrainedModel):
+            raise TypeError(f"expected a transformers causal LM as the {role}, got "
+                            f"{type(model).__name__}")
+        attr = _head_attr(model)
+        head = getattr(model, attr, None)
+        _check_head(head, type(model).__name__, attr)
+        try:
+            layout = _layout(type(model), attr)
+        except _Unsupported as e:
+            raise ValueError(f"fused_losses cannot distill with {type(model).__name__} as the "
+                             f"{role}: {e}") from None
+        heads.append((head, _read(model, layout.softcap)))
+    body_kwargs = dict(model_kwargs, input_ids=input_ids, attention_mask=attention_mask)
+    hidden = student.base_model(**body_kwargs).last_hidden_state[:, :-1]
+    with torch.no_grad():
+        teacher_hidden = teacher.base_model(**body_kwargs).last_hidden_state[:, :-1]
+    if labels is not None:
+        target = labels[:, 1:]
+    elif attention_mask is not None:
+        target = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], ignore_index)
+    else:
+        target = None
+    (s_head, s_cap), (t_head, t_cap) = heads
+    return fl.linear_distillation_loss(
+        hidden, s_head.weight, teacher_hidden, t_head.weight.detach(),
+        None if target is None else target.to(hidden.device),
+        student_bias=s_head.bias,
+        teacher_bias=None if t_head.bias is None else t_head.bias.detach(),
+        student_softcap=s_cap, teacher_softcap=t_cap, beta=beta, temperature=temperature,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size)
