@@ -425,6 +425,10 @@ def _plain_rows(target, weight, opts: Options, dens: Parts, grad_out, n_classes:
     w_y = ok.float() if weight is None else torch.where(ok, weight.reshape(-1).float()[y], zero)
     eps = opts.smoothing
     g = torch.ones((), dtype=torch.float32) if grad_out is None else grad_out.float()
+    # the logits' transform without softcap, z = mult x: each gradient term times mult
+    mult = opts.logit_scale / opts.temperature
+    if mult != 1.0:
+        g = g * mult
     mean = opts.reduction == "mean"
     # Rows not counted get exactly 0 (NaN only from their NaN logits), even over a mean's
     # zero or NaN denominator, as autograd through the formula's where() gives.
@@ -448,7 +452,8 @@ def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scrat
     """One block of rows of ``_run_blocks``: (R, C) half-precision or float32 logits on the
     CPU, class targets, no softcap, float32 math: the block's (loss part, z-loss part or
     None), and with ``grad`` (which may be ``x`` itself) its gradient written, without
-    autograd.
+    autograd. A temperature or logit scale makes z = x scale / T (a float32 copy; the
+    gradient's factors carry scale / T, ``_plain_rows``).
 
     With p = softmax(z) and e the smoothing, a row's loss is ``(1 - e) w_y (lse - z_y)
     + e/C (W lse - sum_c w_c z_c)`` (W = sum_c w_c; w = 1 without weights) (+ ``z_loss
@@ -465,9 +470,12 @@ def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scrat
     (``scratch``)."""
     n_rows, n_classes = x.shape
     z = x
-    if x.dtype != torch.float32:
+    mult = opts.logit_scale / opts.temperature  # the transform (no softcap here): z = mult x
+    if x.dtype != torch.float32 or mult != 1.0:
         z = _scratch(scratch, "z", x.shape)
-        z.copy_(x)
+        z.copy_(x)  # (upcast first: x * mult would round in x's dtype)
+        if mult != 1.0:
+            z.mul_(mult)
     m = z.amax(1)
     p = _scratch(scratch, "p", x.shape)
     torch.softmax(z, 1, out=p)
