@@ -76,6 +76,13 @@ def _counted(target, n_batch: tuple, n_classes: int, ignore_index: int, device, 
     return target.reshape(n) != ignore_index
 
 
+def _result_dtype(*tensors) -> torch.dtype:
+    """float32 (float64 where an operand is): the loss is a sum over the vocabulary and the
+    positions, which bfloat16 would round to 3 digits (a divergence of 22 to the nearest
+    0.125); TRL's chunked divergence and the stock causal-LM loss are float32 too."""
+    return eager.compute_dtype(*(t.dtype for t in tensors))
+
+
 def _reduce(total_or_rows, counted, reduction: str, num_items_in_batch, first_dim: int,
             n_classes: int, n_batch: tuple, labelled: bool):
     """TRL's reductions of the per-position divergences (summed over the classes):
@@ -122,9 +129,9 @@ def distillation_loss(
       :math:`m = (1 - \beta) p_s + \beta p_t`.
 
     A class of probability 0 adds 0 (``0 log 0 = 0``: masked ``-inf`` logits, underflowed
-    probabilities), never NaN. float32 math inside whatever the logits' dtype, one rounding
-    to it; no float32 copy of the logits (blocks of rows), the student's gradient written in
-    the forward for a reduced loss.
+    probabilities), never NaN. float32 math inside whatever the logits' dtype, a float32
+    result; no float32 copy of the logits (blocks of rows), the student's gradient (in the
+    logits' dtype, rounded once) written in the forward for a reduced loss.
 
     Args:
         student_logits (Tensor): :math:`(..., V)`; the gradient flows to it.
@@ -144,7 +151,9 @@ def distillation_loss(
             divided by it (gradient accumulation), whatever ``reduction``. Default: ``None``
 
     Returns:
-        the loss in the logits' dtype: a scalar, or :math:`(...)` for ``'none'``.
+        the loss in float32 (float64 for float64 logits): a scalar, or :math:`(...)` for
+        ``'none'``. (TRL's formula returns the logits' dtype: in bfloat16 a divergence of
+        22 nats is rounded to the nearest 0.125.)
     """
     fn = "distillation_loss"
     check_tensor(fn, "student_logits", 0, student_logits)
@@ -179,7 +188,7 @@ def distillation_loss(
     out = distillation(s, t, counted, opts, reduced)
     out = _reduce(out, counted, reduction, num_items_in_batch, student_logits.shape[0],
                   n_classes, n_batch, target is not None)
-    return output_as(out, torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    return output_as(out, _result_dtype(student_logits, teacher_logits))
 
 
 def linear_distillation_loss(
@@ -236,7 +245,8 @@ def linear_distillation_loss(
     ``torch.no_grad()``).
 
     Returns:
-        the loss in the student input's dtype: a scalar, or :math:`(...)` for ``'none'``.
+        the loss in float32 (float64 for float64 operands): a scalar, or :math:`(...)` for
+        ``'none'``.
     """
     fn = "linear_distillation_loss"
     for name, pos, t in (("student_input", 0, student_input),
@@ -341,4 +351,5 @@ def linear_distillation_loss(
     first = student_input.shape[0] if student_input.dim() > 1 else n_vocab
     out = _reduce(out, counted, reduction, num_items_in_batch, first, n_vocab, n_batch,
                   target is not None)
-    return output_as(out, student_input.dtype)
+    return output_as(out, _result_dtype(student_input, student_weight, teacher_input,
+                                        teacher_weight))

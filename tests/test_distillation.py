@@ -123,12 +123,12 @@ def wide(v):
 
 def check_logits(s, t, target, **opts):
     out, (grad,) = grads_of(fl.distillation_loss, [s], [t, target], opts)
-    assert out.dtype == s.dtype
+    assert out.dtype == torch.promote_types(s.dtype, torch.float32)
     ref, (ref_grad,) = grads_of(reference, [wide(s)], [wide(t), wide(target)], opts)
     own = None
     if s.dtype != torch.float32:  # torch's own formula in the logits' dtype (TRL's)
         own = grads_of(reference, [s.detach().cpu()], [t.cpu(), wide(target)], opts)[1][0]
-    assert_close(out, ref, s.dtype, "loss")
+    assert_close(out, ref, out.dtype, "loss")  # float32 math, a float32 result
     assert grad.dtype == s.dtype
     assert_close(grad, ref_grad, s.dtype, "d loss / d student_logits", torch_own=own)
 
@@ -144,7 +144,7 @@ def check_heads(xs, ws, bs, xt, wt, bt, target, **opts):
         return linear_reference(xs, ws, xt, wt, target, student_bias=bs, **kw)
 
     out, grads = grads_of(ours, leaves, [], dict(kwargs, xt=xt, wt=wt, target=target))
-    assert out.dtype == xs.dtype
+    assert out.dtype == torch.promote_types(xs.dtype, torch.float32)
     ref_out, ref_grads = grads_of(ref, [wide(v) for v in leaves], [],
                                   dict(kwargs, teacher_bias=wide(bt), xt=wide(xt),
                                        wt=wide(wt), target=wide(target)))
@@ -153,8 +153,8 @@ def check_heads(xs, ws, bs, xt, wt, bt, target, **opts):
         own = grads_of(ref, [v.detach().cpu() for v in leaves], [],
                        dict(kwargs, teacher_bias=None if bt is None else bt.cpu(),
                             xt=xt.cpu(), wt=wt.cpu(), target=target.cpu()))[1]
-    # the loss: float32 math on the rounded operands, one rounding to the output dtype
-    assert_close(out, ref_out, xs.dtype, "loss")
+    # the loss: float32 math on the rounded operands (their float32 GEMMs), float32
+    assert_close(out, ref_out, out.dtype, "loss")
     for name, got, want, own_g, v in zip(("input", "weight", "bias"), grads, ref_grads, own,
                                          leaves, strict=False):
         assert got.dtype == v.dtype
