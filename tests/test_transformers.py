@@ -656,3 +656,26 @@ def test_family_logit_scale_is_read(family):
     model = FAMILIES[family]()
     assert fl_hf._logit_scale(model, fl_hf._layout(type(model))) == pytest.approx(
         SCALES[family], rel=1e-12)
+
+
+def test_distillation_of_scaled_families():
+    """distillation_loss reads each model's logit scale: a Cohere student (`* logit_scale`)
+    and a Granite teacher (`/ logits_scaling`), against the loss on their stock logits."""
+    import fused_losses as fl
+
+    torch.manual_seed(0)
+    student, teacher = FAMILIES["cohere"](), FAMILIES["granite"]()
+    ids, labels = batch()
+    kw = dict(beta=0.3, temperature=1.5)
+    loss = fl_hf.distillation_loss(student, teacher, ids, labels=labels, chunk_size=8, **kw)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits[:, :-1]
+    s_logits = student(input_ids=ids).logits[:, :-1]
+    ref = fl.distillation_loss(s_logits, t_logits, labels[:, 1:], **kw)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)

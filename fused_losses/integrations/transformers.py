@@ -794,7 +794,7 @@ def distillation_loss(
     """The distillation loss of ``student`` from ``teacher`` (two transformers causal LMs of
     one vocabulary) on one batch, neither model's ``(batch x seq, vocab)`` logits allocated:
     :func:`fused_losses.linear_distillation_loss` on each model's last hidden states and
-    output layer (its bias and final-logit softcapping included).
+    output layer (its bias, logit scale and final-logit softcapping included).
 
     Both bodies run (``model.base_model``, with ``input_ids``, ``attention_mask`` and
     ``model_kwargs``), the teacher's under ``torch.no_grad()``. The causal shift: position
@@ -805,8 +805,8 @@ def distillation_loss(
     :func:`fused_losses.linear_distillation_loss` (TRL's ``generalized_jsd_loss``).
 
     Each model's forward is checked as :func:`apply` checks it (``logits =
-    self.lm_head(hidden)``, at most a softcapping, then the loss): a family whose forward does
-    more to the logits is refused with the reason.
+    self.lm_head(hidden)``, at most a logit scale and a softcapping, then the loss): a family
+    whose forward does more to the logits is refused with the reason.
     """
     heads = []
     for role, model in (("student", student), ("teacher", teacher)):
@@ -818,10 +818,11 @@ def distillation_loss(
         _check_head(head, type(model).__name__, attr)
         try:
             layout = _layout(type(model), attr)
+            scale = _logit_scale(model, layout)
         except _Unsupported as e:
             raise ValueError(f"fused_losses cannot distill with {type(model).__name__} as the "
                              f"{role}: {e}") from None
-        heads.append((head, _read(model, layout.softcap)))
+        heads.append((head, _read(model, layout.softcap), scale))
     body_kwargs = dict(model_kwargs, input_ids=input_ids, attention_mask=attention_mask)
     hidden = student.base_model(**body_kwargs).last_hidden_state[:, :-1]
     with torch.no_grad():
@@ -832,12 +833,13 @@ def distillation_loss(
         target = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], ignore_index)
     else:
         target = None
-    (s_head, s_cap), (t_head, t_cap) = heads
+    (s_head, s_cap, s_scale), (t_head, t_cap, t_scale) = heads
     return fl.linear_distillation_loss(
         hidden, s_head.weight, teacher_hidden, t_head.weight.detach(),
         None if target is None else target.to(hidden.device),
         student_bias=s_head.bias,
         teacher_bias=None if t_head.bias is None else t_head.bias.detach(),
-        student_softcap=s_cap, teacher_softcap=t_cap, beta=beta, temperature=temperature,
+        student_softcap=s_cap, teacher_softcap=t_cap, student_logit_scale=s_scale,
+        teacher_logit_scale=t_scale, beta=beta, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size)
