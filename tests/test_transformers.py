@@ -131,6 +131,11 @@ FAMILIES = {
     "falcon_h1": _scaled("FalconH1ForCausalLM", "FalconH1Config", lm_head_multiplier=2.5,
                          mamba_d_ssm=64, **SSM),
     "hyperclovax": _scaled("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", logits_scaling=2.5),
+    "cohere2_moe": _scaled("Cohere2MoeForCausalLM", "Cohere2MoeConfig", logit_scale=3.0,
+                           num_experts=4, num_experts_per_tok=2, sliding_window=8),
+    "granite_swa": _scaled("GraniteSWAForCausalLM", "GraniteSWAConfig", logits_scaling=0.3),
+    "granitemoe_swa": _scaled("GraniteMoeSWAForCausalLM", "GraniteMoeSWAConfig",
+                              logits_scaling=0.3, **MOE),
 }
 # RWKV's embeddings are initialised ~1e-4 and layer-normed at once (`pre_ln`), which scales
 # their gradient up ~1e3 (to ~3e2): float32 rounding anywhere downstream (here the loss's last
@@ -645,7 +650,8 @@ def test_logit_scale_that_is_not_a_number(variant):
 
 SCALES = {"cohere": 3.0, "cohere2": 3.0, "granite": 1 / 0.3, "granitemoe": 1 / 0.3,
           "granitemoeshared": 1 / 0.3, "granitemoehybrid": 1 / 0.3, "falcon_h1": 2.5,
-          "hyperclovax": 2.5}
+          "hyperclovax": 2.5, "cohere2_moe": 3.0, "granite_swa": 1 / 0.3,
+          "granitemoe_swa": 1 / 0.3}
 
 
 @pytest.mark.parametrize("family", SCALES)
