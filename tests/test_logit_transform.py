@@ -91,13 +91,14 @@ def test_temperature_one_is_the_plain_loss(backend, device):
                        fl.cross_entropy(x, t))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy(backend, device, dtype):
+@pytest.mark.parametrize("case", ["logit_scale", "all three"])  # without softcap: the CPU's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # plain blocks' path
+def test_linear_cross_entropy(backend, device, dtype, case):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(21, 16, generator=g, dtype=torch.float64).to(dtype).to(device)
     w = (torch.randn(61, 16, generator=g, dtype=torch.float64) / 2).to(dtype).to(device)
     t = class_target((21,), 61, device, ignore_frac=0.2)
-    opts = TRANSFORMS["all three"]
+    opts = TRANSFORMS[case]
     names = {"input", "linear_weight"}
     inputs = {"input": x, "linear_weight": w, "target": t}
     ours, grads = loss_and_grads(fl.linear_cross_entropy, inputs, names, round_to=dtype,

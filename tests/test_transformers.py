@@ -67,6 +67,15 @@ def _blt():
 
 MAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2)
 GPT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+SSM = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+           mamba_chunk_size=8)
+
+
+def _scaled(model_cls, config_cls, **kw):
+    """A logit-scaled family: a scale far from 1, so that ignoring it changes the loss."""
+    return lambda: getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        **{**TEXT, **kw}))
 
 FAMILIES = {
     "llama": _llama,
@@ -107,6 +116,26 @@ FAMILIES = {
                                            eos_token_id=2)),
     "rwkv": lambda: transformers.RwkvForCausalLM(transformers.RwkvConfig(
         **{k: v for k, v in GPT.items() if k != "num_attention_heads"}, context_length=64)),
+    # a logit scale: `logits * self.logit_scale` (Cohere), `logits / config.logits_scaling`
+    # (Granite), `self.lm_head(h) * S` (FalconH1's lm_head_multiplier, HyperCLOVA X)
+    "cohere": _scaled("CohereForCausalLM", "CohereConfig", logit_scale=3.0),
+    "cohere2": _scaled("Cohere2ForCausalLM", "Cohere2Config", logit_scale=3.0, sliding_window=8),
+    "granite": _scaled("GraniteForCausalLM", "GraniteConfig", logits_scaling=0.3),
+    "granitemoe": _scaled("GraniteMoeForCausalLM", "GraniteMoeConfig", logits_scaling=0.3,
+                          **MOE),
+    "granitemoeshared": _scaled("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig",
+                                logits_scaling=0.3, shared_intermediate_size=64, **MOE),
+    "granitemoehybrid": _scaled("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig",
+                                logits_scaling=0.3, shared_intermediate_size=64,
+                                layer_types=["mamba", "attention"], **SSM, **MOE),
+    "falcon_h1": _scaled("FalconH1ForCausalLM", "FalconH1Config", lm_head_multiplier=2.5,
+                         mamba_d_ssm=64, **SSM),
+    "hyperclovax": _scaled("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", logits_scaling=2.5),
+    "cohere2_moe": _scaled("Cohere2MoeForCausalLM", "Cohere2MoeConfig", logit_scale=3.0,
+                           num_experts=4, num_experts_per_tok=2, sliding_window=8),
+    "granite_swa": _scaled("GraniteSWAForCausalLM", "GraniteSWAConfig", logits_scaling=0.3),
+    "granitemoe_swa": _scaled("GraniteMoeSWAForCausalLM", "GraniteMoeSWAConfig",
+                              logits_scaling=0.3, **MOE),
 }
 # RWKV's embeddings are initialised ~1e-4 and layer-normed at once (`pre_ln`), which scales
 # their gradient up ~1e3 (to ~3e2): float32 rounding anywhere downstream (here the loss's last
@@ -434,7 +463,8 @@ def test_refusals():
     with pytest.raises(TypeError, match="expected a plain torch.nn.Linear"):
         fl_hf.apply(custom)
     cohere = transformers.CohereForCausalLM(transformers.CohereConfig(**TEXT))
-    with pytest.raises(ValueError, match=r"logits \* self.logit_scale"):
+    cohere.logit_scale = torch.nn.Parameter(torch.tensor(0.5))  # a learned scale
+    with pytest.raises(ValueError, match=r"logits \* self.logit_scale` by a Parameter"):
         fl_hf.apply(cohere)
     assert not fl_hf.is_applied(cohere)
     other = _llama()
@@ -472,11 +502,42 @@ class Variant(transformers.LlamaForCausalLM):
     def forward(self, input_ids=None, labels=None, **kwargs):
         hidden_states = self.model(input_ids=input_ids).last_hidden_state
         logits = self.lm_head(hidden_states){tail}
+{steps}
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+{after}
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 '''
+
+
+@pytest.fixture
+def variant(tmp_path):
+    """``variant(tail, steps, after)``: a LlamaForCausalLM subclass whose forward is VARIANT
+    with ``tail`` after ``self.lm_head(...)`` and the lines ``steps`` after that line and
+    ``after`` after the loss (each indented as the body), from a file (its source is read)."""
+    import importlib.util
+    import sys
+    import textwrap
+
+    names = []
+
+    def make(tail="", steps="", after=""):
+        code = VARIANT.replace("{tail}", tail)
+        for key, lines in (("{steps}", steps), ("{after}", after)):
+            code = code.replace(key, textwrap.indent(textwrap.dedent(lines), " " * 8))
+        path = tmp_path / f"variant_{len(names)}.py"
+        path.write_text(code)
+        spec = importlib.util.spec_from_file_location(f"{tmp_path.name}_{len(names)}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        names.append(spec.name)
+        spec.loader.exec_module(module)
+        return module.Variant
+
+    yield make
+    for name in names:
+        del sys.modules[name]
 
 
 @pytest.mark.parametrize("tail, refused", [
@@ -488,39 +549,139 @@ class Variant(transformers.LlamaForCausalLM):
     (".to(torch.float32)", "to"),  # harmless, but only the exact forms are taken
     (".float(memory_format=torch.preserve_format)", "float"),
 ])
-def test_methods_on_the_logits(tail, refused, tmp_path):
+def test_methods_on_the_logits(tail, refused, variant):
     """Of the methods a forward may call on lm_head's output, only `.float()` and
     `.contiguous()` without arguments are taken: the stock loss upcasts the logits to float32
     itself. Anything else that could round them, or change the loss's dtype, is refused."""
-    import importlib.util
-    import sys
+    torch.manual_seed(0)
+    stock = variant(tail)(transformers.LlamaConfig(**TEXT))
+    if refused:
+        with pytest.raises(ValueError, match=rf"Variant\.forward calls `\.{refused}` on "
+                           "the logits of self.lm_head in `logits = self.lm_head"):
+            fl_hf.apply(copy.deepcopy(stock))
+        return
+    fused = fl_hf.apply(copy.deepcopy(stock))
+    ids, labels = batch()
+    assert_same_training(stock, fused, input_ids=ids, labels=labels)
+    assert_same_training(stock, fused, input_ids=ids, labels=labels,
+                         num_items_in_batch=torch.tensor(37))
+    # bfloat16: the float32 loss of the bfloat16 logits, as the stock one
+    stock.to(torch.bfloat16), fused.to(torch.bfloat16)
+    ref, ref_grads = loss_and_grads(stock, input_ids=ids, labels=labels)
+    out, grads = loss_and_grads(fused, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32 and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2**-8, atol=0)
+    for name, g in grads.items():
+        assert_near(g, ref_grads[name], name)
 
-    path = tmp_path / f"variant_{abs(hash(tail))}.py"
-    path.write_text(VARIANT.replace("{tail}", tail))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    try:
-        spec.loader.exec_module(module)
-        torch.manual_seed(0)
-        stock = module.Variant(transformers.LlamaConfig(**TEXT))
-        if refused:
-            with pytest.raises(ValueError, match=rf"Variant\.forward calls `\.{refused}` on "
-                               "the logits of self.lm_head in `logits = self.lm_head"):
-                fl_hf.apply(copy.deepcopy(stock))
-            return
-        fused = fl_hf.apply(copy.deepcopy(stock))
-        ids, labels = batch()
-        assert_same_training(stock, fused, input_ids=ids, labels=labels)
-        assert_same_training(stock, fused, input_ids=ids, labels=labels,
-                             num_items_in_batch=torch.tensor(37))
-        # bfloat16: the float32 loss of the bfloat16 logits, as the stock one
-        stock.to(torch.bfloat16), fused.to(torch.bfloat16)
-        ref, ref_grads = loss_and_grads(stock, input_ids=ids, labels=labels)
-        out, grads = loss_and_grads(fused, input_ids=ids, labels=labels)
-        assert out.loss.dtype == torch.float32 and out.logits is None
-        torch.testing.assert_close(out.loss, ref.loss, rtol=2**-8, atol=0)
-        for name, g in grads.items():
-            assert_near(g, ref_grads[name], name)
-    finally:
-        del sys.modules[path.stem]
+
+SCALE = "logits = logits * self.scale"
+CAP = "logits = torch.tanh(logits / self.cap) * self.cap"
+
+
+@pytest.mark.parametrize("tail, steps, scale", [
+    ("", SCALE, 3.0),  # Cohere
+    ("", "logits = logits / self.scale", 0.3),  # Granite
+    (" * self.scale", "", 3.0),  # FalconH1, HyperCLOVA X
+    (".float() / self.scale", "", 0.3),
+    ("", "if self.scale is not None:\n    " + SCALE, 3.0),  # Cohere Compass
+    ("", "if self.scale is not None:\n    " + SCALE, None),
+    ("", "s = self.scale\nlogits = logits * s", 3.0),
+    ("", f"{SCALE}\n{CAP}", 3.0),  # the scale, then the softcap
+    (" / self.scale", "if self.cap is not None:\n    " + CAP, 0.3),
+])
+def test_logit_scale_forms(tail, steps, scale, variant):
+    """A logit scale, `* S` or `/ S`, read off the model at each call and handed to
+    linear_cross_entropy as its logit_scale (before the softcap, as the forward does)."""
+    torch.manual_seed(0)
+    stock = variant(tail, steps)(transformers.LlamaConfig(**TEXT))
+    stock.scale, stock.cap = scale, 0.5
+    fused = fl_hf.apply(copy.deepcopy(stock))
+    ids, labels = batch()
+    assert_same_training(stock, fused, input_ids=ids, labels=labels)
+    if scale is None:
+        return
+    for model in (stock, fused):  # read at each call
+        model.scale = scale * 1.5
+    assert_same_training(stock, fused, input_ids=ids, labels=labels,
+                         num_items_in_batch=torch.tensor(37))
+
+
+@pytest.mark.parametrize("steps, after, message", [
+    ("logits = self.scale * logits", "", r"transforms the logits .* `logits = self.scale \*"),
+    (f"{SCALE}\n{SCALE}", "", "transforms the logits"),  # two scales
+    (f"{CAP}\n{SCALE}", "", "transforms the logits"),  # the softcap first
+    ("if self.training:\n    " + SCALE, "", "scales the logits under a condition"),
+    ("", SCALE, r"not between self.lm_head\(...\) and self.loss_function"),  # the output only
+    ("logits = logits * self.scales[0]", "", r"scales the logits by `self.scales\[0\]`, "
+     "which the fused loss cannot read off the model"),
+])
+def test_logit_scale_refused_forms(steps, after, message, variant):
+    torch.manual_seed(0)
+    stock = variant("", steps, after)(transformers.LlamaConfig(**TEXT))
+    stock.scale, stock.cap = 3.0, 0.5
+    with pytest.raises(ValueError, match=message):
+        fl_hf.apply(stock)
+    assert not fl_hf.is_applied(stock)
+
+
+def test_logit_scale_that_is_not_a_number(variant):
+    """A learned scale (a tensor, whose gradient the stock model computes), None without a
+    guard, or 0: refused at apply(), and at a call where it changed since."""
+    torch.manual_seed(0)
+    model = variant("", SCALE)(transformers.LlamaConfig(**TEXT))
+    for bad in (None, 0.0, float("inf"), True, torch.nn.Parameter(torch.tensor(3.0))):
+        model.scale = bad
+        with pytest.raises(ValueError, match=r"scales the logits in `logits = logits \* "
+                           r"self.scale` by .*, which the fused loss takes only as a finite "
+                           "nonzero number"):
+            fl_hf.apply(model)
+        assert not fl_hf.is_applied(model)
+    del model.scale  # the Parameter
+    model.scale = 3.0
+    fl_hf.apply(model)
+    model.scale = torch.tensor(3.0)
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="takes only as a finite nonzero number"):
+        model(input_ids=ids, labels=labels)
+    model.scale = 3.0
+    assert model(input_ids=ids, labels=labels).loss.isfinite()
+
+
+SCALES = {"cohere": 3.0, "cohere2": 3.0, "granite": 1 / 0.3, "granitemoe": 1 / 0.3,
+          "granitemoeshared": 1 / 0.3, "granitemoehybrid": 1 / 0.3, "falcon_h1": 2.5,
+          "hyperclovax": 2.5, "cohere2_moe": 3.0, "granite_swa": 1 / 0.3,
+          "granitemoe_swa": 1 / 0.3}
+
+
+@pytest.mark.parametrize("family", SCALES)
+def test_family_logit_scale_is_read(family):
+    """The scaled families of FAMILIES are served with their scale (not ignored: it is far
+    from 1 there, and test_family_matches_stock compares with the stock loss)."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    assert fl_hf._logit_scale(model, fl_hf._layout(type(model))) == pytest.approx(
+        SCALES[family], rel=1e-12)
+
+
+def test_distillation_of_scaled_families():
+    """distillation_loss reads each model's logit scale: a Cohere student (`* logit_scale`)
+    and a Granite teacher (`/ logits_scaling`), against the loss on their stock logits."""
+    import fused_losses as fl
+
+    torch.manual_seed(0)
+    student, teacher = FAMILIES["cohere"](), FAMILIES["granite"]()
+    ids, labels = batch()
+    kw = dict(beta=0.3, temperature=1.5)
+    loss = fl_hf.distillation_loss(student, teacher, ids, labels=labels, chunk_size=8, **kw)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits[:, :-1]
+    s_logits = student(input_ids=ids).logits[:, :-1]
+    ref = fl.distillation_loss(s_logits, t_logits, labels[:, 1:], **kw)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -11,8 +11,10 @@ From :func:`apply` on, a call **with** ``labels`` computes its loss with
 (and bias), chunk by chunk, exactly as the stock forward defines it: the causal shift,
 ``ignore_index`` (-100), ``num_items_in_batch`` (the token sum divided by it: Trainer's
 gradient-accumulation fix), ``shift_labels``, ``logits_to_keep``, the final-logit softcapping of
-Gemma 2/3 (``config.final_logit_softcapping``), tied embeddings; the loss is float32, as the
-stock loss (which upcasts the logits) is. Its ``outputs.logits`` is ``None``: the logits were
+Gemma 2/3 (``config.final_logit_softcapping``), the logit scale of Cohere (``logit_scale``),
+Granite (``1 / logits_scaling``), FalconH1 (``lm_head_multiplier``) and HyperCLOVA X
+(``logits_scaling``), tied embeddings; the loss is float32, as the stock loss (which upcasts
+the logits) is. Its ``outputs.logits`` is ``None``: the logits were
 never computed, and ``None`` fails at the first use instead of standing in for them (a
 ``ModelOutput`` leaves ``None`` fields out of its tuple and dict views, as it does for ``loss``
 without labels). A call **without** labels (generation, evaluating logits) runs the stock
@@ -61,10 +63,12 @@ the loss is checked once per class, from its source, when :func:`apply` is calle
 calls it otherwise: BioGPT's ``output_projection``, GPT-NeoX-Japanese's ``embed_out``, RWKV's
 ``head``), at most ``.float()`` or ``.contiguous()`` on its result (Mamba, Mllama, BLT: the
 stock loss upcasts the logits itself), the logits going to ``self.loss_function`` and the
-output, and at most the softcapping, whose value is read from the same expression per call.
-Anything else (Cohere's ``logit_scale``, Granite's ``logits_scaling``, a loss computed without
-``self.loss_function`` as the encoder-decoder families' causal LMs do, a head other than
-``nn.Linear``) is refused with the reason, rather than trained with a silently different loss.
+output, and in between at most a logit scale (``* S`` or ``/ S``: Cohere, Granite, FalconH1,
+HyperCLOVA X) and then the softcapping, whose values are read from the same expressions per
+call (a scale that is not a number -- a learned tensor -- is refused). Anything else (another
+formula, a loss computed without ``self.loss_function`` as the encoder-decoder families'
+causal LMs do, a head other than ``nn.Linear``) is refused with the reason, rather than
+trained with a silently different loss.
 
 Under ``torch.compile`` the fused loss runs outside the graph (``torch.compiler.disable``:
 one graph break), so a compiled model keeps the memory saving on every backend (compiled,
@@ -83,6 +87,8 @@ import ast
 import contextlib
 import functools
 import inspect
+import math
+import numbers
 import textwrap
 import types
 from dataclasses import dataclass
@@ -172,12 +178,22 @@ def _per_item(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _Scale:
+    """A logit scale: ``logits * S`` (Cohere, FalconH1, HyperCLOVA X) or ``logits / S``
+    (Granite), with ``S`` read off the model at each call."""
+
+    path: tuple  # how to read S, as the softcap's
+    divides: bool  # `logits / S`: linear_cross_entropy's logit_scale is 1 / S
+    optional: bool  # under `if S is not None:` (None: no scale)
+    source: str  # the statement, for messages
+
+
+@dataclass(frozen=True)
 class _Layout:
     """The forward's shape, as far as the loss is concerned."""
 
     softcap: tuple | None  # how to read the softcap off the model: ("attr", name)/("call",)
-    # (a logit scale goes here, read the same way, once linear_cross_entropy takes one:
-    # Cohere's `logits * self.logit_scale`, Granite's `logits / self.config.logits_scaling`)
+    logit_scale: _Scale | None = None  # applied before the softcap, as linear_cross_entropy's
 
 
 class _Unsupported(Exception):
@@ -187,8 +203,9 @@ class _Unsupported(Exception):
 @functools.cache
 def _layout(cls: type, head: str = "lm_head") -> _Layout:
     """Checks that ``cls.forward`` computes ``logits = self.<head>(h)`` (``head``: the output
-    layer's attribute, ``lm_head`` but for a few families), then at most the final-logit
-    softcapping, then hands the logits to ``self.loss_function`` and the output only; raises
+    layer's attribute, ``lm_head`` but for a few families), then at most a logit scale
+    (``* S`` or ``/ S``, on that line or the next) and the final-logit softcapping, in that
+    order, then hands the logits to ``self.loss_function`` and the output only; raises
     ``_Unsupported`` with the reason otherwise."""
     fn = inspect.unwrap(cls.forward)
     try:
@@ -220,7 +237,8 @@ def _layout(cls: type, head: str = "lm_head") -> _Layout:
     if len(heads) != 1:
         raise _Unsupported(f"{cls.__name__}.forward calls self.{head} {len(heads)} times "
                            "(expected once, on the final hidden states)")
-    assign = parent[heads[0]]
+    expr = heads[0]
+    assign = parent[expr]
     # `self.lm_head(h).contiguous()` (OPT) and `.float()` (Mamba, Mllama, BLT, ...): methods
     # called without arguments that change neither the values nor, for the loss, the dtype
     # (the stock loss upcasts the logits to float32 itself; the fused loss is float32 math
@@ -229,7 +247,13 @@ def _layout(cls: type, head: str = "lm_head") -> _Layout:
     while (isinstance(assign, ast.Attribute) and assign.attr in ("contiguous", "float")
            and isinstance(parent[assign], ast.Call) and parent[assign].func is assign
            and not parent[assign].args and not parent[assign].keywords):
-        assign = parent[parent[assign]]
+        expr = parent[assign]
+        assign = parent[expr]
+    # `logits = self.lm_head(h) * S` (FalconH1, HyperCLOVA X): a logit scale on the same line
+    inline = None
+    if (isinstance(assign, ast.BinOp) and isinstance(assign.op, ast.Mult | ast.Div)
+            and assign.left is expr):
+        inline, assign = assign, parent[assign]
     if isinstance(assign, ast.Attribute):  # `self.lm_head(h).to(torch.bfloat16)`, `.double()`
         raise _Unsupported(f"{cls.__name__}.forward calls `.{assign.attr}` on the logits of "
                            f"self.{head} in {where(assign)}, which the fused loss cannot "
@@ -255,7 +279,8 @@ def _layout(cls: type, head: str = "lm_head") -> _Layout:
 
     # the loss comes from self.loss_function, the one function the fused loss replaces;
     # checked first, as it is the reason that no change to the logits could overcome
-    if not any(is_logits(n) and loss_call(n) for n in ast.walk(func)):
+    to_loss = [n for n in ast.walk(func) if is_logits(n) and loss_call(n)]
+    if not to_loss:
         own = sorted((n for n in ast.walk(func)
                       if isinstance(n, ast.Call) and "loss" in ast.unparse(n.func).lower()
                       and any(is_logits(a) for a in ast.walk(n))), key=lambda n: n.lineno)
@@ -301,31 +326,66 @@ def _layout(cls: type, head: str = "lm_head") -> _Layout:
                                f"in {where(stmt)}, which the fused loss cannot reproduce")
         steps.append((stmt, kind))
         allowed.update(n for n in ast.walk(stmt) if is_logits(n))
-    cap = None
-    if steps:
-        kinds = [k[0] for _, k in steps]
-        same = ast.unparse
-        if kinds == ["div", "tanh", "mul"] and same(steps[0][1][1]) == same(steps[2][1][1]):
-            cap = steps[0][1][1]
-        elif kinds == ["fused"] and same(steps[0][1][1]) == same(steps[0][1][2]):
-            cap = steps[0][1][1]
-        else:  # a lone "mul"/"div" is a logit scale (Cohere, Granite): not in the core yet
+    same = ast.unparse
+    # in source order, between the head's line and the loss's: `logits = logits * S` after
+    # the loss is computed would be a scale of the output only
+    steps.sort(key=lambda step: (step[0].lineno, step[0].col_offset))
+    first = min(to_loss, key=lambda n: (n.lineno, n.col_offset))
+    for stmt, _ in steps:
+        if not ((assign.lineno, assign.col_offset) < (stmt.lineno, stmt.col_offset)
+                and (stmt.end_lineno, stmt.end_col_offset) <= (first.lineno, first.col_offset)):
             raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.{head} "
-                               f"in {where(steps[0][0])}, which the fused loss cannot "
-                               "reproduce")
-        # applied unconditionally, or under `if C is not None:` only
-        blocks = {id(parent[s]) for s, _ in steps}
-        block = parent[steps[0][0]]
+                               f"in {where(stmt)}, not between self.{head}(...) and "
+                               "self.loss_function(...), which the fused loss cannot reproduce")
+
+    def softcap_of(steps):
+        """C of `L = L / C; L = torch.tanh(L); L = L * C` or `L = tanh(L / C) * C`."""
+        kinds = [k[0] for _, k in steps]
+        if kinds == ["div", "tanh", "mul"] and same(steps[0][1][1]) == same(steps[2][1][1]):
+            return steps[0][1][1]
+        if kinds == ["fused"] and same(steps[0][1][1]) == same(steps[0][1][2]):
+            return steps[0][1][1]
+        return None
+
+    def guarded(block, node):
+        """``block`` is ``if <node> is not None:`` without an else."""
         test = getattr(block, "test", None)
         left = test.left if isinstance(test, ast.Compare) else None
         if isinstance(left, ast.NamedExpr):  # `if (c := self.config...) is not None:`
             left = left.target
-        guarded = (isinstance(block, ast.If) and not block.orelse
-                   and isinstance(test, ast.Compare) and len(test.ops) == 1
-                   and isinstance(test.ops[0], ast.IsNot) and same(left) == same(cap)
-                   and isinstance(test.comparators[0], ast.Constant)
-                   and test.comparators[0].value is None)
-        if len(blocks) != 1 or not (block is func or guarded):
+        return (isinstance(block, ast.If) and not block.orelse
+                and isinstance(test, ast.Compare) and len(test.ops) == 1
+                and isinstance(test.ops[0], ast.IsNot) and same(left) == same(node)
+                and isinstance(test.comparators[0], ast.Constant)
+                and test.comparators[0].value is None)
+
+    # a logit scale first (Cohere's `logits * self.logit_scale`, Granite's
+    # `logits / self.config.logits_scaling`): unconditional, or under `if S is not None:`
+    scale = None
+    if inline is not None:
+        scale = _Scale(_read_path(inline.right, func, me, cls, what="scales"),
+                       isinstance(inline.op, ast.Div), False, where(assign))
+    elif (steps and steps[0][1][0] in ("mul", "div")
+          and (len(steps) == 1 or softcap_of(steps[1:]) is not None)):
+        (stmt, (kind, node)), steps = steps[0], steps[1:]
+        optional = guarded(parent[stmt], node)
+        if not (parent[stmt] is func or optional):
+            raise _Unsupported(f"{cls.__name__}.forward scales the logits under a condition "
+                               f"the fused loss cannot evaluate: {where(stmt)}")
+        scale = _Scale(_read_path(node, func, me, cls, what="scales"), kind == "div",
+                       optional, where(stmt))
+
+    # then the softcapping: applied unconditionally, or under `if C is not None:` only
+    cap = None
+    if steps:
+        cap = softcap_of(steps)
+        if cap is None:
+            raise _Unsupported(f"{cls.__name__}.forward transforms the logits of self.{head} "
+                               f"in {where(steps[0][0])}, which the fused loss cannot "
+                               "reproduce")
+        blocks = {id(parent[s]) for s, _ in steps}
+        block = parent[steps[0][0]]
+        if len(blocks) != 1 or not (block is func or guarded(block, cap)):
             raise _Unsupported(f"{cls.__name__}.forward softcaps the logits under a condition "
                                f"the fused loss cannot evaluate: {where(steps[0][0])}")
         cap = _read_path(cap, func, me, cls)
@@ -349,19 +409,21 @@ def _layout(cls: type, head: str = "lm_head") -> _Layout:
     if losses != 1:
         raise _Unsupported(f"{cls.__name__}.forward computes its loss from the logits with "
                            f"self.loss_function {losses} times (expected once)")
-    return _Layout(softcap=cap)
+    return _Layout(softcap=cap, logit_scale=scale)
 
 
-def _read_path(node, func, me: str, cls: type, depth: int = 0) -> tuple:
+def _read_path(node, func, me: str, cls: type, depth: int = 0,
+               what: str = "softcaps") -> tuple:
     """The steps that read ``node`` (``self.config.final_logit_softcapping``, a local assigned
-    from such a chain, ``self.config.get_text_config().x``) off the model at each call."""
+    from such a chain, ``self.config.get_text_config().x``) off the model at each call
+    (``what`` the forward does with it, for the message)."""
     if isinstance(node, ast.Name) and node.id == me:
         return ()
     if isinstance(node, ast.Attribute):
-        return (*_read_path(node.value, func, me, cls, depth), ("attr", node.attr))
+        return (*_read_path(node.value, func, me, cls, depth, what), ("attr", node.attr))
     if (isinstance(node, ast.Call) and not node.args and not node.keywords
             and isinstance(node.func, ast.Attribute)):
-        return (*_read_path(node.func, func, me, cls, depth), ("call", None))
+        return (*_read_path(node.func, func, me, cls, depth, what), ("call", None))
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
         return (("const", node.value),)
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
@@ -369,7 +431,7 @@ def _read_path(node, func, me: str, cls: type, depth: int = 0) -> tuple:
             and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
             and isinstance(node.args[2], ast.Constant) and node.args[2].value is None):
         # `getattr(self.config.get_text_config(), "final_logit_softcapping", None)`
-        return (*_read_path(node.args[0], func, me, cls, depth),
+        return (*_read_path(node.args[0], func, me, cls, depth, what),
                 ("getattr", node.args[1].value))
     if isinstance(node, ast.Name) and depth < 4:
         sources = [s.value for s in ast.walk(func)
@@ -377,8 +439,8 @@ def _read_path(node, func, me: str, cls: type, depth: int = 0) -> tuple:
                        and isinstance(s.targets[0], ast.Name) and s.targets[0].id == node.id)
                    or (isinstance(s, ast.NamedExpr) and s.target.id == node.id)]
         if len(sources) == 1:
-            return _read_path(sources[0], func, me, cls, depth + 1)
-    raise _Unsupported(f"{cls.__name__}.forward softcaps the logits by `{ast.unparse(node)}`, "
+            return _read_path(sources[0], func, me, cls, depth + 1, what)
+    raise _Unsupported(f"{cls.__name__}.forward {what} the logits by `{ast.unparse(node)}`, "
                        "which the fused loss cannot read off the model")
 
 
@@ -386,6 +448,25 @@ def _is_output_class(node, namespace: dict) -> bool:
     """Whether ``node`` names a ``ModelOutput`` class in the forward's module."""
     obj = namespace.get(node.id) if isinstance(node, ast.Name) else None
     return isinstance(obj, type) and issubclass(obj, transformers.utils.ModelOutput)
+
+
+def _logit_scale(model, layout: _Layout) -> float:
+    """The multiplier of the logits the forward applies (``linear_cross_entropy``'s
+    ``logit_scale``), read off the model now; raises ``_Unsupported`` unless it is a finite
+    nonzero number (a tensor -- a learned scale -- would need its gradient)."""
+    scale = layout.logit_scale
+    if scale is None:
+        return 1.0
+    value = _read(model, scale.path)
+    if value is None and scale.optional:
+        return 1.0
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value == 0):
+        shown = f"a {type(value).__name__}" if torch.is_tensor(value) else repr(value)
+        raise _Unsupported(f"{type(model).__name__}.forward scales the logits in "
+                           f"{scale.source} by {shown}, which the fused loss takes only as "
+                           "a finite nonzero number")
+    return 1.0 / float(value) if scale.divides else float(value)
 
 
 def _read(model, path: tuple | None):
@@ -422,6 +503,7 @@ class _State:
         self.previous_loss = previous_loss  # the instance's own loss_function, if it had one
         self.armed = False
         self.softcap = None  # read off the model when armed
+        self.logit_scale = 1.0  # likewise
         self.hidden = None  # what the head received, while armed
         self.head = None  # the head module that received it
         self.final = None  # the placeholder the loss function received
@@ -475,6 +557,7 @@ def apply(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
     _check_head(head, name, attr)
     try:
         layout = _layout(type(model), attr)
+        _logit_scale(model, layout)
     except _Unsupported as e:
         raise ValueError(f"fused_losses cannot take over the loss of {name}: {e}") from None
     state = model.__dict__.get(_ATTR)
@@ -605,6 +688,11 @@ def _wrapped_forward(cls_forward):
             _check_head(head, type(self).__name__, state.head_attr)
             _patch_head(head, state)
         state.softcap = _read(self, state.layout.softcap)
+        try:
+            state.logit_scale = _logit_scale(self, state.layout)
+        except _Unsupported as e:
+            raise ValueError(f"fused_losses cannot take over the loss of "
+                             f"{type(self).__name__}: {e}") from None
         state.armed, state.hidden, state.head, state.final = True, None, None, None
         try:
             out = cls_forward(self, *args, **kwargs)
@@ -652,18 +740,18 @@ class _FusedLoss:
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         return _fused_loss(hidden, head.weight, head.bias, shift_labels, num_items_in_batch,
-                           ignore_index, state.softcap, options)
+                           ignore_index, state.softcap, state.logit_scale, options)
 
 
 @torch.compiler.disable
 def _fused_loss(hidden, weight, bias, shift_labels, num_items_in_batch, ignore_index, softcap,
-                options) -> torch.Tensor:
+                logit_scale, options) -> torch.Tensor:
     x = hidden.reshape(-1, hidden.shape[-1])
     target = shift_labels.reshape(-1).to(x.device)
     kwargs = dict(reduction="sum" if num_items_in_batch is not None else "mean",
                   ignore_index=ignore_index, label_smoothing=options["label_smoothing"],
-                  softcap=softcap, z_loss=options["z_loss"], chunk_size=options["chunk_size"],
-                  accum_dtype=options["accum_dtype"])
+                  softcap=softcap, logit_scale=logit_scale, z_loss=options["z_loss"],
+                  chunk_size=options["chunk_size"], accum_dtype=options["accum_dtype"])
     # a float32 loss, as the stock one (autocast's result; the math is float32 either way)
     with _float32_result(x):
         loss = fl.linear_cross_entropy(x, weight, target, linear_bias=bias, **kwargs)
@@ -706,7 +794,7 @@ def distillation_loss(
     """The distillation loss of ``student`` from ``teacher`` (two transformers causal LMs of
     one vocabulary) on one batch, neither model's ``(batch x seq, vocab)`` logits allocated:
     :func:`fused_losses.linear_distillation_loss` on each model's last hidden states and
-    output layer (its bias and final-logit softcapping included).
+    output layer (its bias, logit scale and final-logit softcapping included).
 
     Both bodies run (``model.base_model``, with ``input_ids``, ``attention_mask`` and
     ``model_kwargs``), the teacher's under ``torch.no_grad()``. The causal shift: position
@@ -717,8 +805,8 @@ def distillation_loss(
     :func:`fused_losses.linear_distillation_loss` (TRL's ``generalized_jsd_loss``).
 
     Each model's forward is checked as :func:`apply` checks it (``logits =
-    self.lm_head(hidden)``, at most a softcapping, then the loss): a family whose forward does
-    more to the logits is refused with the reason.
+    self.lm_head(hidden)``, at most a logit scale and a softcapping, then the loss): a family
+    whose forward does more to the logits is refused with the reason.
     """
     heads = []
     for role, model in (("student", student), ("teacher", teacher)):
@@ -730,10 +818,11 @@ def distillation_loss(
         _check_head(head, type(model).__name__, attr)
         try:
             layout = _layout(type(model), attr)
+            scale = _logit_scale(model, layout)
         except _Unsupported as e:
             raise ValueError(f"fused_losses cannot distill with {type(model).__name__} as the "
                              f"{role}: {e}") from None
-        heads.append((head, _read(model, layout.softcap)))
+        heads.append((head, _read(model, layout.softcap), scale))
     body_kwargs = dict(model_kwargs, input_ids=input_ids, attention_mask=attention_mask)
     hidden = student.base_model(**body_kwargs).last_hidden_state[:, :-1]
     with torch.no_grad():
@@ -744,12 +833,13 @@ def distillation_loss(
         target = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], ignore_index)
     else:
         target = None
-    (s_head, s_cap), (t_head, t_cap) = heads
+    (s_head, s_cap, s_scale), (t_head, t_cap, t_scale) = heads
     return fl.linear_distillation_loss(
         hidden, s_head.weight, teacher_hidden, t_head.weight.detach(),
         None if target is None else target.to(hidden.device),
         student_bias=s_head.bias,
         teacher_bias=None if t_head.bias is None else t_head.bias.detach(),
-        student_softcap=s_cap, teacher_softcap=t_cap, beta=beta, temperature=temperature,
+        student_softcap=s_cap, teacher_softcap=t_cap, student_logit_scale=s_scale,
+        teacher_logit_scale=t_scale, beta=beta, temperature=temperature,
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size)

@@ -33,7 +33,7 @@ autocast and DDP wrapper, gradient checkpointing) stays TRL's; only the head's a
 ours. The temperature, the softcap and the requested outputs are read off TRL's head, and
 checked against the trainer and against what the model's own forward does with its logits
 (the :mod:`fused_losses.integrations.transformers` checks: one ``nn.Linear`` ``lm_head``, at
-most the final-logit softcapping after it).
+most the final-logit softcapping after it, and no logit scale).
 
 Only the labelled positions (the completion tokens) go through the head: their hidden
 states are gathered first (one ``(tokens, hidden)`` copy; the prompt's positions cost no
@@ -47,8 +47,9 @@ What it does not serve
 - a multimodal model (a processor as the trainer's ``processing_class``, or a model whose
   text config is a sub-config): TRL's own head serves those; don't apply;
 - a model the transformers integration refuses (an ``lm_head`` that is not a plain
-  ``nn.Linear``, a forward that does more to its logits than the softcapping: Cohere's
-  ``logit_scale``, Granite's ``logits_scaling``);
+  ``nn.Linear``, a forward that does more to its logits than a scale and the softcapping),
+  or one whose forward scales its logits (Cohere's ``logit_scale``, Granite's
+  ``logits_scaling``): not served here yet (TRL's head scales them; untested);
 - a PEFT adapter on ``lm_head`` (LoRA on it, or ``modules_to_save=["lm_head"]``): the head
   reads ``lm_head.weight``, which is not what the adapter computes;
 - the MoE load-balancing loss (``output_router_logits`` in the config, or the trainer's
@@ -253,8 +254,12 @@ def _plan(model, what: str, trainer, chunk_size) -> _State:
     _check_head(head, name, cast)
     try:  # what the model's own forward does with its logits: lm_head, at most a softcap
         layout = _hf._layout(type(model))
+        scale = _hf._logit_scale(model, layout)
     except _hf._Unsupported as e:
         raise _refuse(str(e)) from None
+    if scale != 1.0:  # TRL's head scales them too (`logit_scale`), untested here
+        raise _refuse(f"{name}'s forward scales its logits in {layout.logit_scale.source} "
+                      f"(by {scale}): this integration does not serve a logit scale")
     softcap = _hf._read(model, layout.softcap)
     if softcap != trl_head.get("final_logit_softcapping"):
         raise _refuse(f"{name}'s forward softcaps its logits by {softcap}, TRL's head by "
