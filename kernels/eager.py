@@ -333,9 +333,9 @@ class HalfCrossEntropy(torch.autograd.Function):
 
     On the CPU the blocks are spread over the cores by ``_threads.run_blocks``, each block's
     ops single-threaded (torch's parallel regions on small blocks stall while another process
-    uses a core). Class targets of (N, C) logits without a transform take ``_plain_block``, a
-    softmax and one pass that writes the gradient; the other cases ``_formula_block``,
-    autograd on the formula."""
+    uses a core). Class targets of (N, C) logits without softcap take ``_plain_block``, a
+    softmax and one pass that writes the gradient (a temperature or logit scale folded in);
+    the other cases ``_formula_block``, autograd on the formula."""
 
     @staticmethod
     def forward(ctx, x, target, weight, opts: Options):
@@ -373,13 +373,12 @@ def _run_blocks(x, target, weight, opts: Options, dens: Parts, grad, grad_out) -
     split along N (``_blocks``), and with ``grad`` (``x`` itself allowed) their gradient
     written there (``grad_out``: None for 1, else the upstream gradient, per row for
     ``none``). On the CPU over ``_threads.run_blocks``; (N, C) logits against class targets
-    without a transform (softcap, scale, temperature) in ``_plain_block``, the rest by
-    ``_formula_block``."""
+    without softcap in ``_plain_block`` (which folds a temperature and logit scale in), the
+    rest by ``_formula_block``."""
     x = x.detach()
     blocks = _blocks(x)
     plain = (x.dim() == 2 and x.shape[1] > 0 and x.device.type == "cpu"
-             and opts.softcap is None and opts.logit_scale == 1.0 and opts.temperature == 1.0
-             and not opts.prob_target
+             and opts.softcap is None and not opts.prob_target
              and compute_dtype(x.dtype, torch.float32 if weight is None else weight.dtype)
              == torch.float32)
     rows = _plain_rows(target, weight, opts, dens, grad_out, x.shape[1]) if plain else None
