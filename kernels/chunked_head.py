@@ -49,7 +49,7 @@ import torch
 
 from . import eager
 from ._autograd import may_fuse_gradient
-from .linear_cross_entropy import Plan, _mm, _plan_dtypes
+from .linear_cross_entropy import Plan, _Grads, _mm, _plan_dtypes
 
 
 def chunks(n_tokens: int, chunk: int) -> list[slice]:
@@ -105,32 +105,6 @@ class ChunkLoss:
 
     def differentiable(self, logits: torch.Tensor, operands: tuple) -> tuple:
         raise NotImplementedError
-
-
-class _Grads:
-    """The input's, the weight's and the bias's gradients accumulated over the chunks (the
-    weight's and the bias's in ``plan.accum_dtype``)."""
-
-    def __init__(self, x, w, b, needs, plan: Plan):
-        self.x = self.w = self.b = None
-        if needs[0]:
-            self.x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if needs[1]:
-            self.w = torch.zeros(w.shape, dtype=plan.accum_dtype, device=w.device)
-        if needs[2]:
-            self.b = torch.zeros(b.shape, dtype=plan.accum_dtype, device=b.device)
-
-    def add(self, rows: slice, x_chunk, dlogits, w_c) -> None:
-        if self.x is not None:
-            _mm(self.x[rows], dlogits, w_c, accumulate=False)
-        if self.w is not None:
-            _mm(self.w, dlogits.t(), x_chunk, accumulate=True)
-        if self.b is not None:
-            self.b += dlogits.sum(0, dtype=self.b.dtype)
-
-    def results(self, w, b):
-        return (self.x, None if self.w is None else self.w.to(w.dtype),
-                None if self.b is None else self.b.to(b.dtype))
 
 
 def _dlogits(logits: torch.Tensor, dbuf: torch.Tensor | None, plan: Plan):
@@ -211,7 +185,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
                     eager.scale_grad_(g, upstream[0].to(g.dtype))
             if grads.x is not None:
                 loss.reduce_input_grad_(grads.x)
-            return (*grads.results(w, b), *none)
+            return (*grads.results(x, w, b), *none)
 
         grads = _Grads(x, w, b, needs, plan)
         w_c = w.to(plan.compute_dtype)
@@ -231,4 +205,4 @@ class ChunkedHeadFunction(torch.autograd.Function):
                 grads.add(rows, x_chunk, dlogits, w_c)
         if grads.x is not None:
             loss.reduce_input_grad_(grads.x)
-        return (*grads.results(w, b), *none)
+        return (*grads.results(x, w, b), *none)
