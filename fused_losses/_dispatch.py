@@ -155,10 +155,10 @@ def torch_itself(input: torch.Tensor, *operands) -> bool:
 def kernels(loss: str):
     """The kernel file ``fused_losses.kernels.<loss>`` (the first call imports Triton). An
     import statement, not importlib: torch.compile traces through it."""
-    from .kernels import bce, cross_entropy, huber, log_probs
+    from .kernels import bce, cross_entropy, distillation, huber, log_probs
 
-    return {"bce": bce, "cross_entropy": cross_entropy, "huber": huber,
-            "log_probs": log_probs}[loss]
+    return {"bce": bce, "cross_entropy": cross_entropy, "distillation": distillation,
+            "huber": huber, "log_probs": log_probs}[loss]
 
 
 def reads_values_on_host(t: torch.Tensor) -> bool:

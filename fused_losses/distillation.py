@@ -4,8 +4,9 @@ teacher's, with the semantics of TRL's ``GKDTrainer.generalized_jsd_loss``.
 ``distillation_loss`` on logits that exist; ``linear_distillation_loss`` on the two LM heads
 (each model's hidden states and head weight), chunk by chunk, neither model's (N, V) logits
 ever held. Both validate, work out the options and the reduction's denominator here, then run
-``kernels/distillation.py`` or the chunked head (``kernels/linear_distillation.py``); the
-math is ``kernels/eager.py``'s (``chunk_divergence_``, ``divergence_rows``).
+the Triton kernel (``kernels/distillation.py``) or its eager twin (``kernels/eager.py``:
+``distillation``, ``chunk_divergence_``), as ``_dispatch.use_kernels`` decides; the heads run
+on the chunked head (``kernels/linear_distillation.py``) with either.
 """
 
 from __future__ import annotations
@@ -183,9 +184,10 @@ def distillation_loss(
     s = student_logits.reshape(-1, n_classes)
     t = teacher_logits.detach().reshape(-1, n_classes)
     (s,) = detached_without_grad_mode(s)
-    from .kernels.distillation import distillation
-
-    out = distillation(s, t, counted, opts, reduced)
+    if _dispatch.use_kernels(student_logits, teacher_logits, supported=n_classes > 0):
+        out = _dispatch.kernels("distillation").distillation(s, t, counted, opts, reduced)
+    else:
+        out = eager.distillation(s, t, counted, opts, reduced)
     out = _reduce(out, counted, reduction, num_items_in_batch, student_logits.shape[0],
                   n_classes, n_batch, target is not None)
     return output_as(out, _result_dtype(student_logits, teacher_logits))
@@ -346,7 +348,8 @@ def linear_distillation_loss(
         plan = Plan(n_vocab, 1, chunk, compute, accum, kernels)
         x, w, b = detached_without_grad_mode(x, student_weight, student_bias)
         out = ChunkedHeadFunction.apply(x, w, b, plan,
-                                        DistillationChunks(opts, t_compute, reduced),
+                                        DistillationChunks(opts, t_compute, reduced,
+                                                           kernels),
                                         t_x, t_w, t_b, counted)
     first = student_input.shape[0] if student_input.dim() > 1 else n_vocab
     out = _reduce(out, counted, reduction, num_items_in_batch, first, n_vocab, n_batch,

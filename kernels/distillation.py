@@ -1,82 +1,271 @@
-"""Distillation on given logits: TRL's generalized JSD between a student's and a teacher's
-rows, a block of rows at a time.
+"""Distillation on rows of logits: TRL's generalized JSD between a student's and a teacher's
+next-token distributions, kernel, launcher and autograd.
 
-``fused_losses.distillation_loss``: the divergence of each row of the student's logits
-(N, V) from the teacher's, under a shared temperature, with TRL's ``beta`` (0: forward KL,
-1: reverse KL, between: the generalized JSD through the mixture). Each block of rows is
-upcast to float32 scratch, its log-softmaxes and divergence formed there
-(``eager.chunk_divergence_``: the closed-form gradient, no autograd graph), so that no
-float32 copy of either whole logits exists:
+With z_s, z_t a row's transformed logits (each head's scale and softcap, then the shared
+temperature: ``_ce_math.scaled``), p = softmax(z), lse = m + ln s (``block_stats``), the
+divergences of a row and their gradients with respect to z_s:
 
-- forward: per block, the rows' divergences and — where the result is one scalar (a reduced
-  loss) and the student's logits need a gradient — d loss / d logits written into a
-  gradient buffer in the logits' dtype, rounded once (the cross-entropy's design: the
-  backward only scales it by the upstream gradient).
-- ``none`` (a gradient per row), torch.compile's trace and a second backward recompute the
-  blocks in the backward; ``create_graph=True`` runs the formula whole in torch's ops.
+    beta = 0  KL(p_t | p_s) = A_t / s_t - lse_t + lse_s,   A_t = sum e_t (z_t - z_s)
+              d = p_s - p_t
+    beta = 1  KL(p_s | p_t) = A_s / s_s - lse_s + lse_t,   A_s = sum e_s (z_s - z_t)
+              d = p_s (log p_s - log p_t - KL)
+    between   beta KL(p_t | m) + (1 - beta) KL(p_s | m),   m = log((1 - beta) p_s + beta p_t)
+              d = (1 - beta) p_s (log p_s - m - KL(p_s | m))
 
-The memory traffic: the forward reads both logits once and writes the gradient once (plus
-the float32 block temporaries, which stay in cache-sized blocks on the CPU and one block at a
-time on a GPU). A Triton row kernel (both rows' statistics merged online, the gradient in the
-same launch) is the next step on CUDA; today the same torch ops run on both backends.
+(e = exp(z - its max)). The KLs' weighted gaps A merge over blocks exactly like the sum of
+exponentials (each moved to the larger max), so for beta in {0, 1} the loss comes out of one
+read pass over both rows; the JSD's mixture needs both normalizers first, a second pass. A
+class of p = 0 adds 0 (0 log 0: masked -inf logits, underflow), never 0 * inf.
+
+- ``_divergence_kernel``: one program per row. Pass 1 reads both rows (the statistics),
+  the JSD a pass 2 (its two KLs), and with ``WRITE_GRAD`` a last pass writes d loss / d
+  logits of the student's row times the row's scale (the upstream gradient over the
+  reduction's denominator, 0 on rows left out). Memory traffic: reads 2 C (KL) or 4 C (JSD)
+  elements of each row, + 2 C with the gradient, writes C; the logits are read in their own
+  dtype, with no float32 copy. The re-reads of a row come from L2 at the vocabularies of
+  interest (a 128k-class bf16 row is 256 KB).
+
+``distillation`` is the entry of ``fused_losses.distillation_loss`` (the gradient written in
+the forward for a reduced loss, as the cross-entropy's); ``row_divergence`` is the LM head's
+per-chunk step too (``kernels/linear_distillation.py``). The eager twin,
+``eager.chunk_divergence_``, has the same contract.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import triton
+import triton.language as tl
 
 from . import eager
-from ._autograd import differentiable_backward, may_fuse_gradient
+from ._autograd import may_fuse_gradient
+from ._ce_math import logits, merge_stats, times_slope, transform
+from ._common import LN2, LOG2E, launch, next_power_of_2, num_warps_for
 
-# Rows per block: about this many float32 elements of each of the two logits (16 MiB).
-BLOCK_ELEMENTS = 1 << 22
-
-
-def _blocks(n_rows: int, n_classes: int) -> list[slice]:
-    step = max(1, BLOCK_ELEMENTS // max(1, n_classes))
-    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+# Classes per block of a row: 4096 of each head's logits in registers (16 a thread).
+BLOCK = 4096
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 
 
-def _scratch(src: torch.Tensor, dtype: torch.dtype, buf: torch.Tensor | None):
-    """A float32 (float64) copy of a block of rows in a reused buffer: never a view of
-    ``src`` (the divergence overwrites it)."""
-    if buf is None or buf.shape[0] < src.shape[0]:
-        buf = torch.empty(src.shape, dtype=dtype, device=src.device)
-    out = buf[:src.shape[0]]
-    out.copy_(src)
-    return out, buf
+# ------------------------------------------------------------------------------------------
+# kernel
+# ------------------------------------------------------------------------------------------
 
 
-def _divergences(s, t, counted, opts: eager.DistillOptions, *, scales=None,
-                 grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Each row's divergence (N,) of ``s``, ``t`` (N, V), block by block; with ``grad`` the
-    gradient of sum_r scales_r loss_r w.r.t. ``s`` written into it. Rows where ``counted``
-    is 0 give 0 (whatever their logits hold)."""
-    dtype = eager.compute_dtype(s.dtype, t.dtype)
-    loss = torch.empty(s.shape[0], dtype=dtype, device=s.device)
-    s_buf = t_buf = None
-    for rows in _blocks(s.shape[0], s.shape[1]):
-        s_block, s_buf = _scratch(s[rows], dtype, s_buf)
-        t_block, t_buf = _scratch(t[rows], dtype, t_buf)
-        eager.chunk_divergence_(s_block, t_block, opts, loss=loss[rows],
-                                row_scale=None if scales is None else scales[rows],
-                                grad=None if grad is None else grad[rows])
-    return torch.where(counted, loss, 0.0)
+@triton.jit
+def _max_and_exp(z):
+    """(the block's max, m~: 0 where it is -inf, exp(z - m~)) of transformed logits."""
+    m = tl.max(z, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, m_safe, tl.exp2((z - m_safe) * LOG2E)
+
+
+@triton.jit
+def _merge_gap(m1, a1, m2, a2):
+    """A weighted gap sum e (z - z') of two class ranges, each relative to its own max,
+    moved to the larger: a_i exp(m_i - m). An empty range (m = -inf, a = 0) adds 0."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return (a1 * tl.exp2((m1 - m_safe) * LOG2E) + a2 * tl.exp2((m2 - m_safe) * LOG2E))
+
+
+@triton.jit
+def _log_mixture(log_s, log_t, log_1m_beta, log_beta):
+    """log((1 - beta) p_s + beta p_t) from the log-probabilities: a log-add-exp (-inf where
+    both are 0; the callers mask those lanes)."""
+    a = log_s + log_1m_beta
+    b = log_t + log_beta
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return hi + tl.log(1.0 + tl.exp2((lo - hi) * LOG2E))
+
+
+@triton.jit
+def _p_log_ratio(p, log_p, log_q):
+    """p (log p - log q), 0 where p = 0."""
+    return tl.where(p > 0.0, p * (log_p - log_q), 0.0)
+
+
+@triton.jit
+def _divergence_kernel(
+    # pointers
+    s_ptr,  # the student's logits: rows of n_cols, unit class stride
+    t_ptr,  # the teacher's logits, the same rows
+    loss_ptr,  # out: float32 (n_rows,) each row's divergence
+    scale_ptr,  # in (WRITE_GRAD): float32 (n_rows,) each row's factor of its gradient
+    grad_ptr,  # out (WRITE_GRAD): d / d student logits, rows like s_ptr's (may be s_ptr)
+    # sizes
+    n_cols,
+    # strides, in elements
+    stride_s,
+    stride_t,
+    stride_grad,
+    # scalars
+    beta,
+    log_1m_beta,  # log(1 - beta), log(beta): the mixture's weights (JSD)
+    log_beta,
+    s_mult,  # the heads' transforms (``_ce_math.transform``)
+    s_softcap,
+    t_mult,
+    t_softcap,
+    # flags
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
+    MODE: tl.constexpr,  # FORWARD_KL, REVERSE_KL or JSD
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """A row's divergence, and with WRITE_GRAD its gradient. read 2-6 C, write C."""
+    # int64 row offsets: 16k rows x 262k classes is over 2^32 elements.
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK_SIZE)
+
+    # pass 1: both rows' (m, s); the KL's weighted gap
+    m_s = float("-inf")
+    sum_s = 0.0
+    m_t = float("-inf")
+    sum_t = 0.0
+    gap = 0.0
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + offs
+        mask = cols < n_cols
+        z_s = logits(s_row + cols, mask, s_mult, s_softcap, S_SOFTCAP, "")
+        z_t = logits(t_row + cols, mask, t_mult, t_softcap, T_SOFTCAP, "")
+        mb_s, _ms, e_s = _max_and_exp(z_s)
+        mb_t, _mt, e_t = _max_and_exp(z_t)
+        if MODE == 0:
+            gap = _merge_gap(m_t, gap, mb_t, tl.sum(_p_log_ratio(e_t, z_t, z_s), axis=0))
+        if MODE == 1:
+            gap = _merge_gap(m_s, gap, mb_s, tl.sum(_p_log_ratio(e_s, z_s, z_t), axis=0))
+        m_s, sum_s, _a, _k = merge_stats(m_s, sum_s, 0.0, 0.0, mb_s, tl.sum(e_s, axis=0),
+                                         0.0, 0.0)
+        m_t, sum_t, _a, _k = merge_stats(m_t, sum_t, 0.0, 0.0, mb_t, tl.sum(e_t, axis=0),
+                                         0.0, 0.0)
+    lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log2(sum_s) * LN2
+    lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log2(sum_t) * LN2
+
+    kl_s = 0.0  # the JSD's KL(p_s | m), for the gradient
+    if MODE == 0:
+        loss = gap / sum_t - lse_t + lse_s
+    elif MODE == 1:
+        loss = gap / sum_s - lse_s + lse_t
+    else:  # pass 2: the mixture, with both normalizers known
+        kl_t = 0.0
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cols = start + offs
+            mask = cols < n_cols
+            log_s = logits(s_row + cols, mask, s_mult, s_softcap, S_SOFTCAP, "") - lse_s
+            log_t = logits(t_row + cols, mask, t_mult, t_softcap, T_SOFTCAP, "") - lse_t
+            mix = _log_mixture(log_s, log_t, log_1m_beta, log_beta)
+            kl_s += tl.sum(_p_log_ratio(tl.exp2(log_s * LOG2E), log_s, mix), axis=0)
+            kl_t += tl.sum(_p_log_ratio(tl.exp2(log_t * LOG2E), log_t, mix), axis=0)
+        loss = beta * kl_t + (1.0 - beta) * kl_s
+    tl.store(loss_ptr + row, loss)
+
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr + row)
+        g_row = grad_ptr + row * stride_grad
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cols = start + offs
+            mask = cols < n_cols
+            z_s = logits(s_row + cols, mask, s_mult, s_softcap, S_SOFTCAP, "")
+            log_s = z_s - lse_s
+            log_t = logits(t_row + cols, mask, t_mult, t_softcap, T_SOFTCAP, "") - lse_t
+            p_s = tl.exp2(log_s * LOG2E)
+            if MODE == 0:
+                d = p_s - tl.exp2(log_t * LOG2E)
+            elif MODE == 1:
+                d = tl.where(p_s > 0.0, p_s * (log_s - log_t - loss), 0.0)
+            else:
+                mix = _log_mixture(log_s, log_t, log_1m_beta, log_beta)
+                d = tl.where(p_s > 0.0, (1.0 - beta) * p_s * (log_s - mix - kl_s), 0.0)
+            d = times_slope(d, z_s, s_mult, s_softcap, S_SOFTCAP) * scale
+            # (the grad's element type: a store into the logits' dtype rounds once)
+            tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------
+# launcher
+# ------------------------------------------------------------------------------------------
+
+
+def _mode(beta: float) -> int:
+    return FORWARD_KL if beta == 0.0 else REVERSE_KL if beta == 1.0 else JSD
+
+
+def row_divergence(s, t, opts: eager.DistillOptions, *, loss, row_scale=None,
+                   grad=None) -> None:
+    """Each row's divergence of logits ``s``, ``t`` (R, C), any float dtypes (read as they
+    are; unit class stride), into ``loss`` (R,) float32; with ``grad`` (R, C) (``s`` itself
+    allowed), d (sum_r row_scale_r loss_r) / d s into it. ``eager.chunk_divergence_``'s
+    contract (the inputs are not overwritten here)."""
+    n_rows, n_cols = s.shape
+    if n_rows == 0:
+        return
+    beta = opts.beta
+    student, teacher = transform(opts.student), transform(opts.teacher)
+    block = min(BLOCK, next_power_of_2(n_cols))
+    if grad is not None and row_scale is None:
+        row_scale = torch.ones(n_rows, dtype=torch.float32, device=s.device)
+    launch(
+        _divergence_kernel,
+        (n_rows,),
+        writes=("loss_ptr",) + (("grad_ptr",) if grad is not None else ()),
+        s_ptr=s,
+        t_ptr=t,
+        loss_ptr=loss,
+        scale_ptr=row_scale.to(torch.float32) if grad is not None else loss,
+        grad_ptr=grad if grad is not None else s,
+        n_cols=n_cols,
+        stride_s=s.stride(0),
+        stride_t=t.stride(0),
+        stride_grad=grad.stride(0) if grad is not None else 0,
+        beta=beta,
+        log_1m_beta=_log(1.0 - beta),
+        log_beta=_log(beta),
+        s_mult=student["logit_mult"],
+        s_softcap=student["softcap"],
+        t_mult=teacher["logit_mult"],
+        t_softcap=teacher["softcap"],
+        S_SOFTCAP=student["SOFTCAP"],
+        T_SOFTCAP=teacher["SOFTCAP"],
+        MODE=_mode(beta),
+        WRITE_GRAD=grad is not None,
+        BLOCK_SIZE=block,
+        num_warps=num_warps_for(2 * block),
+    )
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0.0 else float("-inf")
+
+
+# ------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------
 
 
 class DistillationFunction(torch.autograd.Function):
     """The divergence of each row of the student's logits ``s`` (N, V) from the teacher's
-    ``t`` (N, V, a constant: no gradient), rows where ``counted`` (N,) is False left out:
-    their sum when ``reduced`` (a scalar), else each row's (N,). float32 (float64 for
-    float64 logits)."""
+    ``t`` (N, V, a constant), rows where ``counted`` (N,) is False left out: their sum when
+    ``reduced`` (a scalar), else each row's (N,), float32. For a reduced loss the forward
+    writes the gradient (one rounding into the logits' dtype) and the backward scales it;
+    ``none``, a compiled graph and a second backward launch the kernel again with each row's
+    upstream gradient; ``create_graph=True`` runs the torch formula
+    (``eager.divergence_rows``)."""
 
     @staticmethod
     def forward(ctx, s, t, counted, opts: eager.DistillOptions, reduced: bool):
         ctx.set_materialize_grads(False)
         fused = reduced and ctx.needs_input_grad[0] and may_fuse_gradient()
-        grad = torch.empty_like(s, memory_format=torch.contiguous_format) if fused else None
-        scales = counted.to(eager.compute_dtype(s.dtype, t.dtype)) if fused else None
-        rows = _divergences(s, t, counted, opts, scales=scales, grad=grad)
+        loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
+        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if fused else None
+        row_divergence(s, t, opts, loss=loss, row_scale=counted if fused else None, grad=grad)
+        rows = torch.where(counted, loss, 0.0)
         ctx.save_for_backward(s, t, counted)
         ctx.opts, ctx.reduced, ctx.grad = opts, reduced, grad
         return rows.sum() if reduced else rows
@@ -88,27 +277,30 @@ class DistillationFunction(torch.autograd.Function):
         none = (None,) * 4
         if grad_out is None or not ctx.needs_input_grad[0]:
             return (None, *none)
-        if torch.is_grad_enabled():  # create_graph=True: the formula whole, in torch's ops
+        if torch.is_grad_enabled():  # create_graph=True: the formula whole, by autograd
             ctx.grad = None
-
-            def loss_fn(s):
+            with torch.enable_grad():
                 rows = torch.where(counted, eager.divergence_rows(s, t, opts), 0.0)
-                return rows.sum() if reduced else rows
-
-            return (*differentiable_backward((True,), grad_out, loss_fn, s), *none)
+                out = rows.sum() if reduced else rows
+                (grad,) = torch.autograd.grad(out, s, grad_out.to(out.dtype),
+                                              create_graph=True)
+            return (grad, *none)
         if ctx.grad is not None:  # the first backward after a forward that wrote it
             grad, ctx.grad = ctx.grad, None
             return (eager.scale_grad_(grad, grad_out.to(grad.dtype)), *none)
-        # ``none``, a second backward, a compiled graph: the blocks again
-        dtype = eager.compute_dtype(s.dtype, t.dtype)
-        scales = counted.to(dtype) * (grad_out.to(dtype) if reduced
-                                      else grad_out.reshape(-1).to(dtype))
-        grad = torch.empty_like(s, memory_format=torch.contiguous_format)
-        _divergences(s, t, counted, opts, scales=scales, grad=grad)
+        scales = counted.to(torch.float32) * (grad_out.float() if reduced
+                                              else grad_out.reshape(-1).float())
+        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
+        row_divergence(s, t, opts, loss=loss, row_scale=scales, grad=grad)
         return (grad, *none)
 
 
-def distillation(s: torch.Tensor, t: torch.Tensor, counted: torch.Tensor,
-                 opts: eager.DistillOptions, reduced: bool) -> torch.Tensor:
-    """The public API's entry: ``s``, ``t`` (N, V), ``counted`` (N,) bool."""
+def distillation(s, t, counted, opts: eager.DistillOptions, reduced: bool) -> torch.Tensor:
+    """The entry of ``fused_losses.distillation_loss``: ``s``, ``t`` (N, V), ``counted``
+    (N,) bool."""
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    if t.stride(-1) != 1:
+        t = t.contiguous()
     return DistillationFunction.apply(s, t, counted, opts, reduced)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _threads
+from ._autograd import may_fuse_gradient
 
 # Logits run in blocks of rows of about this many float32 elements (2 MiB): each thread's
 # float32 temporaries of a block stay in its core's caches and a small fraction of the
@@ -1133,6 +1134,88 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
     if row_scale is not None:
         d.mul_(row_scale.to(d.dtype).unsqueeze(-1))
     grad.copy_(d)
+
+
+# Rows per block of the eager divergence on given logits: about this many float32 elements
+# of each of the two logits (16 MiB).
+DISTILL_BLOCK_ELEMENTS = 1 << 22
+
+
+def _divergence_blocks(s, t, counted, opts: DistillOptions, *, scales=None,
+                       grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's divergence (N,) of logits ``s``, ``t`` (N, V), a block of rows at a time
+    upcast into reused float32 scratch (no float32 copy of the whole logits); with ``grad``
+    the gradient of sum_r scales_r loss_r w.r.t. ``s`` written into it. Rows where
+    ``counted`` is False give 0 (whatever their logits hold)."""
+    dtype = compute_dtype(s.dtype, t.dtype)
+    n_rows, n_classes = s.shape
+    loss = torch.empty(n_rows, dtype=dtype, device=s.device)
+    step = max(1, DISTILL_BLOCK_ELEMENTS // max(1, n_classes))
+    s_buf = t_buf = None
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(start + step, n_rows))
+        r = rows.stop - rows.start
+        if s_buf is None:  # (the first block is the largest)
+            s_buf = torch.empty((r, n_classes), dtype=dtype, device=s.device)
+            t_buf = torch.empty_like(s_buf)
+        s_block, t_block = s_buf[:r], t_buf[:r]
+        s_block.copy_(s[rows])
+        t_block.copy_(t[rows])
+        chunk_divergence_(s_block, t_block, opts, loss=loss[rows],
+                          row_scale=None if scales is None else scales[rows],
+                          grad=None if grad is None else grad[rows])
+    return torch.where(counted, loss, 0.0)
+
+
+class DistillationBlocks(torch.autograd.Function):
+    """The eager divergence of each row of the student's logits ``s`` (N, V) from the
+    teacher's ``t`` (a constant), rows where ``counted`` (N,) is False left out: their sum
+    when ``reduced`` (a scalar; its gradient written in the forward, rounded once into the
+    logits' dtype, and scaled in the backward), else each row's (N,). float32 (float64 for
+    float64 logits). ``none``, a compiled graph and a second backward recompute the blocks;
+    ``create_graph=True`` runs ``divergence_rows`` whole by autograd."""
+
+    @staticmethod
+    def forward(ctx, s, t, counted, opts: DistillOptions, reduced: bool):
+        ctx.set_materialize_grads(False)
+        fused = reduced and ctx.needs_input_grad[0] and may_fuse_gradient()
+        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if fused else None
+        scales = counted.to(compute_dtype(s.dtype, t.dtype)) if fused else None
+        rows = _divergence_blocks(s, t, counted, opts, scales=scales, grad=grad)
+        ctx.save_for_backward(s, t, counted)
+        ctx.opts, ctx.reduced, ctx.grad = opts, reduced, grad
+        return rows.sum() if reduced else rows
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, t, counted = ctx.saved_tensors
+        opts, reduced = ctx.opts, ctx.reduced
+        none = (None,) * 4
+        if grad_out is None or not ctx.needs_input_grad[0]:
+            return (None, *none)
+        if torch.is_grad_enabled():  # create_graph=True: the formula whole, by autograd
+            ctx.grad = None
+            with torch.enable_grad():
+                rows = torch.where(counted, divergence_rows(s, t, opts), 0.0)
+                out = rows.sum() if reduced else rows
+                (grad,) = torch.autograd.grad(out, s, grad_out.to(out.dtype),
+                                              create_graph=True)
+            return (grad, *none)
+        if ctx.grad is not None:  # the first backward after a forward that wrote it
+            grad, ctx.grad = ctx.grad, None
+            return (scale_grad_(grad, grad_out.to(grad.dtype)), *none)
+        dtype = compute_dtype(s.dtype, t.dtype)
+        scales = counted.to(dtype) * (grad_out.to(dtype) if reduced
+                                      else grad_out.reshape(-1).to(dtype))
+        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        _divergence_blocks(s, t, counted, opts, scales=scales, grad=grad)
+        return (grad, *none)
+
+
+def distillation(s, t, counted, opts: DistillOptions, reduced: bool) -> torch.Tensor:
+    """The eager divergence of logits ``s``, ``t`` (N, V), ``counted`` (N,) bool: summed
+    (``reduced``) or per row."""
+    return DistillationBlocks.apply(s, t, counted, opts, reduced)
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from the teacher's, neither model's (N, V) logits ever held.
 (``chunked_head.py``) as ``DistillationChunks``: per chunk of tokens the driver forms the
 student's logits in float32 (one GEMM), and the chunk loss forms the teacher's for the same
 tokens (a second GEMM, the teacher's operands in their own dtype, its float32 result), then
-``eager.chunk_divergence_`` gives each token's divergence and, for a reduced loss, its
-gradient in the same pass over the two chunks. Per chunk, in all:
+the divergence kernel (``distillation.row_divergence``; on the eager path its twin
+``eager.chunk_divergence_``) gives each token's divergence and, for a reduced loss, its
+gradient, over the two chunks. Per chunk, in all:
 
 - a reduced loss (``batchmean``, ``sum``, ``mean``: one upstream scalar) — four GEMMs: the
   two heads' forward ones and the student's two gradient ones, run in the forward while the
@@ -26,14 +27,27 @@ from . import eager
 from .chunked_head import ChunkLoss, chunk_logits
 
 
+def _ops(kernels: bool):
+    """The chunk's divergence: the Triton kernel's launcher or its eager twin (the Triton
+    file is imported only for the kernels: the eager path runs without Triton)."""
+    if kernels:
+        from .distillation import row_divergence
+
+        return row_divergence
+    return eager.chunk_divergence_
+
+
 class DistillationChunks(ChunkLoss):
     """The divergence of each token's student distribution from its teacher's.
     ``operands = (teacher_x (N, H_t), teacher_w (V, H_t), teacher_b (V,) or None, counted
     (N,) bool)``; output: the counted tokens' divergences summed (``reduced``) or each
-    token's (N,), 0 where not counted. ``teacher_dtype``: the teacher's GEMMs' dtype."""
+    token's (N,), 0 where not counted. ``teacher_dtype``: the teacher's GEMMs' dtype;
+    ``kernels``: the Triton kernel (else the eager formula) on each chunk."""
 
-    def __init__(self, opts: eager.DistillOptions, teacher_dtype: torch.dtype, reduced: bool):
+    def __init__(self, opts: eager.DistillOptions, teacher_dtype: torch.dtype, reduced: bool,
+                 kernels: bool):
         self.opts, self.teacher_dtype, self.reduced = opts, teacher_dtype, reduced
+        self.kernels = kernels
         self.fuses_gradient = reduced
 
     def allocate(self, n_tokens, dtype, device):
@@ -56,8 +70,8 @@ class DistillationChunks(ChunkLoss):
         counted = operands[3][rows]
         t_logits = self._teacher_logits(rows, operands, work, logits)
         loss = buffers[0][rows]
-        eager.chunk_divergence_(logits, t_logits, self.opts, loss=loss, row_scale=counted,
-                                grad=dlogits)
+        _ops(self.kernels)(logits, t_logits, self.opts, loss=loss, row_scale=counted,
+                           grad=dlogits)
         loss.masked_fill_(~counted, 0.0)  # (whatever a left-out token's logits hold)
 
     def outputs(self, buffers):
@@ -70,8 +84,8 @@ class DistillationChunks(ChunkLoss):
         scale = counted * (g.to(logits.dtype) if self.reduced else g[rows].to(logits.dtype))
         t_logits = self._teacher_logits(rows, operands, work, logits)
         scratch = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        eager.chunk_divergence_(logits, t_logits, self.opts, loss=scratch, row_scale=scale,
-                                grad=dlogits)
+        _ops(self.kernels)(logits, t_logits, self.opts, loss=scratch, row_scale=scale,
+                           grad=dlogits)
 
     def differentiable(self, logits, operands):
         t_x, t_w, t_b, counted = operands
