@@ -1091,9 +1091,29 @@ def divergence_rows(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions) -> t
     return divergence(log_s, log_t, opts.beta)
 
 
+def _log_softmax_(z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """log_softmax of rows ``z`` in place (``work``: a buffer of its shape for the
+    exponentials). An all -inf row gives NaN, as torch's."""
+    m = z.amax(-1, keepdim=True)
+    z.sub_(torch.where(m == -math.inf, 0.0, m))
+    torch.exp(z, out=work)
+    return z.sub_(work.sum(-1, keepdim=True).log_())
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_c a b of each row (BLAS: no temporary of the rows' size)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
+
+
+def _p_times_(ratio: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """sum_c p ratio of each row, ratio set to 0 first where p = 0 (0 log 0 = 0)."""
+    ratio.masked_fill_(p == 0, 0.0)
+    return _row_dot(p, ratio)
+
+
 def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
                       loss: torch.Tensor, row_scale: torch.Tensor | None = None,
-                      grad: torch.Tensor | None = None) -> None:
+                      grad: torch.Tensor | None = None, work: tuple | None = None) -> None:
     """The divergence of each row of a chunk whose student and teacher logits ``s``, ``t``
     (R, C) are scratch (float32 or float64; overwritten) into ``loss`` (R,); with ``grad``
     (which may be ``s``), d (sum_r row_scale_r loss_r) / d s into it, from the closed forms
@@ -1103,37 +1123,58 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
         beta = 1:  p_s (log p_s - log p_t - loss)
         between:   (1 - beta) p_s (log p_s - m - KL_s),   m = log((1 - beta) p_s + beta p_t)
 
-    times d z / d s. A class of p_s = 0 gets 0 (no 0 * inf). Not differentiable."""
+    times d z / d s. A class of p = 0 adds 0 and gets 0 (no 0 * inf). In place: two
+    workspaces of the chunk's shape (``work``, made here if not given) and no other temporary
+    of its size but boolean masks (the CPU faults in every new large tensor: a fresh one per
+    op costs more than the op). Not differentiable."""
+    w1, w2 = work if work is not None else (torch.empty_like(s), torch.empty_like(s))
+    w1, w2 = w1[:s.shape[0]], w2[:s.shape[0]]
     z = _transform_(s, opts.student)
-    slope = transform_slope(z, opts.student) if grad is not None else None
-    log_s = torch.log_softmax(z, -1)
-    log_t = torch.log_softmax(_transform_(t, opts.teacher), -1)
+    slope = None
+    if grad is not None and opts.student.softcap is not None:
+        slope = transform_slope(z, opts.student)  # (a tensor of the chunk's size)
+    mult = opts.student.logit_scale / opts.student.temperature
+    log_s = _log_softmax_(z, w1)
+    log_t = _log_softmax_(_transform_(t, opts.teacher), w1)
     beta = opts.beta
     if beta == 0.0:
-        p_t = log_t.exp()
-        loss.copy_((p_t * torch.where(p_t > 0, log_t - log_s, 0.0)).sum(-1))
+        p_t = torch.exp(log_t, out=w1)
+        loss.copy_(_p_times_(torch.sub(log_t, log_s, out=w2), p_t))
         if grad is None:
             return
-        d = log_s.exp_().sub_(p_t)
+        d = torch.exp(log_s, out=w2).sub_(p_t)
     else:
-        other = log_t if beta == 1.0 else _mixture(log_s, log_t, beta)
-        p_s = log_s.exp()
-        ratio = torch.where(p_s > 0, log_s - other, 0.0)
-        kl_s = (p_s * ratio).sum(-1)
         if beta == 1.0:
+            p_s = torch.exp(log_s, out=w1)
+            ratio = log_s.sub_(log_t)  # log p_s - log p_t, over log_s (not needed again)
+            kl_s = _p_times_(ratio, p_s)
             loss.copy_(kl_s)
         else:
-            loss.copy_(beta * _p_log_ratio(log_t, other) + (1.0 - beta) * kl_s)
+            # the mixture, its inputs clamped to the lowest finite value (``_mixture``)
+            low = torch.finfo(s.dtype).min
+            mix = torch.clamp(log_s, min=low, out=w2).add_(math.log1p(-beta))
+            mix = torch.logaddexp(mix, torch.clamp(log_t, min=low, out=w1).add_(math.log(beta)),
+                                  out=w2)
+            p_t = torch.exp(log_t, out=w1)
+            kl_t = _p_times_(log_t.sub_(mix), p_t)  # over log_t (not needed again)
+            p_s = torch.exp(log_s, out=w1)
+            ratio = log_s.sub_(mix)
+            kl_s = _p_times_(ratio, p_s)
+            loss.copy_(beta * kl_t + (1.0 - beta) * kl_s)
         if grad is None:
             return
-        d = torch.where(p_s > 0, ratio.sub_(kl_s.unsqueeze(-1)).mul_(p_s), 0.0)
+        d = ratio.sub_(kl_s.unsqueeze(-1)).mul_(p_s)
+        d.masked_fill_(p_s == 0, 0.0)
         if beta != 1.0:
             d.mul_(1.0 - beta)
-    if not isinstance(slope, float) or slope != 1.0:
+    if slope is not None:
         d.mul_(slope)
+    elif mult != 1.0:
+        d.mul_(mult)
     if row_scale is not None:
         d.mul_(row_scale.to(d.dtype).unsqueeze(-1))
-    grad.copy_(d)
+    if d.data_ptr() != grad.data_ptr():
+        grad.copy_(d)
 
 
 # Rows per block of the eager divergence on given logits: about this many float32 elements
@@ -1151,19 +1192,18 @@ def _divergence_blocks(s, t, counted, opts: DistillOptions, *, scales=None,
     n_rows, n_classes = s.shape
     loss = torch.empty(n_rows, dtype=dtype, device=s.device)
     step = max(1, DISTILL_BLOCK_ELEMENTS // max(1, n_classes))
-    s_buf = t_buf = None
+    bufs = None  # the blocks' scratch and workspace, reused (the first block is the largest)
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
         r = rows.stop - rows.start
-        if s_buf is None:  # (the first block is the largest)
-            s_buf = torch.empty((r, n_classes), dtype=dtype, device=s.device)
-            t_buf = torch.empty_like(s_buf)
-        s_block, t_block = s_buf[:r], t_buf[:r]
+        if bufs is None:
+            bufs = [torch.empty((r, n_classes), dtype=dtype, device=s.device) for _ in range(4)]
+        s_block, t_block = bufs[0][:r], bufs[1][:r]
         s_block.copy_(s[rows])
         t_block.copy_(t[rows])
         chunk_divergence_(s_block, t_block, opts, loss=loss[rows],
                           row_scale=None if scales is None else scales[rows],
-                          grad=None if grad is None else grad[rows])
+                          grad=None if grad is None else grad[rows], work=bufs[2:])
     return torch.where(counted, loss, 0.0)
 
 

@@ -27,16 +27,6 @@ from . import eager
 from .chunked_head import ChunkLoss, chunk_logits
 
 
-def _ops(kernels: bool):
-    """The chunk's divergence: the Triton kernel's launcher or its eager twin (the Triton
-    file is imported only for the kernels: the eager path runs without Triton)."""
-    if kernels:
-        from .distillation import row_divergence
-
-        return row_divergence
-    return eager.chunk_divergence_
-
-
 class DistillationChunks(ChunkLoss):
     """The divergence of each token's student distribution from its teacher's.
     ``operands = (teacher_x (N, H_t), teacher_w (V, H_t), teacher_b (V,) or None, counted
@@ -54,9 +44,21 @@ class DistillationChunks(ChunkLoss):
         return (torch.empty(n_tokens, dtype=dtype, device=device),)
 
     def workspace(self, logits, backward):
-        """The teacher's chunk of logits (reused), and its weight in its GEMMs' dtype (made
-        on the first chunk)."""
-        return {"logits": torch.empty_like(logits), "weight": None}
+        """The teacher's chunk of logits (reused), its weight in its GEMMs' dtype (made on
+        the first chunk), and the eager formula's two workspaces (``chunk_divergence_``)."""
+        return {"logits": torch.empty_like(logits), "weight": None,
+                "eager": None if self.kernels else (torch.empty_like(logits),
+                                                     torch.empty_like(logits))}
+
+    def _divergence(self, logits, t_logits, loss, row_scale, dlogits, work):
+        if self.kernels:  # (the Triton file is imported only here: eager runs without it)
+            from .distillation import row_divergence
+
+            row_divergence(logits, t_logits, self.opts, loss=loss, row_scale=row_scale,
+                           grad=dlogits)
+        else:
+            eager.chunk_divergence_(logits, t_logits, self.opts, loss=loss,
+                                    row_scale=row_scale, grad=dlogits, work=work["eager"])
 
     def _teacher_logits(self, rows: slice, operands: tuple, work: dict, like: torch.Tensor):
         t_x, t_w, t_b, _ = operands
@@ -70,8 +72,7 @@ class DistillationChunks(ChunkLoss):
         counted = operands[3][rows]
         t_logits = self._teacher_logits(rows, operands, work, logits)
         loss = buffers[0][rows]
-        _ops(self.kernels)(logits, t_logits, self.opts, loss=loss, row_scale=counted,
-                           grad=dlogits)
+        self._divergence(logits, t_logits, loss, counted, dlogits, work)
         loss.masked_fill_(~counted, 0.0)  # (whatever a left-out token's logits hold)
 
     def outputs(self, buffers):
@@ -84,8 +85,7 @@ class DistillationChunks(ChunkLoss):
         scale = counted * (g.to(logits.dtype) if self.reduced else g[rows].to(logits.dtype))
         t_logits = self._teacher_logits(rows, operands, work, logits)
         scratch = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        _ops(self.kernels)(logits, t_logits, self.opts, loss=scratch, row_scale=scale,
-                           grad=dlogits)
+        self._divergence(logits, t_logits, scratch, scale, dlogits, work)
 
     def differentiable(self, logits, operands):
         t_x, t_w, t_b, counted = operands
