@@ -1173,7 +1173,7 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
         d.mul_(mult)
     if row_scale is not None:
         d.mul_(row_scale.to(d.dtype).unsqueeze(-1))
-    if d.data_ptr() != grad.data_ptr():
+    if d is not grad:  # (in place when grad is s: d is s, overwritten op by op)
         grad.copy_(d)
 
 

@@ -389,6 +389,22 @@ def test_torch_compile_fullgraph(backend, device, compiler):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_torch_compile_fullgraph_logits(backend, device, reduction):
+    torch._dynamo.reset()
+    s, t, target = logits_operands((6,), 23, torch.float32, device)
+    fn = torch.compile(lambda s: fl.distillation_loss(s, t, target, beta=0.3, temperature=1.3,
+                                                      reduction=reduction),
+                       backend="aot_eager", fullgraph=True)
+    out, (grad,) = grads_of(fn, [s], [], {})
+    ref, (ref_grad,) = grads_of(lambda s: reference(s, wide(t), wide(target), beta=0.3,
+                                                    temperature=1.3, reduction=reduction),
+                                [wide(s)], [], {})
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "d loss / d student_logits")
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------
