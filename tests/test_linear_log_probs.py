@@ -223,7 +223,7 @@ def test_confident_rows_keep_their_digits(backend, device):
 
 def test_double_backward(backend, device):
     x, w, b, t = operands((6,), 8, 13, torch.float32, device)
-    v = torch.randn(6, 8, dtype=torch.float64)
+    v = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
     def hvp(fn, x, w):
         x = x.detach().clone().requires_grad_(True)
@@ -235,8 +235,11 @@ def test_double_backward(backend, device):
     g, hv = hvp(lambda x, w, t: ours(x, w, t, None, temperature=0.8, chunk_size=4), x, w)
     ref_g, ref_hv = hvp(lambda x, w, t: reference(x, w, t, temperature=0.8),
                         x.double().cpu(), w.double().cpu())
+    # torch's own float32 second derivative: twice its error allowed (the terms cancel)
+    _, own_hv = hvp(lambda x, w, t: reference(x, w, t, temperature=0.8),
+                    x.float().cpu(), w.float().cpu())
     assert_close(g, ref_g, torch.float32, "gradient")
-    assert_close(hv, ref_hv, torch.float32, "Hessian-vector product")
+    assert_close(hv, ref_hv, torch.float32, "Hessian-vector product", torch_own=own_hv)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -171,7 +171,7 @@ def test_no_grad_and_entropy_without_gradient(backend, device):
 def test_double_backward(backend, device):
     logits = random_logits((3, 11), torch.float32, device)
     target = torch.tensor([1, 4, 10], device=device)
-    v = torch.randn(3, 11, dtype=torch.float64)
+    v = torch.randn(3, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
     def hvp(fn, x, t):
         x = x.detach().clone().requires_grad_(True)
@@ -184,8 +184,12 @@ def test_double_backward(backend, device):
                 logits, target)
     ref_g, ref_hv = hvp(lambda x, t: reference_log_probs(x, t, temperature=0.9),
                         logits.double().cpu(), target.cpu())
+    # torch's own float32 second derivative (its autograd through the same formula): twice
+    # its error allowed (second derivatives cancel: ~1e-4 relative on small entries)
+    _, own_hv = hvp(lambda x, t: reference_log_probs(x, t, temperature=0.9),
+                    logits.float().cpu(), target.cpu())
     assert_close(g, ref_g, torch.float32, "gradient")
-    assert_close(hv, ref_hv, torch.float32, "Hessian-vector product")
+    assert_close(hv, ref_hv, torch.float32, "Hessian-vector product", torch_own=own_hv)
 
 
 def test_return_types(backend, device):
