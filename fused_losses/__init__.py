@@ -16,7 +16,7 @@ overrides. Importing this package does not import triton.
 from .distillation import distillation_loss, linear_distillation_loss
 from .functional import binary_cross_entropy_with_logits, cross_entropy, huber_loss
 from .linear_cross_entropy import linear_cross_entropy
-from .log_probs import LogProbs, linear_log_probs, log_probs
+from .log_probs import LogProbOutputs, LogProbs, linear_log_probs, log_probs
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "CrossEntropyLoss",
     "HuberLoss",
     "LinearCrossEntropyLoss",
+    "LogProbOutputs",
     "LogProbs",
     "binary_cross_entropy_with_logits",
     "cross_entropy",

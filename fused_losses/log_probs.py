@@ -27,7 +27,7 @@ from ._validation import (
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode
 
-__all__ = ["LogProbs", "linear_log_probs", "log_probs"]
+__all__ = ["LogProbOutputs", "LogProbs", "linear_log_probs", "log_probs"]
 
 # Target dtypes the kernels read (any integer tensor of class indices).
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -40,6 +40,39 @@ class LogProbs(NamedTuple):
     entropy: torch.Tensor
 
 
+class LogProbOutputs(NamedTuple):
+    """What ``outputs=`` returns: per-token log-probabilities and each output requested,
+    ``None`` for the others (TRL 1.16's ``ChunkedLogProbFunction`` layout and names). Rows
+    whose target is ignored give 0 (``False``)."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None  # -sum_c p_c log p_c (differentiable)
+    log_sum_sq_probs: torch.Tensor | None = None  # log sum_c p_c^2 (no gradient)
+    mean_logits: torch.Tensor | None = None  # the transformed logits' mean (no gradient)
+    is_top1: torch.Tensor | None = None  # bool: the target is the first argmax (no gradient)
+
+
+# the names ``outputs=`` takes; "log_probs" (always computed) as TRL's add_fused_lm_head
+_OUTPUT_NAMES = LogProbOutputs._fields
+
+
+def _requested(fn: str, return_entropy: bool, outputs) -> tuple[str, ...]:
+    """The outputs a call asks for beyond log p, in ``eager.EXTRA_OUTPUTS``' order."""
+    names = ()
+    if outputs is not None:
+        if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)):
+            raise TypeError(f"{fn}(): argument 'outputs' must be a tuple of names among "
+                            f"{_OUTPUT_NAMES}, not {type(outputs).__name__}")
+        for name in outputs:
+            if name not in _OUTPUT_NAMES:
+                raise ValueError(f"{fn}(): unknown output {name!r}; expected names among "
+                                 f"{_OUTPUT_NAMES}")
+        names = tuple(outputs)
+    if return_entropy:
+        names += ("entropy",)
+    return tuple(name for name in eager.EXTRA_OUTPUTS if name in names)
+
+
 def _options(fn: str, temperature, softcap, logit_scale, ignore_index) -> eager.Options:
     temperature, logit_scale = check_logit_transform(temperature, logit_scale)
     softcap, _ = check_cross_entropy_extras(softcap, 0.0)
@@ -48,8 +81,12 @@ def _options(fn: str, temperature, softcap, logit_scale, ignore_index) -> eager.
                          logit_scale=logit_scale)
 
 
-def _result(log_p, h, return_entropy: bool):
-    return LogProbs(log_p, h) if return_entropy else log_p
+def _result(rows: eager.RowOutputs, return_entropy: bool, outputs):
+    """``LogProbOutputs`` where ``outputs`` is given, else ``LogProbs`` with
+    ``return_entropy``, else the log-probabilities."""
+    if outputs is not None:
+        return LogProbOutputs(*rows)
+    return LogProbs(rows.log_probs, rows.entropy) if return_entropy else rows.log_probs
 
 
 def log_probs(
@@ -60,7 +97,8 @@ def log_probs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
-) -> torch.Tensor | LogProbs:
+    outputs: tuple[str, ...] | None = None,
+) -> torch.Tensor | LogProbs | LogProbOutputs:
     r"""Log-probability of each target under ``softmax(logits / temperature)``, and on
     request the entropy of each row's distribution.
 
@@ -90,23 +128,35 @@ def log_probs(
             are 0. Default: ``-100``
         return_entropy (bool, keyword-only): also return the entropies, as
             ``LogProbs(log_probs, entropy)``. Default: ``False``
+        outputs (tuple of str, optional, keyword-only): per-token outputs to compute in the
+            same pass besides the log-probabilities, TRL 1.16's: ``"entropy"``,
+            ``"log_sum_sq_probs"`` (:math:`\log \sum_c p_c^2`), ``"mean_logits"`` (the
+            mean of :math:`z` over the classes), ``"is_top1"`` (bool: the target is the
+            first argmax of :math:`z`, token accuracy); the last three carry no gradient.
+            Returns ``LogProbOutputs`` with ``None`` for what was not asked (an output
+            not asked costs nothing). Default: ``None``
 
     A target out of range raises torch's ``IndexError`` on the CPU; on CUDA (where checking
     would be a host sync) its row's results are NaN.
 
     Returns:
         float32 log-probabilities of the target's shape (float64 for float64 logits), or
-        ``LogProbs(log_probs, entropy)``. ``log_probs <= 0`` and ``0 <= entropy <= log C``.
+        ``LogProbs(log_probs, entropy)``, or with ``outputs`` ``LogProbOutputs(log_probs,
+        entropy, log_sum_sq_probs, mean_logits, is_top1)``. ``log_probs <= 0``,
+        ``0 <= entropy <= log C``, ``-log C <= log_sum_sq_probs <= 0``.
 
     Examples::
 
         >>> logits = model(ids).logits[:, :-1]
         >>> lp, ent = log_probs(logits, ids[:, 1:], temperature=0.7, return_entropy=True)
+        >>> out = log_probs(logits, ids[:, 1:], outputs=("entropy", "is_top1"))
+        >>> accuracy = out.is_top1[mask].float().mean()
     """
     fn = "log_probs"
     check_tensor(fn, "logits", 0, logits)
     check_tensor(fn, "target", 1, target)
     opts = _options(fn, temperature, softcap, 1.0, ignore_index)
+    requested = _requested(fn, return_entropy, outputs)
     if logits.dim() == 0 or not logits.is_floating_point():
         raise RuntimeError(f"{fn}: expected floating-point logits of shape (..., C), got "
                            f"{logits.dtype} of shape {tuple(logits.shape)}")
@@ -120,11 +170,10 @@ def log_probs(
     if _dispatch.reads_values_on_host(target):
         check_log_prob_target_values(target, n_classes, opts.ignore_index)
     if _dispatch.use_kernels(logits, target, other_dtypes=_INDEX_DTYPES):
-        log_p, h = _dispatch.kernels("log_probs").log_probs(logits, target, opts,
-                                                            return_entropy)
+        rows = _dispatch.kernels("log_probs").log_probs(logits, target, opts, requested)
     else:
-        log_p, h = eager.log_probs(logits, target, opts, return_entropy)
-    return _result(log_p, h, return_entropy)
+        rows = eager.log_probs(logits, target, opts, requested)
+    return _result(rows, return_entropy, outputs)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,10 +213,11 @@ def linear_log_probs(
     logit_scale: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs: tuple[str, ...] | None = None,
     chunk_size: int | None = None,
     process_group=None,
     shard_sizes=None,
-) -> torch.Tensor | LogProbs:
+) -> torch.Tensor | LogProbs | LogProbOutputs:
     r"""Per-token log-probabilities (and entropies) of ``linear(input, linear_weight,
     linear_bias)``, the LM head's logits, a chunk of tokens at a time: the ``(N, V)`` logits
     never exist.
@@ -204,6 +254,11 @@ def linear_log_probs(
         ignore_index (int, keyword-only): a target whose results are 0. Default: ``-100``
         return_entropy (bool, keyword-only): also return the entropies, as
             ``LogProbs(log_probs, entropy)``. Default: ``False``
+        outputs (tuple of str, optional, keyword-only): TRL 1.16's per-token outputs,
+            computed in the same pass: ``"entropy"``, ``"log_sum_sq_probs"``,
+            ``"mean_logits"``, ``"is_top1"`` (as :func:`log_probs`'s; the last three carry
+            no gradient). Returns ``LogProbOutputs``, ``None`` for what was not asked.
+            Default: ``None``
         chunk_size (int, optional, keyword-only): tokens per chunk. Default: the most whose
             float32 logits fit 256 MiB on a GPU (16 MiB on a CPU), at most an eighth of the
             tokens from 1,024 tokens on.
@@ -212,7 +267,7 @@ def linear_log_probs(
 
     Returns:
         float32 log-probabilities of the target's shape (float64 for float64 operands), or
-        ``LogProbs(log_probs, entropy)``.
+        ``LogProbs(log_probs, entropy)``, or with ``outputs`` ``LogProbOutputs``.
 
     Examples::
 
@@ -226,6 +281,7 @@ def linear_log_probs(
         check_tensor(fn, name, pos, t)
     check_tensor(fn, "linear_bias", 3, linear_bias, optional=True)
     opts = _options(fn, temperature, softcap, logit_scale, ignore_index)
+    requested = _requested(fn, return_entropy, outputs)
     if process_group is not None or shard_sizes is not None:
         raise NotImplementedError(f"{fn}: a vocab-sharded head (process_group=) is not "
                                   "supported yet")
@@ -275,7 +331,7 @@ def linear_log_probs(
         logits = torch.nn.functional.linear(
             x.to(compute), linear_weight.to(compute),
             None if linear_bias is None else linear_bias.to(compute))
-        log_p, h, _ = eager.row_log_probs(logits, t, opts, entropy=return_entropy)
+        rows, _ = eager.row_log_probs(logits, t, opts, outputs=requested)
     else:
         from .kernels.chunked_head import ChunkedHeadFunction
         from .kernels.linear_cross_entropy import Plan
@@ -286,9 +342,7 @@ def linear_log_probs(
                     compute, accum, kernels)
         x, w, b, t = detached_without_grad_mode(x, linear_weight, linear_bias,
                                                 t.contiguous())
-        out = ChunkedHeadFunction.apply(x, w, b, plan,
-                                        LogProbChunks(opts, kernels, return_entropy), t)
-        log_p, h = out if return_entropy else (out, None)
-    log_p = log_p.view(n_batch)
-    h = None if h is None else h.view(n_batch)
-    return _result(log_p, h, return_entropy)
+        rows = eager.unpack(ChunkedHeadFunction.apply(
+            x, w, b, plan, LogProbChunks(opts, kernels, requested), t), requested)
+    rows = eager.RowOutputs(*(None if o is None else o.view(n_batch) for o in rows))
+    return _result(rows, return_entropy, outputs)

@@ -37,6 +37,18 @@ and their gradients with respect to z_c, for upstream gradients g (of log p_y) a
 
     g ([c = y] - p_c) - g_H p_c (log p_c + H)    (``log_prob_grad_block``)
 
+TRL 1.16's other per-token statistics, on request (no gradient, as TRL's), each from one more
+statistic of the same pass that merges exactly:
+
+    q  sum_c exp(z_c - m~)^2                   merged as s, the rescale squared
+    Z  sum_c z_c                               a plain sum (merged by adding)
+    j  the first class with z_j = m            merged by the larger max; on a tie, the
+                                               smaller index (``argmax``'s first maximum)
+
+    log sum_c p_c^2 = ln q - 2 ln s            (<= 0)
+    mean logit      = Z / C
+    is top-1        = [j = y]                  (TRL's: z_y = m, no earlier class equals it)
+
 The logits are transformed as TRL's (scale, softcap, temperature), for every loss here:
 z = softcap tanh(x scale / softcap) / T, which is softcap' tanh(x mult / softcap') with
 mult = scale / T and softcap' = softcap / T: one multiply before the softcap, and
@@ -199,6 +211,59 @@ def row_log_prob(m, s, b, z_y, ok, bad, max_entropy, ENTROPY: tl.constexpr):
     if ENTROPY:
         h = tl.where(ok, tl.minimum(ln_s - b / s, max_entropy), nan_or_0)
     return log_p, h, tl.where(ok, m_safe, 0.0), tl.where(ok, log2_s, 0.0)
+
+
+# sentinel of ``first_max``: no class of the range attains its max (empty, or all -inf)
+NO_CLASS = tl.constexpr(2147483647)
+
+
+@triton.jit
+def sum_sq_stat(e):
+    """q = sum_c e_c^2 of a block, e = exp(z - m~) from ``block_stats`` (0 where masked)."""
+    return tl.sum(e * e, axis=0)
+
+
+@triton.jit
+def merge_sum_sq_stat(m1, q1, m2, q2):
+    """q of two class ranges merged: each moved to the larger max m, exp(z - m)^2 =
+    r^2 exp(z - m_i)^2 with r = exp(m_i - m) (``merge_stats``' rescale, squared)."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    r1 = tl.exp2((m1 - m_safe) * LOG2E)
+    r2 = tl.exp2((m2 - m_safe) * LOG2E)
+    return q1 * (r1 * r1) + q2 * (r2 * r2)
+
+
+@triton.jit
+def logit_sum(z, mask):
+    """Z = sum_c z_c of a block's (transformed) logits; a -inf logit makes it -inf."""
+    return tl.sum(tl.where(mask, z, 0.0), axis=0)
+
+
+@triton.jit
+def first_max(z, cols, m):
+    """j: the first of ``cols`` whose logit equals the block's max ``m`` (NO_CLASS where m is
+    -inf: masked lanes are -inf, and a row of -inf logits has no top-1, as TRL's)."""
+    target = tl.where(m == float("-inf"), float("nan"), m)  # NaN: equal to nothing
+    return tl.min(tl.where(z == target, cols, NO_CLASS), axis=0)
+
+
+@triton.jit
+def merge_first_max(m1, j1, m2, j2):
+    """j of two class ranges merged (order-free: on equal maxima the smaller index)."""
+    return tl.where(m2 > m1, j2, tl.where(m1 > m2, j1, tl.minimum(j1, j2)))
+
+
+@triton.jit
+def row_extras(s, q, z_sum, j, y, n_cols, ok, bad):
+    """(log sum_c p_c^2, mean logit, is top-1) of rows from their statistics (module doc):
+    0 (False) for rows not counted, NaN (False) for out-of-range targets. log sum p^2 is at
+    most 0 (q <= s^2, up to rounding)."""
+    nan_or_0 = tl.where(bad, float("nan"), 0.0)
+    log_sum_sq = tl.minimum((tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0)
+    mean = z_sum / n_cols
+    top1 = ok & (j.to(tl.int64) == y.to(tl.int64))
+    return tl.where(ok, log_sum_sq, nan_or_0), tl.where(ok, mean, nan_or_0), top1
 
 
 @triton.jit

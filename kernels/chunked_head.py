@@ -19,8 +19,10 @@ what it writes are buffers the driver allocates and hands back.
   ``rows`` from their logits (R, V) (scratch: the loss may overwrite them), written into the
   buffers' rows; and where ``dlogits`` is given (``fuses_gradient``, below), d out / d
   logits for an upstream gradient of 1 into it;
-- ``outputs(buffers)``: what the Function returns; ``saved(buffers)``: what the backward
-  needs of them (through ``save_for_backward``);
+- ``outputs(buffers)``: what the Function returns (None for an output not requested);
+  ``non_differentiable(buffers)``: those of them that carry no gradient (statistics kept for
+  logging); ``saved(buffers)``: what the backward needs of them (through
+  ``save_for_backward``);
 - ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)``: d out / d
   logits of
   the chunk into ``dlogits`` (the logits themselves for float32 GEMMs) for the upstream
@@ -93,6 +95,9 @@ class ChunkLoss:
     def outputs(self, buffers: tuple):
         raise NotImplementedError
 
+    def non_differentiable(self, buffers: tuple) -> tuple:
+        return ()
+
     def saved(self, buffers: tuple) -> tuple:
         return ()
 
@@ -152,6 +157,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
         saved = loss.saved(buffers)
         ctx.save_for_backward(x, w, b, *operands, *saved)
         ctx.plan, ctx.loss, ctx.n_operands, ctx.grads = plan, loss, len(operands), grads
+        ctx.mark_non_differentiable(*loss.non_differentiable(buffers))
         return loss.outputs(buffers)
 
     @staticmethod

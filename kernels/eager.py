@@ -16,7 +16,8 @@ The kernels' building blocks have their eager twins here, with the same contract
 (``partial_stats``, ``combine_stats``, ``grad_from_stats``, ``denominators``: split and
 sharded rows), the reductions both backends share (``reduce_rows``, ``upstream_scales``), the
 LM head's per-chunk steps (``call_denominators``, ``chunk_loss``, ``scale_grad_``), the
-log-probabilities and entropy (``row_log_probs``, ``log_prob_grad``), and the distillation
+log-probabilities, entropy and TRL's other requested per-token statistics
+(``row_log_probs``, ``chunk_log_probs_``, ``log_prob_grad``), and the distillation
 divergence (``divergence_rows``, ``chunk_divergence_``).
 """
 
@@ -866,6 +867,52 @@ def max_entropy(n_classes: int) -> float:
     return math.ldexp(math.floor(math.ldexp(mantissa, 24)), exponent - 24)  # float32's 24 bits
 
 
+# The per-token outputs a log-prob pass may be asked for besides log p_y: TRL 1.16's names, in
+# its order (``ChunkedLogProbFunction``'s ``outputs``). Only the entropy carries a gradient;
+# the other three are statistics for logging and metrics, without one (as TRL's).
+EXTRA_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+NON_DIFFERENTIABLE = ("log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+class RowOutputs(NamedTuple):
+    """A log-prob pass's per-row results: log p_y, and each output requested (``outputs``,
+    among ``EXTRA_OUTPUTS``), None where not requested. float32 (float64 for float64
+    logits); ``is_top1`` bool. Rows not counted give 0 (False)."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None  # log sum_c p_c^2
+    mean_logits: torch.Tensor | None = None  # sum_c z_c / C, of the transformed logits
+    is_top1: torch.Tensor | None = None  # the target is the first argmax of the row
+
+
+def allocate_rows(n_rows: int, outputs: tuple, dtype: torch.dtype, device):
+    """Buffers for a log-prob pass's ``out``: (``RowOutputs`` with a buffer for log p_y and
+    each of ``outputs``, None for the others (``dtype``; is_top1 bool), the statistics
+    (rows, 2))."""
+    def buf(name):
+        if name != "log_probs" and name not in outputs:
+            return None
+        return torch.empty(n_rows, dtype=torch.bool if name == "is_top1" else dtype,
+                           device=device)
+
+    return (RowOutputs(*(buf(name) for name in RowOutputs._fields)),
+            torch.empty(n_rows, 2, dtype=dtype, device=device))
+
+
+def present(rows: RowOutputs) -> tuple:
+    """The tensors of ``rows`` that were requested, in order: what an autograd Function
+    returns (torch.compile cannot trace the backward of a Function that returns None)."""
+    return tuple(t for t in rows if t is not None)
+
+
+def unpack(tensors, outputs: tuple) -> RowOutputs:
+    """``RowOutputs`` from ``present``'s tensors of a call that requested ``outputs``."""
+    it = iter(tensors)
+    log_p = next(it)
+    return RowOutputs(log_p, *(next(it) if name in outputs else None for name in EXTRA_OUTPUTS))
+
+
 def _log_prob_targets(target: torch.Tensor, opts: Options, n_classes: int):
     """(y, counted, out of range) of class indices."""
     y = target.reshape(-1).long()
@@ -874,38 +921,62 @@ def _log_prob_targets(target: torch.Tensor, opts: Options, n_classes: int):
     return y, ok, valid & ~ok
 
 
-def row_log_probs(x: torch.Tensor, target: torch.Tensor, opts: Options, *, entropy: bool):
-    """(log p_y, entropy or None, statistics (rows, 2): m~, log2 s) of rows ``x`` (R, C), in
-    float32 (float64 for float64 logits), differentiable in ``x``: the eager path, the
-    double backward, and the eager twin of ``log_probs.row_log_probs``.
+def _log_sum_sq(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """log sum_c p_c^2 = ln q - 2 ln s (_ce_math's ``row_extras``), at most 0."""
+    return ((q.log2() - 2.0 * s.log2()) * LN2).clamp(max=0.0)
+
+
+def _first_max(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The first class whose logit is its row's max ``m`` (argmax's first maximum); -1 where
+    the max is -inf (a row of -inf logits has no top-1: TRL's)."""
+    if z.shape[-1] == 0:
+        return torch.full(z.shape[:-1], -1, dtype=torch.long, device=z.device)
+    return torch.where(m == -math.inf, -1, z.argmax(-1))
+
+
+def row_log_probs(x: torch.Tensor, target: torch.Tensor, opts: Options, *,
+                  outputs: tuple = ()):
+    """(RowOutputs: log p_y and the ``outputs`` requested, statistics (rows, 2): m~, log2 s)
+    of rows ``x`` (R, C), in float32 (float64 for float64 logits), differentiable in ``x``
+    (the entropy; the other outputs carry no gradient): the eager path, the double backward,
+    and the eager twin of ``log_probs.row_log_probs``.
 
     The row's statistics as the kernels form them (m~ the max, s = sum exp(z - m~), b = sum
     exp(z - m~) (z - m~)): log p_y = (z_y - m~) - ln s, H = ln s - b / s, both exact for
-    confident rows (no cancellation). Rows not counted give 0, out-of-range targets NaN."""
+    confident rows (no cancellation); log sum p^2 = ln q - 2 ln s with q = sum exp(z - m~)^2,
+    the mean logit sum z / C, top-1 the first argmax. Rows not counted give 0, out-of-range
+    targets NaN (is_top1: False)."""
     dtype = compute_dtype(x.dtype)
     z = transformed_logits(x, opts, dtype)
     n_classes = z.shape[-1]
     y, ok, bad = _log_prob_targets(target, opts, n_classes)
-    m = z.detach().amax(-1, keepdim=True) if n_classes else z.new_zeros(z.shape[0], 1)
-    m = torch.where(m == -math.inf, 0.0, m)  # an all -inf row: no -inf - -inf
+    m_raw = z.detach().amax(-1) if n_classes else z.new_full(z.shape[:1], -math.inf)
+    m = torch.where(m_raw == -math.inf, 0.0, m_raw).unsqueeze(-1)  # no -inf - -inf
     zm = z - m
     e = zm.exp()
     s = e.sum(-1)
     ln_s = s.log()
     nan = torch.where(bad, math.nan, 0.0).to(dtype)
     z_y = zm.gather(-1, torch.where(ok, y, 0).unsqueeze(-1)).squeeze(-1)
-    log_p = torch.where(ok, z_y - ln_s, nan)
-    h = None
-    if entropy:
+    out = {"log_probs": torch.where(ok, z_y - ln_s, nan)}
+    if "entropy" in outputs:
         # where(e > 0, ...) on z - m first: a -inf logit adds 0 and back-propagates 0
         b = (e * torch.where(e > 0, zm, 0.0)).sum(-1)
         h = ln_s - b / s
         # at most ln C, the gradient the formula's (the bound only rounds the value)
         h = h - (h - max_entropy(n_classes)).clamp(min=0.0).detach()
-        h = torch.where(ok, h, nan)
+        out["entropy"] = torch.where(ok, h, nan)
+    # the statistics without a gradient (detached: they never require one, as TRL's)
+    if "log_sum_sq_probs" in outputs:
+        q = e.detach().square().sum(-1)
+        out["log_sum_sq_probs"] = torch.where(ok, _log_sum_sq(q, s.detach()), nan)
+    if "mean_logits" in outputs:
+        out["mean_logits"] = torch.where(ok, z.detach().sum(-1) / n_classes, nan)
+    if "is_top1" in outputs:
+        out["is_top1"] = ok & (_first_max(z.detach(), m_raw) == y)
     stats = torch.stack([torch.where(ok, m.squeeze(-1), 0.0),
                          torch.where(ok, s.log2(), 0.0)], dim=-1).detach()
-    return log_p, h, stats
+    return RowOutputs(**out), stats
 
 
 def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h, g, g_h,
@@ -954,34 +1025,44 @@ def _transform_(z: torch.Tensor, opts: Options) -> torch.Tensor:
 
 
 def chunk_log_probs_(logits: torch.Tensor, target: torch.Tensor, opts: Options, *,
-                     entropy: bool, out: tuple, work: torch.Tensor) -> None:
+                     outputs: tuple, out: tuple, work: torch.Tensor) -> None:
     """``row_log_probs`` of an LM-head chunk whose logits (R, C) are scratch: overwritten,
     with one logits-sized workspace ``work`` and no other temporary of their size (the CPU
     allocates and faults in every new large tensor: a fresh one per op costs more than the
-    op). Writes log p_y, the entropy and (m~, log2 s) into ``out``. Not differentiable."""
-    log_p, h, stats = out
+    op). Writes log p_y, the ``outputs`` requested and (m~, log2 s) into ``out`` (a
+    ``RowOutputs`` of buffers, the statistics). Not differentiable."""
+    rows, stats = out
     z = _transform_(logits, opts)
     n_classes = z.shape[-1]
     y, ok, bad = _log_prob_targets(target, opts, n_classes)
     m = z.amax(-1, keepdim=True)
+    nan = torch.where(bad, math.nan, 0.0).to(z.dtype)
+    # the plain sum and the first argmax read z before it becomes z - m
+    if "mean_logits" in outputs:
+        rows.mean_logits.copy_(torch.where(ok, z.sum(-1) / n_classes, nan))
+    if "is_top1" in outputs:
+        rows.is_top1.copy_(ok & (_first_max(z, m.squeeze(-1)) == y))
     m = torch.where(m == -math.inf, 0.0, m)
     z_y = z.gather(-1, torch.where(ok, y, 0).unsqueeze(-1)).squeeze(-1)
     zm = z.sub_(m)
     e = torch.exp(zm, out=work)
     s = e.sum(-1)
     ln_s = s.log()
-    nan = torch.where(bad, math.nan, 0.0).to(z.dtype)
     m = m.squeeze(-1)
-    log_p.copy_(torch.where(ok, (z_y - m) - ln_s, nan))
-    if entropy:
+    rows.log_probs.copy_(torch.where(ok, (z_y - m) - ln_s, nan))
+    if "entropy" in outputs:
         b = torch.bmm(e.unsqueeze(1), zm.unsqueeze(-1)).view(-1)  # row dot products (BLAS)
         # a -inf logit makes its row's dot product NaN (0 * -inf): those rows again, masked
         redo = torch.isnan(b) & ok
         if bool(redo.any()):
-            rows = redo.nonzero().squeeze(-1)
-            b[rows] = (e[rows] * torch.where(e[rows] > 0, zm[rows], 0.0)).sum(-1)
+            redo_rows = redo.nonzero().squeeze(-1)
+            b[redo_rows] = (e[redo_rows] * torch.where(e[redo_rows] > 0, zm[redo_rows],
+                                                       0.0)).sum(-1)
         ent = ln_s - b / s
-        h.copy_(torch.where(ok, ent.clamp(max=max_entropy(n_classes)), nan))
+        rows.entropy.copy_(torch.where(ok, ent.clamp(max=max_entropy(n_classes)), nan))
+    if "log_sum_sq_probs" in outputs:
+        q = torch.bmm(e.unsqueeze(1), e.unsqueeze(-1)).view(-1)  # sum e^2, no temporary
+        rows.log_sum_sq_probs.copy_(torch.where(ok, _log_sum_sq(q, s), nan))
     stats[:, 0] = torch.where(ok, m, 0.0)
     stats[:, 1] = torch.where(ok, s.log2(), 0.0)
 
@@ -1029,12 +1110,13 @@ def chunk_log_prob_grad_(logits: torch.Tensor, target: torch.Tensor, stats: torc
         d[~ok] = torch.where(bad[~ok], math.nan, 0.0).to(d.dtype).unsqueeze(-1)
 
 
-def log_probs(input: torch.Tensor, target: torch.Tensor, opts: Options, entropy: bool):
-    """The eager (log p_y, entropy or None) of logits (..., C) against class indices (...),
-    float32 (float64 for float64 logits), differentiable by autograd."""
+def log_probs(input: torch.Tensor, target: torch.Tensor, opts: Options, outputs: tuple = ()):
+    """The eager ``RowOutputs`` (log p_y and the ``outputs`` requested) of logits (..., C)
+    against class indices (...), float32 (float64 for float64 logits), shaped like the
+    target, differentiable by autograd (the entropy; the other outputs carry no gradient)."""
     n_classes = input.shape[-1]
-    log_p, h, _ = row_log_probs(input.reshape(-1, n_classes), target, opts, entropy=entropy)
-    return log_p.view(target.shape), None if h is None else h.view(target.shape)
+    rows, _ = row_log_probs(input.reshape(-1, n_classes), target, opts, outputs=outputs)
+    return RowOutputs(*(None if t is None else t.view(target.shape) for t in rows))
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ bfloat16 before the log-softmax) as ``LogProbChunks``:
 
 - forward, per chunk: the row pass (``log_probs.row_log_probs``, or its eager twin
   ``eager.chunk_log_probs_``, in place over the scratch logits) writes
-  log p_y, the entropy, and (m~, log2 s) of each row, kept for the backward (8 B a token).
+  log p_y, the outputs requested (the entropy; TRL's log sum p^2, mean logit, is-top-1),
+  and (m~, log2 s) of each row, kept for the backward (8 B a token).
   Under ``torch.no_grad()`` the whole memory is one chunk of logits.
 - backward: the upstream gradients are per token (advantages), unknown in the forward, so the
   driver forms each chunk's logits again (a fourth GEMM) and the row kernel writes their
@@ -34,17 +35,19 @@ def _ops(kernels: bool):
 
 
 class LogProbChunks(ChunkLoss):
-    """log p_y (and with ``entropy`` the entropy) of each token against the class indices
-    ``operands = (target,)``: outputs (log p, entropy) or log p, in the chunks' logits'
-    dtype (float32); kept for the backward: each row's (m~, log2 s) and the entropy."""
+    """log p_y of each token against the class indices ``operands = (target,)``, and the
+    ``outputs`` requested (among ``eager.EXTRA_OUTPUTS``: the entropy; TRL's log sum p^2,
+    mean logit and is-top-1, which carry no gradient): outputs log p and those requested
+    (``eager.present``), in the chunks' logits' dtype (float32; is_top1 bool); kept for the
+    backward: each row's (m~, log2 s) and the entropy."""
 
-    def __init__(self, opts: eager.Options, kernels: bool, entropy: bool):
-        self.opts, self.kernels, self.entropy = opts, kernels, entropy
+    def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple = ()):
+        self.opts, self.kernels, self.requested = opts, kernels, outputs
 
     def allocate(self, n_tokens, dtype, device):
-        return (torch.empty(n_tokens, dtype=dtype, device=device),
-                torch.empty(n_tokens, dtype=dtype, device=device) if self.entropy else None,
-                torch.empty(n_tokens, 2, dtype=dtype, device=device))
+        """(the ``RowOutputs`` fields' buffers, the statistics (N, 2)) as one flat tuple."""
+        rows, stats = eager.allocate_rows(n_tokens, self.requested, dtype, device)
+        return (*rows, stats)
 
     def workspace(self, logits, backward):
         """The eager path's scratch: one logits-sized buffer (two in the backward), so that
@@ -55,24 +58,30 @@ class LogProbChunks(ChunkLoss):
 
     def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
         (target,) = operands
-        out = tuple(None if t is None else t[rows] for t in buffers)
+        *fields, stats = (None if t is None else t[rows] for t in buffers)
+        out = (eager.RowOutputs(*fields), stats)
         if self.kernels:
-            _ops(True).row_log_probs(logits, target[rows], self.opts, entropy=self.entropy,
-                                     out=out)
+            _ops(True).row_log_probs(logits, target[rows], self.opts,
+                                     outputs=self.requested, out=out)
         else:
-            eager.chunk_log_probs_(logits, target[rows], self.opts, entropy=self.entropy,
+            eager.chunk_log_probs_(logits, target[rows], self.opts, outputs=self.requested,
                                    out=out, work=work[0][:logits.shape[0]])
 
     def outputs(self, buffers):
-        log_p, h, _ = buffers
-        return (log_p, h) if self.entropy else log_p
+        return eager.present(eager.RowOutputs(*buffers[:-1]))
+
+    def non_differentiable(self, buffers):
+        rows = eager.RowOutputs(*buffers[:-1])
+        return tuple(t for t in (getattr(rows, name) for name in eager.NON_DIFFERENTIABLE)
+                     if t is not None)
 
     def saved(self, buffers):
-        return buffers[2], buffers[1]  # (m~, log2 s) of each row, the entropy
+        return buffers[-1], eager.RowOutputs(*buffers[:-1]).entropy  # (m~, log2 s), H
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
         (target,), (stats, h) = operands, saved
-        g, g_h = (*upstream, None)[:2]
+        g = upstream[0]
+        g_h = upstream[1] if h is not None else None  # the entropy comes right after log p
         args = (logits, target[rows], stats[rows], None if h is None else h[rows],
                 None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
         if self.kernels:
@@ -82,5 +91,5 @@ class LogProbChunks(ChunkLoss):
                                        work=tuple(t[:logits.shape[0]] for t in work))
 
     def differentiable(self, logits, operands):
-        lp, h, _ = eager.row_log_probs(logits, operands[0], self.opts, entropy=self.entropy)
-        return lp, h
+        rows, _ = eager.row_log_probs(logits, operands[0], self.opts, outputs=self.requested)
+        return eager.present(rows)

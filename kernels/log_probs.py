@@ -7,8 +7,11 @@ exactly; the transform of the logits, z = softcap tanh(x scale / softcap) / T).
 
 - ``_lp_row_kernel``: one program per row. Its statistics in one read pass, in float32
   (rows of up to ``ROW_BLOCK`` classes held in registers, longer ones looped over blocks and
-  merged), then log p_y, the entropy and (m~, log2 s) for the backward. No float32
-  copy of the logits: they are read once in their own dtype. read C, write 8-16 B a row.
+  merged), then log p_y, the entropy and (m~, log2 s) for the backward, and on request TRL's
+  other per-token statistics (log sum p^2, the mean logit, whether the target is the top-1:
+  one more statistic each, a constexpr flag each, nothing computed where not asked). No
+  float32 copy of the logits: they are read once in their own dtype. read C, write 12-25 B
+  a row.
 - ``_lp_grad_kernel``: the backward, a program per block of a row's classes (rows x blocks:
   few long rows still fill the GPU), from the row's saved statistics and entropy and the
   upstream gradients of log p_y and of the entropy, each only where it exists (a backward
@@ -30,17 +33,24 @@ import triton.language as tl
 from . import eager
 from ._autograd import detached_without_grad_mode
 from ._ce_math import (
+    NO_CLASS,
     block_stats,
     class_target,
     entropy_stat,
+    first_max,
     log_prob_grad_block,
+    logit_sum,
     logits,
     merge_entropy_stat,
+    merge_first_max,
     merge_stats,
+    merge_sum_sq_stat,
+    row_extras,
     row_log_prob,
+    sum_sq_stat,
     transform,
 )
-from ._common import float32_scratch, launch, next_power_of_2, non_null, num_warps_for
+from ._common import launch, next_power_of_2, non_null, num_warps_for
 from .cross_entropy import _fold_rows
 
 # The forward's rows: up to ROW_BLOCK classes in registers, longer rows looped over blocks
@@ -64,6 +74,9 @@ def _lp_row_kernel(
     log_p_ptr,  # out: float32 (n_rows,) log p of the target
     entropy_ptr,  # out (ENTROPY): float32 (n_rows,) entropy
     stats_ptr,  # out: float32 (n_rows, 2): m~, log2 s (0, 0 on rows not counted)
+    sum_sq_ptr,  # out (LOG_SUM_SQ): float32 (n_rows,) log sum_c p_c^2
+    mean_ptr,  # out (MEAN_LOGIT): float32 (n_rows,) mean transformed logit
+    top1_ptr,  # out (TOP1): uint8 (n_rows,) (a bool tensor's bytes) target is the top-1
     # sizes
     n_rows,
     n_cols,
@@ -79,10 +92,14 @@ def _lp_row_kernel(
     # flags
     SOFTCAP: tl.constexpr,
     ENTROPY: tl.constexpr,
+    LOG_SUM_SQ: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr,
+    TOP1: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # the row held in registers (BLOCK_SIZE >= n_cols)
     BLOCK_SIZE: tl.constexpr,
 ):
-    """A row's statistics, then its log p_y and entropy. read n_cols, write 12-16 B."""
+    """A row's statistics, then its log p_y, and what is requested of the entropy, log sum
+    p^2, the mean logit and is-top-1. read n_cols, write 12-25 B."""
     # int64 row offsets: 16k rows x 262k classes is over 2^32 elements.
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -92,26 +109,42 @@ def _lp_row_kernel(
     ok, bad, _ = class_target(y, target_ptr, n_cols, ignore_index, False)
     n_read = tl.where(ok, n_cols, 0)  # rows not counted read no logits
 
+    # the requested statistics (module doc of _ce_math): b, q, sum z, the first argmax j
+    b = 0.0
+    q = 0.0
+    z_sum = 0.0
+    j = tl.full((), NO_CLASS, tl.int32)
     if SINGLE_BLOCK:
         mask = offs < n_read
         z = logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, "")
         m, e, s, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False, False, False)
-        b = 0.0
         if ENTROPY:
             b = entropy_stat(e, z, tl.where(m == float("-inf"), 0.0, m))
+        if LOG_SUM_SQ:
+            q = sum_sq_stat(e)
+        if MEAN_LOGIT:
+            z_sum = logit_sum(z, mask)
+        if TOP1:
+            j = first_max(z, offs, m)
     else:
         m = float("-inf")
         s = 0.0
-        b = 0.0
         for start in range(0, n_read, BLOCK_SIZE):
             cols = start + offs
             mask = cols < n_read
             z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
             m_b, e_b, s_b, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False,
                                                 False, False)
+            # each merge reads the running max m before ``merge_stats`` moves it
             if ENTROPY:
                 b_b = entropy_stat(e_b, z, tl.where(m_b == float("-inf"), 0.0, m_b))
                 b = merge_entropy_stat(m, s, b, m_b, s_b, b_b)
+            if LOG_SUM_SQ:
+                q = merge_sum_sq_stat(m, q, m_b, sum_sq_stat(e_b))
+            if MEAN_LOGIT:
+                z_sum += logit_sum(z, mask)
+            if TOP1:
+                j = merge_first_max(m, j, m_b, first_max(z, cols, m_b))
             m, s, _a, _k = merge_stats(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
 
     # the target's logit, transformed as the block's were: z_y <= m, so log p_y <= 0
@@ -122,6 +155,14 @@ def _lp_row_kernel(
         tl.store(entropy_ptr + row, h)
     tl.store(stats_ptr + 2 * row, m_safe)
     tl.store(stats_ptr + 2 * row + 1, log2_s)
+    if LOG_SUM_SQ or MEAN_LOGIT or TOP1:
+        log_sum_sq, mean, top1 = row_extras(s, q, z_sum, j, y, n_cols, ok, bad)
+        if LOG_SUM_SQ:
+            tl.store(sum_sq_ptr + row, log_sum_sq)
+        if MEAN_LOGIT:
+            tl.store(mean_ptr + row, mean)
+        if TOP1:
+            tl.store(top1_ptr + row, top1.to(tl.uint8))
 
 
 @triton.jit
@@ -193,29 +234,37 @@ def _rows3(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 3 else x.unsqueeze(0)
 
 
-def row_log_probs(x, target, opts: eager.Options, *, entropy: bool, out=None):
-    """(log p_y, entropy or None, statistics (rows, 2): m~, log2 s) of the rows of ``x``
-    (outer, inner, C) or (rows, C), any float dtype, against class indices ``target``
-    (rows,), contiguous. ``out``: float32 (log p_y, entropy or None, statistics) to write
-    into (the LM head's slices of a whole call's), else new."""
+def row_log_probs(x, target, opts: eager.Options, *, outputs: tuple = (), out=None):
+    """(``eager.RowOutputs``: log p_y and the ``outputs`` requested; statistics (rows, 2):
+    m~, log2 s) of the rows of ``x`` (outer, inner, C) or (rows, C), any float dtype, against
+    class indices ``target`` (rows,), contiguous. ``out``: float32 buffers to write into
+    (``eager.allocate_rows``': the LM head's slices of a whole call's), else new."""
     x3 = _rows3(x)
     n_outer, n_inner, n_cols = x3.shape
     n_rows = n_outer * n_inner
     if out is None:
-        out = (float32_scratch(n_rows, x.device),
-               float32_scratch(n_rows, x.device) if entropy else None,
-               torch.empty(n_rows, 2, dtype=torch.float32, device=x.device))
-    log_p, h, stats = out
+        out = eager.allocate_rows(n_rows, outputs, torch.float32, x.device)
+    rows, stats = out
+    top1 = None if rows.is_top1 is None else rows.is_top1.view(torch.uint8)
+
+    def ptr(t):  # an output not requested: log p's pointer, never stored through
+        return rows.log_probs if t is None else t
+
     block = min(ROW_BLOCK, next_power_of_2(n_cols))
     launch(
         _lp_row_kernel,
         (n_rows,),
-        writes=non_null(log_p_ptr=log_p, entropy_ptr=h, stats_ptr=stats),
+        writes=non_null(log_p_ptr=rows.log_probs, entropy_ptr=rows.entropy, stats_ptr=stats,
+                        sum_sq_ptr=rows.log_sum_sq_probs, mean_ptr=rows.mean_logits,
+                        top1_ptr=top1),
         x_ptr=x3,
         target_ptr=target,
-        log_p_ptr=log_p,
-        entropy_ptr=h if h is not None else log_p,
+        log_p_ptr=rows.log_probs,
+        entropy_ptr=ptr(rows.entropy),
         stats_ptr=stats,
+        sum_sq_ptr=ptr(rows.log_sum_sq_probs),
+        mean_ptr=ptr(rows.mean_logits),
+        top1_ptr=ptr(top1),
         n_rows=n_rows,
         n_cols=n_cols,
         n_inner=n_inner,
@@ -224,12 +273,15 @@ def row_log_probs(x, target, opts: eager.Options, *, entropy: bool, out=None):
         ignore_index=opts.ignore_index,
         **transform(opts),
         max_entropy=eager.max_entropy(n_cols),
-        ENTROPY=entropy,
+        ENTROPY=rows.entropy is not None,
+        LOG_SUM_SQ=rows.log_sum_sq_probs is not None,
+        MEAN_LOGIT=rows.mean_logits is not None,
+        TOP1=top1 is not None,
         SINGLE_BLOCK=block >= n_cols,
         BLOCK_SIZE=block,
         num_warps=num_warps_for(block),
     )
-    return log_p, h, stats
+    return rows, stats
 
 
 def log_prob_grad(x, target, stats, h, g, g_h, opts: eager.Options, *, grad) -> None:
@@ -287,21 +339,26 @@ def upstream_pairs(outputs, grads):
 
 
 class LogProbsFunction(torch.autograd.Function):
-    """log p_y (and with ``entropy`` the entropy) of logits ``x`` (outer, inner, C) (unit
-    class stride) against class indices (outer * inner,); float32 per row. An output whose
-    gradient does not come (the entropy logged, not trained on) costs the backward nothing."""
+    """log p_y, then each output requested in ``outputs`` (``eager.present``'s order) of
+    logits ``x`` (outer, inner, C) (unit class stride) against class indices
+    (outer * inner,); float32 per row. Only log p_y and the entropy carry a gradient
+    (TRL's); an output whose gradient does not come (the entropy logged, not trained on)
+    costs the backward nothing."""
 
     @staticmethod
-    def forward(ctx, x, target, opts: eager.Options, entropy: bool):
+    def forward(ctx, x, target, opts: eager.Options, outputs: tuple):
         ctx.set_materialize_grads(False)
-        log_p, h, stats = row_log_probs(x, target, opts, entropy=entropy)
-        ctx.save_for_backward(x, target, stats, h)
+        rows, stats = row_log_probs(x, target, opts, outputs=outputs)
+        ctx.save_for_backward(x, target, stats, rows.entropy)
         ctx.opts = opts
-        return (log_p, h) if entropy else log_p
+        ctx.mark_non_differentiable(*(getattr(rows, name) for name in eager.NON_DIFFERENTIABLE
+                                      if getattr(rows, name) is not None))
+        return eager.present(rows)
 
     @staticmethod
-    def backward(ctx, g, g_h=None):
+    def backward(ctx, g, *others):
         x, target, stats, h = ctx.saved_tensors
+        g_h = others[0] if h is not None else None  # the entropy comes right after log p
         none = (None,) * 3
         if (g is None and g_h is None) or not ctx.needs_input_grad[0]:
             return None, *none
@@ -309,8 +366,9 @@ class LogProbsFunction(torch.autograd.Function):
             # create_graph=True: torch's ops, so that second derivatives are right
             with torch.enable_grad():
                 rows = x.reshape(-1, x.shape[-1])
-                lp, ent, _ = eager.row_log_probs(rows, target, ctx.opts, entropy=h is not None)
-                pairs = upstream_pairs((lp, ent), (g, g_h))
+                out, _ = eager.row_log_probs(rows, target, ctx.opts,
+                                             outputs=() if h is None else ("entropy",))
+                pairs = upstream_pairs((out.log_probs, out.entropy), (g, g_h))
                 (grad,) = torch.autograd.grad([o for o, _ in pairs], x,
                                               [u.reshape(o.shape) for o, u in pairs],
                                               create_graph=True)
@@ -325,11 +383,10 @@ class LogProbsFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 
 
-def log_probs(input, target, opts: eager.Options, entropy: bool):
-    """(log p_y, entropy or None) of logits (..., C) against class indices (...), float32,
-    shaped like the target."""
+def log_probs(input, target, opts: eager.Options, outputs: tuple = ()):
+    """``eager.RowOutputs`` (log p_y and the ``outputs`` requested, None for the others) of
+    logits (..., C) against class indices (...), float32, shaped like the target."""
     x = _fold_rows(input)
     x, t = detached_without_grad_mode(x, target.reshape(-1).contiguous())
-    out = LogProbsFunction.apply(x, t, opts, entropy)
-    log_p, h = out if entropy else (out, None)
-    return log_p.view(target.shape), None if h is None else h.view(target.shape)
+    rows = eager.unpack(LogProbsFunction.apply(x, t, opts, outputs), outputs)
+    return eager.RowOutputs(*(None if o is None else o.view(target.shape) for o in rows))

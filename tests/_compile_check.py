@@ -200,6 +200,8 @@ def _variants():
                 for which in ("log_probs", "entropy", "both"):
                     calls.append(("lp", n_cols, dtype, dtype, softcap, which))
             calls.append(("lp", n_cols, dtype, dtype, None, "log_probs only"))
+            # TRL's other statistics too (log sum p^2, mean logit, is-top-1)
+            calls.append(("lp", n_cols, dtype, dtype, 30.0, "all outputs"))
         calls.append(("lp", n_cols, torch.float32, torch.bfloat16, None, "both"))
     return calls
 
@@ -265,16 +267,18 @@ def _run_huber(shape, dtype, reduction, target_shape, weighted, all_grads):
 
 def _run_lp(n_cols, dtype, grad_dtype, softcap, which):
     """``which``: the upstream gradients the backward gets ("log_probs only": the entropy
-    not requested)."""
+    not requested; "all outputs": every output requested, both upstream gradients)."""
     from fused_losses.kernels import eager, log_probs
 
     opts = eager.Options(softcap=softcap, temperature=0.7, logit_scale=1.25)
     x = torch.randn(1, 2, n_cols, dtype=dtype)
     t = torch.randint(0, n_cols, (2,))
-    entropy = which != "log_probs only"
-    log_p, h, stats = log_probs.row_log_probs(x, t, opts, entropy=entropy)
+    outputs = {"log_probs only": (), "all outputs": eager.EXTRA_OUTPUTS}.get(which,
+                                                                          ("entropy",))
+    rows, stats = log_probs.row_log_probs(x, t, opts, outputs=outputs)
+    h = rows.entropy
     g = torch.rand(2).expand(2) if which != "entropy" else None
-    g_h = torch.rand(2) if which in ("entropy", "both") else None
+    g_h = torch.rand(2) if which in ("entropy", "both", "all outputs") else None
     grad = torch.empty(x.shape, dtype=grad_dtype)
     log_probs.log_prob_grad(x, t, stats, h, g, g_h, opts, grad=grad)
 

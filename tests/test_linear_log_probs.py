@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from _helpers import assert_close
 from test_linear_cross_entropy import LargestTensor
-from test_log_probs import backward, reference_log_probs, upstream
+from test_log_probs import ALL_OUTPUTS, backward, check_extras, reference_log_probs, upstream
 
 import fused_losses as fl
 
@@ -168,6 +168,87 @@ def test_against_trl_chunked_logprob(backend, device):
         results.append([lp, h, *(v.grad for v in leaves)])
     for theirs, mine in zip(*results, strict=True):
         torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "case", "bias"), [(torch.float32, "plain", True),
+                                                   (torch.bfloat16, "plain", False),
+                                                   (torch.float32, "everything", True)])
+def test_requested_outputs(backend, device, dtype, case, bias):
+    # TRL's other per-token statistics (outputs=) over chunks of 8 of 37 tokens: against
+    # float64 on the same operands, no gradient on them; log p, the entropy and every
+    # gradient exactly as without them
+    x, w, b, t = operands((37,), 16, 101, dtype, device)
+    b = b if bias else None
+    logits = F.linear(x.double().cpu(), w.double().cpu(), None if b is None else
+                      b.double().cpu())
+    t[1::3] = logits[1::3].argmax(-1).to(device)  # some top-1 targets
+    t[::4] = -100
+    opts = dict(chunk_size=8, **OPTIONS[case])
+
+    def with_outputs(x, w, t, b, **kw):
+        out = fl.linear_log_probs(x, w, t, linear_bias=b, outputs=ALL_OUTPUTS, **kw)
+        extras.append(out)
+        return out.log_probs, out.entropy
+
+    extras = []
+    lp, h, grads = run(with_outputs, x, w, t, b, "both", **opts)
+    lp_ref, h_ref, grads_ref = run(ours, x, w, t, b, "both", **opts)
+    for got, want in zip((lp, h, *grads), (lp_ref, h_ref, *grads_ref), strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+    out = extras[0]
+    check_extras(out, logits, t, **OPTIONS[case])
+    assert bool(out.is_top1.any()) and not bool(out.is_top1[::4].any())
+
+
+def test_requested_outputs_against_trl(backend, device):
+    # TRL 1.16's ChunkedLogProbFunction with every output, on the same float32 operands
+    # (its CPU path): the five outputs, and the gradients of the input, the weight and the
+    # bias from the log-probabilities' and the entropy's
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+    x, w, b, t = operands((24,), 32, 300, torch.float32, "cpu")
+    t[::3] = F.linear(x, w, b)[::3].argmax(-1)
+    g_lp, g_h = upstream(t.shape, "both")
+    results = []
+    for name, dev in (("trl", "cpu"), ("ours", device)):
+        leaves = [v.detach().clone().to(dev).requires_grad_(True) for v in (x, w, b)]
+        if name == "trl":
+            out = chunked.ChunkedLogProbFunction.apply(*leaves[:3], t, 0.7, 128, 20.0, 1.5,
+                                                       chunked.OPTIONAL_OUTPUTS)
+        else:
+            out = fl.linear_log_probs(leaves[0], leaves[1], t.to(dev), linear_bias=leaves[2],
+                                      temperature=0.7, softcap=20.0, logit_scale=1.5,
+                                      outputs=ALL_OUTPUTS, chunk_size=7)
+            assert out._fields == ("log_probs", *chunked.OPTIONAL_OUTPUTS)
+        assert not any(o.requires_grad for o in out[2:])
+        backward(out[0], out[1], g_lp, g_h)
+        results.append([*out, *(v.grad for v in leaves)])
+    assert bool(results[1][4].any())
+    for theirs, mine in zip(*results, strict=True):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_requested_outputs_no_grad_and_compile(backend, device):
+    x, w, b, t = operands((3, 7), 16, 50, torch.float32, device)
+    t[1, 2] = -100
+    with torch.no_grad():
+        plain = fl.linear_log_probs(x, w, t, linear_bias=b, outputs=ALL_OUTPUTS, chunk_size=4)
+    check_extras(plain, F.linear(x.double().cpu(), w.double().cpu(), b.double().cpu()), t)
+    # torch.compile: the chunked driver's optional, non-differentiable outputs traced
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, w, t, b: fl.linear_log_probs(
+        x, w, t, linear_bias=b, outputs=ALL_OUTPUTS, chunk_size=4), backend="aot_eager",
+        fullgraph=True)
+    leaves = [v.detach().clone().requires_grad_(True) for v in (x, w, b)]
+    out = fn(leaves[0], leaves[1], t, leaves[2])
+    for mine, want in zip(out, plain, strict=True):
+        torch.testing.assert_close(mine.detach(), want, rtol=1e-6, atol=1e-6)
+    assert not out.mean_logits.requires_grad and out.entropy.requires_grad
+    backward(out.log_probs, out.entropy, *upstream(t.shape, "both"))
+    _, _, ref_grads = run(ours, x, w, t, b, "both", chunk_size=4)
+    for got, want in zip((v.grad for v in leaves), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def test_never_an_eighth_of_the_logits(backend, device):

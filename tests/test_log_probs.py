@@ -36,6 +36,58 @@ def reference_log_probs(logits, target, temperature=1.0, softcap=None, logit_sca
     return torch.where(ok, lp, 0.0), torch.where(ok, h, 0.0)
 
 
+def reference_extras(logits, target, temperature=1.0, softcap=None, logit_scale=1.0,
+                     ignore_index=-100):
+    """TRL 1.16's other per-token statistics in the logits' dtype (float64 for references):
+    (log sum_c p_c^2, the mean transformed logit, whether the target is the first argmax),
+    0 (False) where the target is ignored."""
+    z = logits * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    ok = target != ignore_index
+    log_sum_sq = torch.logsumexp(2 * torch.log_softmax(z, -1), -1)
+    top1 = (z.argmax(-1) == target) & ok
+    return torch.where(ok, log_sum_sq, 0.0), torch.where(ok, z.mean(-1), 0.0), top1
+
+
+# every output TRL 1.16's ChunkedLogProbFunction offers
+ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def check_extras(out, logits, target, **opts):
+    """``out`` (a LogProbOutputs with every output) against ``reference_extras`` in float64
+    on the same rounded logits: no gradient on the statistics, as TRL's."""
+    ref_sq, ref_mean, ref_top1 = reference_extras(logits.detach().cpu().double(),
+                                                  target.cpu(), **opts)
+    assert out.log_sum_sq_probs.dtype == out.mean_logits.dtype == torch.float32
+    assert out.is_top1.dtype == torch.bool
+    for t in (out.log_sum_sq_probs, out.mean_logits, out.is_top1):
+        assert t.shape == target.shape and not t.requires_grad
+    assert_close(out.log_sum_sq_probs, ref_sq, torch.float32, "log_sum_sq_probs")
+    # a plain sum of the logits: its rounding is relative to their size, not to the mean's
+    z_size = (logits.detach().double().abs().max().item() * opts.get("logit_scale", 1.0)
+              / opts.get("temperature", 1.0))
+    assert_close(out.mean_logits, ref_mean, torch.float32, "mean_logits", terms=z_size)
+    assert torch.equal(out.is_top1.cpu(), ref_top1)
+
+
+def with_ties(logits, target):
+    """Rows whose top-1 is decided by argmax's first maximum: in row 1 the target and a
+    later class share the max (is_top1), in row 2 an earlier class and the target (not),
+    in row 3 the target alone (is_top1). Returns new logits and targets."""
+    logits, target = logits.clone(), target.clone()
+    rows = logits.view(-1, logits.shape[-1])
+    t = target.view(-1)
+    n = rows.shape[-1]
+    big = rows.abs().max() + 1
+    for row, (first, second), y in ((1, (2, n - 1), 2), (2, (0, n - 2), n - 2),
+                                    (3, (n // 2, n // 2), n // 2)):
+        rows[row, first] = rows[row, second] = big
+        t[row] = y
+    return logits, target
+
+
 UPSTREAMS = ("log_probs", "entropy", "both")
 
 
@@ -219,6 +271,114 @@ def test_against_trl(backend, device):
     torch.testing.assert_close(h.cpu(), theirs_h, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_requested_outputs(backend, device, dtype, case):
+    # TRL's other per-token statistics (outputs=): values against float64, ties of the
+    # top-1, ignored targets 0 (False); log p, the entropy and their gradients as without
+    # them
+    opts = OPTIONS[case]
+    g = torch.Generator().manual_seed(3)
+    logits, target = with_ties(random_logits((3, 7, 203), dtype, "cpu"),
+                               torch.randint(0, 203, (3, 7), generator=g))
+    target.view(-1)[5] = logits.view(-1, 203)[5].argmax()  # a top-1 without a tie
+    target[0, ::3] = opts.get("ignore_index", -100)
+    logits, target = logits.to(device), target.to(device)
+    x = logits.detach().clone().requires_grad_(True)
+    out = fl.log_probs(x, target, outputs=ALL_OUTPUTS, **opts)
+    assert isinstance(out, fl.LogProbOutputs)
+    check_extras(out, logits, target, **opts)
+    assert bool(out.is_top1.any()) and not bool(out.is_top1[0, ::3].any())
+    g_lp, g_h = upstream(target.shape, "both")
+    backward(out.log_probs, out.entropy, g_lp, g_h)
+    lp, h = check(logits, target, "both", **opts)  # the same pass without the statistics
+    assert torch.equal(out.log_probs, lp.detach()) and torch.equal(out.entropy, h.detach())
+
+
+def test_requested_outputs_long_rows(backend, device):
+    # rows looped over blocks (> ROW_BLOCK classes): q merged with the squared rescale, the
+    # sum added, the first argmax across blocks (a tie in blocks 0 and 4: the earlier wins)
+    logits = random_logits((4, 40000), torch.bfloat16, "cpu")
+    target = torch.tensor([5, 39999, 20000, 100])
+    logits[2, 100] = logits[2, 39000] = 30.0  # row 2: a tie, the target neither
+    logits[3, 100] = logits[3, 39000] = 30.0  # row 3: the target the first of a tie
+    logits[1, 39999] = 40.0  # row 1: the target alone, in the last block
+    out = fl.log_probs(logits.to(device), target.to(device), outputs=ALL_OUTPUTS,
+                       temperature=0.8, softcap=30.0)
+    check_extras(out, logits, target, temperature=0.8, softcap=30.0)
+    assert out.is_top1.tolist() == [False, True, False, True]
+
+
+def test_requested_outputs_bounds(backend, device):
+    # log sum p^2: -log C for a uniform row, 0 for a one-hot one, in [-log C, 0] otherwise;
+    # the mean of -inf logits (a masked vocabulary) is -inf, as the plain sum's
+    n_classes = 1000
+    logits = torch.cat([torch.zeros(1, n_classes), torch.zeros(1, n_classes),
+                        random_logits((3, n_classes), torch.float32, "cpu", scale=8.0)])
+    logits[1, 3] = 200.0  # p_3 = 1 in float32
+    logits[4, ::2] = -math.inf
+    target = torch.tensor([0, 3, 5, 6, 7])
+    out = fl.log_probs(logits.to(device), target.to(device), outputs=ALL_OUTPUTS)
+    sq = out.log_sum_sq_probs.double().cpu()
+    assert bool((sq <= 0).all()) and bool((sq >= -math.log(n_classes) - 1e-6).all())
+    assert abs(sq[0].item() + math.log(n_classes)) < 1e-5 and sq[1].item() == 0.0
+    assert out.is_top1[1].item() and out.mean_logits[4].item() == -math.inf
+    check_extras(out, logits, target)
+
+
+def test_requested_outputs_against_trl(backend, device):
+    # TRL 1.16's ChunkedLogProbFunction, every output, on the same float32 logits (as
+    # hidden states times an identity head, exact); its wrapper zeroes ignored positions
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+    n, c = 12, 96
+    logits, target = with_ties(random_logits((n, c), torch.float32, "cpu"),
+                               torch.randint(0, c, (n,), generator=torch.Generator()
+                                             .manual_seed(5)))
+    target[7] = logits[7].argmax()
+    target[4] = -100
+    ok = target != -100
+    for temperature, softcap in ((0.7, None), (1.3, 5.0)):
+        theirs = chunked.ChunkedLogProbFunction.apply(
+            logits, torch.eye(c), None, target.clamp(min=0), temperature, 32, softcap, 1.0,
+            chunked.OPTIONAL_OUTPUTS)
+        theirs = [t.masked_fill(~ok, 0) for t in theirs]
+        out = fl.log_probs(logits.to(device), target.to(device), temperature=temperature,
+                           softcap=softcap, outputs=ALL_OUTPUTS)
+        assert out._fields == ("log_probs", *chunked.OPTIONAL_OUTPUTS)
+        assert bool(out.is_top1.any())
+        for name, mine, theirs_t in zip(out._fields, out, theirs, strict=True):
+            assert mine.dtype == theirs_t.dtype, name
+            torch.testing.assert_close(mine.cpu(), theirs_t, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_requested_outputs_api(backend, device):
+    logits = random_logits((2, 3, 9), torch.float32, device).requires_grad_(True)
+    target = torch.tensor([[0, 1, 2], [3, -100, 5]], device=device)
+    # only what is asked: None for the rest; "log_probs" may be named (TRL's tuples)
+    out = fl.log_probs(logits, target, outputs=("log_probs", "is_top1"))
+    assert isinstance(out, fl.LogProbOutputs)
+    assert out.entropy is None and out.log_sum_sq_probs is None and out.mean_logits is None
+    assert out.is_top1.dtype == torch.bool and not out.is_top1[1, 1].item()
+    assert torch.equal(out.log_probs, fl.log_probs(logits, target))
+    # return_entropy=True with outputs: the entropy too; any order, a list or a set
+    out = fl.log_probs(logits, target, return_entropy=True, outputs=["mean_logits"])
+    assert out.entropy is not None and out.mean_logits is not None and out.is_top1 is None
+    assert fl.log_probs(logits, target, outputs={"is_top1", "entropy"}).entropy is not None
+    assert fl.log_probs(logits, target, outputs=()).entropy is None
+    # the statistics have no gradient (marked so); log p's and the entropy's flow
+    out = fl.log_probs(logits, target, outputs=ALL_OUTPUTS)
+    assert out.log_probs.requires_grad and out.entropy.requires_grad
+    assert not (out.log_sum_sq_probs.requires_grad or out.mean_logits.requires_grad)
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    assert logits.grad is not None
+    with torch.no_grad():
+        assert fl.log_probs(logits, target, outputs=ALL_OUTPUTS).entropy.grad_fn is None
+    with pytest.raises(ValueError, match="unknown output 'accuracy'"):
+        fl.log_probs(logits, target, outputs=("accuracy",))
+    with pytest.raises(TypeError, match="tuple of names"):
+        fl.log_probs(logits, target, outputs="entropy")
+
+
 BAD = {
     "target shape": (lambda d: (torch.randn(3, 5, device=d), torch.zeros(4, dtype=torch.int64,
                                                                          device=d)),
@@ -278,6 +438,10 @@ def test_hypothesis(backend, device, shape, n_classes, dtype, which, temperature
     target = torch.randint(0, n_classes, shape, generator=g)
     target.view(-1)[::5] = -100
     check(logits, target.to(device), which, temperature=temperature, softcap=softcap)
+    # TRL's other statistics on the same layouts (one class, two, strided views, float16)
+    out = fl.log_probs(logits, target.to(device), temperature=temperature, softcap=softcap,
+                       outputs=ALL_OUTPUTS)
+    check_extras(out, logits, target, temperature=temperature, softcap=softcap)
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
@@ -301,4 +465,25 @@ def test_torch_compile_fullgraph(backend, device, compiler):
     assert_close(lp, ref_lp, torch.float32, "log_probs")
     assert_close(h, ref_h, torch.float32, "entropy")
     assert_close(x.grad, ref_x.grad, torch.bfloat16, "d out / d logits")
+    torch._dynamo.reset()
+
+
+def test_torch_compile_fullgraph_requested_outputs(backend, device):
+    # the requested statistics too: the Function's optional outputs, the bool one
+    torch._dynamo.reset()
+    logits = random_logits((2, 5, 40), torch.float32, device)
+    target = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(2))
+    target[0, 1] = -100
+    fn = torch.compile(lambda x, t: fl.log_probs(x, t, temperature=0.7, outputs=ALL_OUTPUTS),
+                       backend="aot_eager", fullgraph=True)
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, target.to(device))
+    check_extras(out, logits, target, temperature=0.7)
+    g_lp, g_h = upstream(target.shape, "both")
+    backward(out.log_probs, out.entropy, g_lp, g_h)
+    ref_x = logits.detach().cpu().double().requires_grad_(True)
+    ref_lp, ref_h = reference_log_probs(ref_x, target, temperature=0.7)
+    backward(ref_lp, ref_h, g_lp.double(), g_h.double())
+    assert_close(out.log_probs, ref_lp, torch.float32, "log_probs")
+    assert_close(x.grad, ref_x.grad, torch.float32, "d out / d logits")
     torch._dynamo.reset()
