@@ -157,7 +157,9 @@ class ChunkedHeadFunction(torch.autograd.Function):
         saved = loss.saved(buffers)
         ctx.save_for_backward(x, w, b, *operands, *saved)
         ctx.plan, ctx.loss, ctx.n_operands, ctx.grads = plan, loss, len(operands), grads
-        ctx.mark_non_differentiable(*loss.non_differentiable(buffers))
+        constant = loss.non_differentiable(buffers)
+        if constant:  # (not called without any: torch.compile refuses a scalar output then)
+            ctx.mark_non_differentiable(*constant)
         return loss.outputs(buffers)
 
     @staticmethod
