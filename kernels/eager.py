@@ -1182,15 +1182,13 @@ def _log_softmax_(z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     return z.sub_(work.sum(-1, keepdim=True).log_())
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_c a b of each row (BLAS: no temporary of the rows' size)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
-
-
-def _p_times_(ratio: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """sum_c p ratio of each row, ratio set to 0 first where p = 0 (0 log 0 = 0)."""
+def _p_times_(ratio: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum_c p ratio of each row, ratio set to 0 first where p = 0 (0 log 0 = 0); the
+    products in ``out`` (which may be ``ratio``), then torch's sum. (Not a BLAS row dot
+    product: its long float32 accumulations are biased, 2e-5 on a JSD of 0.69 over 32k
+    classes, where torch's cascaded sum is 1e-6 off.)"""
     ratio.masked_fill_(p == 0, 0.0)
-    return _row_dot(p, ratio)
+    return torch.mul(p, ratio, out=out).sum(-1)
 
 
 def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
@@ -1221,7 +1219,7 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
     beta = opts.beta
     if beta == 0.0:
         p_t = torch.exp(log_t, out=w1)
-        loss.copy_(_p_times_(torch.sub(log_t, log_s, out=w2), p_t))
+        loss.copy_(_p_times_(torch.sub(log_t, log_s, out=w2), p_t, out=w2))
         if grad is None:
             return
         d = torch.exp(log_s, out=w2).sub_(p_t)
@@ -1229,7 +1227,7 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
         if beta == 1.0:
             p_s = torch.exp(log_s, out=w1)
             ratio = log_s.sub_(log_t)  # log p_s - log p_t, over log_s (not needed again)
-            kl_s = _p_times_(ratio, p_s)
+            kl_s = _p_times_(ratio, p_s, out=w2)
             loss.copy_(kl_s)
         else:
             # the mixture, its inputs clamped to the lowest finite value (``_mixture``)
@@ -1238,10 +1236,10 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
             mix = torch.logaddexp(mix, torch.clamp(log_t, min=low, out=w1).add_(math.log(beta)),
                                   out=w2)
             p_t = torch.exp(log_t, out=w1)
-            kl_t = _p_times_(log_t.sub_(mix), p_t)  # over log_t (not needed again)
+            kl_t = _p_times_(log_t.sub_(mix), p_t, out=t)  # over log_t (not needed again)
             p_s = torch.exp(log_s, out=w1)
             ratio = log_s.sub_(mix)
-            kl_s = _p_times_(ratio, p_s)
+            kl_s = _p_times_(ratio, p_s, out=w2)  # (over the mixture: not needed again)
             loss.copy_(beta * kl_t + (1.0 - beta) * kl_s)
         if grad is None:
             return
