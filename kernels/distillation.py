@@ -25,10 +25,11 @@ class of p = 0 adds 0 (0 log 0: masked -inf logits, underflow), never 0 * inf.
   dtype, with no float32 copy. The re-reads of a row come from L2 at the vocabularies of
   interest (a 128k-class bf16 row is 256 KB).
 
-``distillation`` is the entry of ``fused_losses.distillation_loss`` (the gradient written in
-the forward for a reduced loss, as the cross-entropy's); ``row_divergence`` is the LM head's
-per-chunk step too (``kernels/linear_distillation.py``). The eager twin,
-``eager.chunk_divergence_``, has the same contract.
+``distillation`` is the entry of ``fused_losses.distillation_loss``: ``eager.
+DistillationFunction`` over this kernel (the gradient written in the forward for a reduced
+loss, as the cross-entropy's); ``row_divergence`` is the LM head's per-chunk step too
+(``kernels/linear_distillation.py``). The eager twin, ``eager.chunk_divergence_``, has the
+same contract.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import triton
 import triton.language as tl
 
 from . import eager
-from ._autograd import may_fuse_gradient
 from ._ce_math import logits, merge_stats, times_slope, transform
 from ._common import LN2, LOG2E, launch, next_power_of_2, num_warps_for
 
@@ -245,62 +245,24 @@ def _log(x: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------
-# autograd
+# entry point (the autograd Function is eager.DistillationFunction, over this file's rows)
 # ------------------------------------------------------------------------------------------
 
 
-class DistillationFunction(torch.autograd.Function):
-    """The divergence of each row of the student's logits ``s`` (N, V) from the teacher's
-    ``t`` (N, V, a constant), rows where ``counted`` (N,) is False left out: their sum when
-    ``reduced`` (a scalar), else each row's (N,), float32. For a reduced loss the forward
-    writes the gradient (one rounding into the logits' dtype) and the backward scales it;
-    ``none``, a compiled graph and a second backward launch the kernel again with each row's
-    upstream gradient; ``create_graph=True`` runs the torch formula
-    (``eager.divergence_rows``)."""
-
-    @staticmethod
-    def forward(ctx, s, t, counted, opts: eager.DistillOptions, reduced: bool):
-        ctx.set_materialize_grads(False)
-        fused = reduced and ctx.needs_input_grad[0] and may_fuse_gradient()
-        loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
-        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if fused else None
-        row_divergence(s, t, opts, loss=loss, row_scale=counted if fused else None, grad=grad)
-        rows = torch.where(counted, loss, 0.0)
-        ctx.save_for_backward(s, t, counted)
-        ctx.opts, ctx.reduced, ctx.grad = opts, reduced, grad
-        return rows.sum() if reduced else rows
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        s, t, counted = ctx.saved_tensors
-        opts, reduced = ctx.opts, ctx.reduced
-        none = (None,) * 4
-        if grad_out is None or not ctx.needs_input_grad[0]:
-            return (None, *none)
-        if torch.is_grad_enabled():  # create_graph=True: the formula whole, by autograd
-            ctx.grad = None
-            with torch.enable_grad():
-                rows = torch.where(counted, eager.divergence_rows(s, t, opts), 0.0)
-                out = rows.sum() if reduced else rows
-                (grad,) = torch.autograd.grad(out, s, grad_out.to(out.dtype),
-                                              create_graph=True)
-            return (grad, *none)
-        if ctx.grad is not None:  # the first backward after a forward that wrote it
-            grad, ctx.grad = ctx.grad, None
-            return (eager.scale_grad_(grad, grad_out.to(grad.dtype)), *none)
-        scales = counted.to(torch.float32) * (grad_out.float() if reduced
-                                              else grad_out.reshape(-1).float())
-        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-        loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
-        row_divergence(s, t, opts, loss=loss, row_scale=scales, grad=grad)
-        return (grad, *none)
+def divergences(s, t, counted, opts: eager.DistillOptions, *, scales=None, grad=None):
+    """Each row's divergence (N,) float32 of ``s``, ``t`` (N, V) in one launch, 0 where
+    ``counted`` is False; with ``grad`` the gradient of sum_r scales_r loss_r written there
+    (``eager._divergence_blocks``' contract)."""
+    loss = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
+    row_divergence(s, t, opts, loss=loss, row_scale=scales, grad=grad)
+    return torch.where(counted, loss, 0.0)
 
 
 def distillation(s, t, counted, opts: eager.DistillOptions, reduced: bool) -> torch.Tensor:
     """The entry of ``fused_losses.distillation_loss``: ``s``, ``t`` (N, V), ``counted``
-    (N,) bool."""
+    (N,) bool; the logits read as they are (a strided class dimension copied first)."""
     if s.stride(-1) != 1:
         s = s.contiguous()
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return DistillationFunction.apply(s, t, counted, opts, reduced)
+    return eager.DistillationFunction.apply(s, t, counted, opts, reduced, divergences)

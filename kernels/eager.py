@@ -1287,30 +1287,35 @@ def _divergence_blocks(s, t, counted, opts: DistillOptions, *, scales=None,
     return torch.where(counted, loss, 0.0)
 
 
-class DistillationBlocks(torch.autograd.Function):
-    """The eager divergence of each row of the student's logits ``s`` (N, V) from the
-    teacher's ``t`` (a constant), rows where ``counted`` (N,) is False left out: their sum
-    when ``reduced`` (a scalar; its gradient written in the forward, rounded once into the
-    logits' dtype, and scaled in the backward), else each row's (N,). float32 (float64 for
-    float64 logits). ``none``, a compiled graph and a second backward recompute the blocks;
-    ``create_graph=True`` runs ``divergence_rows`` whole by autograd."""
+class DistillationFunction(torch.autograd.Function):
+    """The divergence of each row of the student's logits ``s`` (N, V) from the teacher's
+    ``t`` (a constant), rows where ``counted`` (N,) is False left out: their sum when
+    ``reduced`` (a scalar), else each row's (N,); float32 (float64 for float64 logits).
+    ``divergences(s, t, counted, opts, scales=, grad=)``: the rows' divergences, and with
+    ``grad`` the gradient of sum_r scales_r loss_r written there (``_divergence_blocks``, or
+    the Triton kernel's ``distillation.divergences``).
+
+    For a reduced loss the forward writes the gradient (rounded once into the logits' dtype)
+    and the backward scales it; ``none``, a compiled graph and a second backward compute it
+    again with each row's upstream gradient; ``create_graph=True`` runs
+    ``divergence_rows`` whole, by autograd."""
 
     @staticmethod
-    def forward(ctx, s, t, counted, opts: DistillOptions, reduced: bool):
+    def forward(ctx, s, t, counted, opts: DistillOptions, reduced: bool, divergences):
         ctx.set_materialize_grads(False)
         fused = reduced and ctx.needs_input_grad[0] and may_fuse_gradient()
         grad = torch.empty(s.shape, dtype=s.dtype, device=s.device) if fused else None
         scales = counted.to(compute_dtype(s.dtype, t.dtype)) if fused else None
-        rows = _divergence_blocks(s, t, counted, opts, scales=scales, grad=grad)
+        rows = divergences(s, t, counted, opts, scales=scales, grad=grad)
         ctx.save_for_backward(s, t, counted)
-        ctx.opts, ctx.reduced, ctx.grad = opts, reduced, grad
+        ctx.opts, ctx.reduced, ctx.grad, ctx.divergences = opts, reduced, grad, divergences
         return rows.sum() if reduced else rows
 
     @staticmethod
     def backward(ctx, grad_out):
         s, t, counted = ctx.saved_tensors
         opts, reduced = ctx.opts, ctx.reduced
-        none = (None,) * 4
+        none = (None,) * 5
         if grad_out is None or not ctx.needs_input_grad[0]:
             return (None, *none)
         if torch.is_grad_enabled():  # create_graph=True: the formula whole, by autograd
@@ -1328,14 +1333,14 @@ class DistillationBlocks(torch.autograd.Function):
         scales = counted.to(dtype) * (grad_out.to(dtype) if reduced
                                       else grad_out.reshape(-1).to(dtype))
         grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-        _divergence_blocks(s, t, counted, opts, scales=scales, grad=grad)
+        ctx.divergences(s, t, counted, opts, scales=scales, grad=grad)
         return (grad, *none)
 
 
 def distillation(s, t, counted, opts: DistillOptions, reduced: bool) -> torch.Tensor:
     """The eager divergence of logits ``s``, ``t`` (N, V), ``counted`` (N,) bool: summed
-    (``reduced``) or per row."""
-    return DistillationBlocks.apply(s, t, counted, opts, reduced)
+    (``reduced``) or per row, a block of rows at a time."""
+    return DistillationFunction.apply(s, t, counted, opts, reduced, _divergence_blocks)
 
 
 # ------------------------------------------------------------------------------------------
