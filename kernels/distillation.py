@@ -236,7 +236,7 @@ def row_divergence(s, t, opts: eager.DistillOptions, *, loss, row_scale=None,
         MODE=_mode(beta),
         WRITE_GRAD=grad is not None,
         BLOCK_SIZE=block,
-        num_warps=num_warps_for(2 * block),
+        num_warps=num_warps_for(block),
     )
 
 

@@ -65,13 +65,14 @@ class Capture:
             bce,
             cross_entropy,
             cross_entropy_nd,
+            distillation,
             huber,
             log_probs,
         )
 
         # every kernel module imports ``launch`` by name: patch each binding
-        modules = (_common, _elementwise, bce, cross_entropy, cross_entropy_nd, huber,
-                   log_probs)
+        modules = (_common, _elementwise, bce, cross_entropy, cross_entropy_nd, distillation,
+                   huber, log_probs)
         self._saved = [(m, m.launch) for m in modules if hasattr(m, "launch")]
 
         def record(kernel, grid, writes, **kwargs):
@@ -203,6 +204,15 @@ def _variants():
             # TRL's other statistics too (log sum p^2, mean logit, is-top-1)
             calls.append(("lp", n_cols, dtype, dtype, 30.0, "all outputs"))
         calls.append(("lp", n_cols, torch.float32, torch.bfloat16, None, "both"))
+    # distillation: each beta's mode, with and without the gradient; a row in one block and
+    # looped; bf16 given logits, and float32 chunks (the LM head) with each head's softcap
+    from fused_losses.kernels import distillation
+
+    for n_cols in (1000, distillation.BLOCK + 1):
+        for beta in (0.0, 1.0, 0.5):
+            for grad in (False, True):
+                calls.append(("distill", n_cols, torch.bfloat16, beta, grad, None))
+            calls.append(("distill", n_cols, torch.float32, beta, True, 30.0))
     return calls
 
 
@@ -283,7 +293,19 @@ def _run_lp(n_cols, dtype, grad_dtype, softcap, which):
     log_probs.log_prob_grad(x, t, stats, h, g, g_h, opts, grad=grad)
 
 
-_RUNNERS = {"ce": _run_ce, "bce": _run_bce, "huber": _run_huber, "lp": _run_lp}
+def _run_distill(n_cols, dtype, beta, grad, softcap):
+    from fused_losses.kernels import distillation, eager
+
+    head = eager.Options(softcap=softcap, temperature=2.0, logit_scale=1.25)
+    opts = eager.DistillOptions(beta=beta, student=head, teacher=head)
+    s, t = torch.randn(2, n_cols, dtype=dtype), torch.randn(2, n_cols, dtype=dtype)
+    loss = torch.empty(2)
+    distillation.row_divergence(s, t, opts, loss=loss, row_scale=torch.ones(2),
+                                grad=torch.empty_like(s) if grad else None)
+
+
+_RUNNERS = {"ce": _run_ce, "bce": _run_bce, "huber": _run_huber, "lp": _run_lp,
+            "distill": _run_distill}
 
 
 def main(argv=None):
