@@ -1173,26 +1173,19 @@ def divergence_rows(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions) -> t
     return divergence(log_s, log_t, opts.beta)
 
 
-def _log_softmax_(z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
-    """log_softmax of rows ``z`` in place (``work``: a buffer of its shape for the
-    exponentials). An all -inf row gives NaN, as torch's."""
-    m = z.amax(-1, keepdim=True)
-    z.sub_(torch.where(m == -math.inf, 0.0, m))
-    torch.exp(z, out=work)
-    return z.sub_(work.sum(-1, keepdim=True).log_())
-
-
 def _max_and_sum(z: torch.Tensor, work: torch.Tensor):
     """(m~, s) of rows ``z`` (R, C), keepdim: m~ the max (0 where it is -inf), s = sum
-    exp(z - m~) (``work``: a buffer of z's shape for the exponentials; z is not changed)."""
+    exp(z - m~) (``work``: a buffer of z's shape for the exponentials; z is not changed).
+    ln p = (z - m~) - ln s; an all -inf row gives NaN there, as torch's log_softmax."""
     m = z.amax(-1, keepdim=True)
     m = torch.where(m == -math.inf, 0.0, m)
     return m, torch.exp(torch.sub(z, m, out=work), out=work).sum(-1, keepdim=True)
 
 
-def _kl_from_logits_(z_p, z_q, w1, w2):
-    """KL(p | q) of each row from the logits ``z_p``, ``z_q`` (R, C) (``z_p`` is scratch:
-    overwritten by p), the online form the Triton kernel uses:
+def _kl_from_logits_(z_p, z_q, stats_p, stats_q, w1, w2):
+    """KL(p | q) of each row from the logits ``z_p``, ``z_q`` (R, C) and their rows'
+    ``_max_and_sum`` (``z_p`` is scratch: overwritten by p), the online form the Triton
+    kernel uses:
 
         KL = sum_c p_c (z_p - z_q)_c + (m_q - m_p) + ln(s_q / s_p)
 
@@ -1200,8 +1193,7 @@ def _kl_from_logits_(z_p, z_q, w1, w2):
     log-sum-exp (on KLs of ~20 nats, 5x closer to float64 than sum p (log p - log q)), and
     the normalizers' difference is one logarithm of a ratio. Returns (KL (R,), p (over
     ``z_p``), z_p - z_q (in ``w2``, 0 where p = 0), its expectation sum p (z_p - z_q))."""
-    m_p, s_p = _max_and_sum(z_p, w1)
-    m_q, s_q = _max_and_sum(z_q, w1)
+    (m_p, s_p), (m_q, s_q) = stats_p, stats_q
     diff = torch.sub(z_p, z_q, out=w2)
     p = z_p.sub_(m_p).exp_().div_(s_p)
     expected = _p_times_(diff, p, out=w1)
@@ -1241,24 +1233,25 @@ def chunk_divergence_(s: torch.Tensor, t: torch.Tensor, opts: DistillOptions, *,
         slope = transform_slope(z, opts.student)  # (a tensor of the chunk's size)
     mult = opts.student.logit_scale / opts.student.temperature
     z_t = _transform_(t, opts.teacher)
+    stats_s, stats_t = _max_and_sum(z, w1), _max_and_sum(z_t, w1)  # each row's (m~, s)
+    (m_s, s_s), (m_t, s_t) = stats_s, stats_t
     beta = opts.beta
     if beta == 0.0:  # KL(p_t | p_s); d = p_s - p_t
-        kl, p_t, _, _ = _kl_from_logits_(z_t, z, w1, w2)
+        kl, p_t, _, _ = _kl_from_logits_(z_t, z, stats_t, stats_s, w1, w2)
         loss.copy_(kl)
         if grad is None:
             return
-        m_s, s_s = _max_and_sum(z, w2)
         d = z.sub_(m_s).exp_().div_(s_s).sub_(p_t)
     elif beta == 1.0:  # KL(p_s | p_t); d = p_s (log p_s - log p_t - KL) = p_s (diff - E diff)
-        kl, p_s, diff, expected = _kl_from_logits_(z, z_t, w1, w2)
+        kl, p_s, diff, expected = _kl_from_logits_(z, z_t, stats_s, stats_t, w1, w2)
         loss.copy_(kl)
         if grad is None:
             return
         d = diff.sub_(expected.unsqueeze(-1)).mul_(p_s)
         d.masked_fill_(p_s == 0, 0.0)
     else:  # the generalized JSD, through the mixture m
-        log_s = _log_softmax_(z, w1)
-        log_t = _log_softmax_(z_t, w1)
+        log_s = z.sub_(m_s).sub_(s_s.log())
+        log_t = z_t.sub_(m_t).sub_(s_t.log())
         # the mixture, its inputs clamped to the lowest finite value (``_mixture``)
         low = torch.finfo(s.dtype).min
         mix = torch.clamp(log_s, min=low, out=w2).add_(math.log1p(-beta))
