@@ -13,8 +13,8 @@ what it writes are buffers the driver allocates and hands back.
 
 - ``allocate(n_tokens, dtype, device)``: the call's per-token buffers (a tuple; None for one
   not requested);
-- ``workspace(logits, backward)``: scratch the chunks share (None: none), made once a pass
-  from the first (the largest) chunk's logits;
+- ``workspace(logits, operands, backward)``: scratch the chunks share (None: none), made
+  once a pass from the first (the largest) chunk's logits and the operands;
 - ``forward_chunk(logits, rows, operands, buffers, work, dlogits)``: the results of tokens
   ``rows`` from their logits (R, V) (scratch: the loss may overwrite them), written into the
   buffers' rows; and where ``dlogits`` is given (``fuses_gradient``, below), d out / d
@@ -85,7 +85,7 @@ class ChunkLoss:
     def allocate(self, n_tokens: int, dtype: torch.dtype, device) -> tuple:
         raise NotImplementedError
 
-    def workspace(self, logits: torch.Tensor, backward: bool):
+    def workspace(self, logits: torch.Tensor, operands: tuple, backward: bool):
         return None
 
     def forward_chunk(self, logits: torch.Tensor, rows: slice, operands: tuple,
@@ -147,7 +147,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
                 logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
                                       None if buf is None else buf[:x_chunk.shape[0]])
                 if buf is None:
-                    buf, work = logits, loss.workspace(logits, backward=fused)
+                    buf, work = logits, loss.workspace(logits, operands, backward=fused)
                 dlogits = None
                 if fused:
                     dlogits, dbuf = _dlogits(logits, dbuf, plan)
@@ -207,7 +207,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
                 logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
                                       None if buf is None else buf[:r])
                 if buf is None:
-                    buf, work = logits, loss.workspace(logits, backward=True)
+                    buf, work = logits, loss.workspace(logits, operands, backward=True)
                 dlogits, dbuf = _dlogits(logits, dbuf, plan)
                 loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)
                 grads.add(rows, x_chunk, dlogits, w_c)

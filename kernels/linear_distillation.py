@@ -43,10 +43,14 @@ class DistillationChunks(ChunkLoss):
     def allocate(self, n_tokens, dtype, device):
         return (torch.empty(n_tokens, dtype=dtype, device=device),)
 
-    def workspace(self, logits, backward):
-        """The teacher's chunk of logits (reused), its weight in its GEMMs' dtype (made on
-        the first chunk), and the eager formula's two workspaces (``chunk_divergence_``)."""
-        return {"logits": torch.empty_like(logits), "weight": None,
+    def workspace(self, logits, operands, backward):
+        """The teacher's chunk of logits (reused), its weight and bias in its GEMMs' dtype
+        (once a pass, as the driver casts the student's), and the eager formula's two
+        workspaces (``chunk_divergence_``)."""
+        _, t_w, t_b, _ = operands
+        return {"logits": torch.empty_like(logits),
+                "weight": t_w.to(self.teacher_dtype),
+                "bias": None if t_b is None else t_b.to(self.teacher_dtype).to(logits.dtype),
                 "eager": None if self.kernels else (torch.empty_like(logits),
                                                      torch.empty_like(logits))}
 
@@ -61,12 +65,10 @@ class DistillationChunks(ChunkLoss):
                                     row_scale=row_scale, grad=dlogits, work=work["eager"])
 
     def _teacher_logits(self, rows: slice, operands: tuple, work: dict, like: torch.Tensor):
-        t_x, t_w, t_b, _ = operands
-        if work["weight"] is None:
-            work["weight"] = t_w.to(self.teacher_dtype)
-            work["bias"] = None if t_b is None else t_b.to(self.teacher_dtype).to(like.dtype)
-        return chunk_logits(t_x[rows].to(self.teacher_dtype), work["weight"], work["bias"],
-                            like.dtype, work["logits"][:like.shape[0]])
+        """The teacher's logits of tokens ``rows``, in ``like``'s dtype (float32)."""
+        x_chunk = operands[0][rows].to(self.teacher_dtype)
+        return chunk_logits(x_chunk, work["weight"], work["bias"], like.dtype,
+                            work["logits"][:like.shape[0]])
 
     def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
         counted = operands[3][rows]

@@ -49,7 +49,7 @@ class LogProbChunks(ChunkLoss):
         rows, stats = eager.allocate_rows(n_tokens, self.requested, dtype, device)
         return (*rows, stats)
 
-    def workspace(self, logits, backward):
+    def workspace(self, logits, operands, backward):
         """The eager path's scratch: one logits-sized buffer (two in the backward), so that
         its ops make no new tensor of the chunk's size (``eager.chunk_log_probs_``)."""
         if self.kernels:
