@@ -27,12 +27,11 @@ from ._validation import (
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode, output_as
-from .log_probs import _chunk
+from .log_probs import _INDEX_DTYPES, _chunk
 
 __all__ = ["distillation_loss", "linear_distillation_loss"]
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_options(beta, reduction, ignore_index, fn: str) -> tuple[float, int]:

@@ -552,14 +552,8 @@ def apply(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
                if hasattr(model, "get_base_model") else "")
         )
     name = type(model).__name__
-    attr = _head_attr(model)
-    head = getattr(model, attr, None)
-    _check_head(head, name, attr)
-    try:
-        layout = _layout(type(model), attr)
-        _logit_scale(model, layout)
-    except _Unsupported as e:
-        raise ValueError(f"fused_losses cannot take over the loss of {name}: {e}") from None
+    attr, head, layout, _ = _output_layer(model, f"fused_losses cannot take over the loss of "
+                                                 f"{name}")
     state = model.__dict__.get(_ATTR)
     if state is not None:  # applied already: new options only
         state.options = options
@@ -620,6 +614,21 @@ def _check_options(label_smoothing, z_loss, chunk_size, accum_dtype) -> dict:
         raise TypeError(f"accum_dtype must be a torch.dtype or None, got {accum_dtype!r}")
     return dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                 chunk_size=chunk_size, accum_dtype=accum_dtype)
+
+
+def _output_layer(model: nn.Module, refusal: str):
+    """(attribute, head, layout, logit scale) of a causal LM's output layer, checked: a plain
+    ``nn.Linear`` (``_check_head``, its TypeError), and a forward the fused loss reproduces
+    (``_layout``, the scale readable off the model; else a ValueError, ``refusal: why``)."""
+    attr = _head_attr(model)
+    head = getattr(model, attr, None)
+    _check_head(head, type(model).__name__, attr)
+    try:
+        layout = _layout(type(model), attr)
+        scale = _logit_scale(model, layout)
+    except _Unsupported as e:
+        raise ValueError(f"{refusal}: {e}") from None
+    return attr, head, layout, scale
 
 
 def _head_attr(model: nn.Module) -> str:
@@ -813,15 +822,8 @@ def distillation_loss(
         if not isinstance(model, transformers.PreTrainedModel):
             raise TypeError(f"expected a transformers causal LM as the {role}, got "
                             f"{type(model).__name__}")
-        attr = _head_attr(model)
-        head = getattr(model, attr, None)
-        _check_head(head, type(model).__name__, attr)
-        try:
-            layout = _layout(type(model), attr)
-            scale = _logit_scale(model, layout)
-        except _Unsupported as e:
-            raise ValueError(f"fused_losses cannot distill with {type(model).__name__} as the "
-                             f"{role}: {e}") from None
+        _, head, layout, scale = _output_layer(
+            model, f"fused_losses cannot distill with {type(model).__name__} as the {role}")
         heads.append((head, _read(model, layout.softcap), scale))
     body_kwargs = dict(model_kwargs, input_ids=input_ids, attention_mask=attention_mask)
     hidden = student.base_model(**body_kwargs).last_hidden_state[:, :-1]
