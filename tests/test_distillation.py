@@ -267,6 +267,71 @@ def test_against_trl_chunked_divergence(backend, device):
 
 
 # ------------------------------------------------------------------------------------------
+# operand layouts: every tensor argument strided, sliced or with transposed storage
+# ------------------------------------------------------------------------------------------
+
+
+def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (a 1-D or 2-D leaf's values) as a leaf of another layout: ``transposed``
+    storage, ``sliced`` (every other column of a wider tensor; every other element of a
+    vector), ``strided`` rows (every other row of a taller one)."""
+    needs_grad, t = t.requires_grad, t.detach()
+    if layout == "contiguous":
+        out = t.clone()
+    elif layout == "transposed" and t.dim() == 2:
+        out = t.t().contiguous().t()
+    elif layout == "sliced" or (layout == "transposed" and t.dim() == 1):
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        out = wide[..., ::2]
+    else:  # strided rows
+        tall = torch.zeros(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
+        tall[::2] = t
+        out = tall[::2]
+    assert torch.equal(out, t) and (layout == "contiguous" or not out.is_contiguous())
+    return out.requires_grad_(needs_grad)
+
+
+LAYOUTS = ("transposed", "sliced", "strided")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_logits(backend, device, layout):
+    s, t, target = logits_operands((9,), 17, torch.float32, device)
+    for reduction in ("sum", "none"):
+        leaf = _laid_out(s.requires_grad_(True), layout)
+        out = fl.distillation_loss(leaf, _laid_out(t, layout), _laid_out(target, layout),
+                                   beta=0.3, temperature=1.5, reduction=reduction)
+        out.sum().backward()
+        ref_s = wide(s).requires_grad_(True)
+        ref = reference(ref_s, wide(t), wide(target), beta=0.3, temperature=1.5,
+                        reduction=reduction)
+        ref.sum().backward()
+        assert_close(out, ref, torch.float32, f"loss ({layout}, {reduction})")
+        assert_close(leaf.grad, ref_s.grad, torch.float32, f"gradient ({layout})")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_heads(backend, device, layout):
+    xs, ws, bs, xt, wt, bt, target = head_operands((11,), 6, 10, 19, torch.float32, device)
+    for reduction in ("batchmean", "none"):
+        leaves = [_laid_out(v.requires_grad_(True), layout) for v in (xs, ws, bs)]
+        out = fl.linear_distillation_loss(
+            leaves[0], leaves[1], _laid_out(xt, layout), _laid_out(wt, layout),
+            _laid_out(target, layout), student_bias=leaves[2],
+            teacher_bias=_laid_out(bt, layout), beta=0.5, reduction=reduction, chunk_size=4)
+        out.sum().backward()
+        refs = [wide(v).requires_grad_(True) for v in (xs, ws, bs)]
+        ref = linear_reference(refs[0], refs[1], wide(xt), wide(wt), wide(target),
+                               student_bias=refs[2], teacher_bias=wide(bt), beta=0.5,
+                               reduction=reduction)
+        ref.sum().backward()
+        assert_close(out, ref, torch.float32, f"loss ({layout}, {reduction})")
+        for name, leaf, r in zip(("input", "weight", "bias"), leaves, refs, strict=True):
+            assert_close(leaf.grad, r.grad, torch.float32, f"d / d {name} ({layout})")
+
+
+# ------------------------------------------------------------------------------------------
 # corners: probabilities of 0, ignored positions, no grad, second derivatives
 # ------------------------------------------------------------------------------------------
 
