@@ -48,17 +48,20 @@ def _loss_and_grad(fn, base, view, args, kwargs):
     return loss.detach(), grad
 
 
-def check(name: str, fn_name: str, torch_fn, base: torch.Tensor, *args,
-          view: Callable = _same, **kwargs) -> bool:
-    """fused_losses.<fn_name> against torch's function on float32 copies of the inputs."""
-    fn = getattr(fused_losses, fn_name, None)
-    if fn is None:
-        print(f"skip  {name}: fused_losses.{fn_name} is not in this build yet")
+def check(name: str, fn: str | Callable, torch_fn, base: torch.Tensor, *args,
+          view: Callable = _same, ref_kwargs: bool = True, **kwargs) -> bool:
+    """fused_losses.<fn> (or a callable over it) against torch's function on float32 copies
+    of the inputs; the keyword arguments go to the reference too unless ``ref_kwargs`` is
+    False (a reference with the options built in)."""
+    if isinstance(fn, str):
+        fn = getattr(fused_losses, fn, fn)
+    if isinstance(fn, str):
+        print(f"skip  {name}: fused_losses.{fn} is not in this build yet")
         return True
     try:
         ours = _loss_and_grad(fn, base, view, args, kwargs)
         ref = _loss_and_grad(torch_fn, base.float(), view, tuple(_float(a) for a in args),
-                             {k: _float(v) for k, v in kwargs.items()})
+                             {k: _float(v) for k, v in kwargs.items()} if ref_kwargs else {})
     except Exception as e:  # report it and go on: memcheck should see every other launch
         print(f"FAIL  {name}: {type(e).__name__}: {e}", flush=True)
         return False
@@ -125,6 +128,80 @@ def elementwise_checks(dev: str, dtype: torch.dtype) -> list[bool]:
     ]
 
 
+def _log_probs_ref(logits, target, temperature=1.0):
+    """log p(target) + 0.25 entropy under softmax(logits / T), float32 (ignored rows 0)."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    keep = target != -100
+    lp = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.where(keep, lp + 0.25 * ent, 0.0)
+
+
+def _lp_and_entropy(fn_name: str):
+    """fused_losses.<fn_name>'s log-prob + 0.25 entropy (both outputs' gradients at once)."""
+    fn = getattr(fused_losses, fn_name, None)
+    if fn is None:
+        return fn_name
+
+    def combined(*args, **kwargs):
+        lp, ent = fn(*args, return_entropy=True, **kwargs)
+        return lp + 0.25 * ent
+    return combined
+
+
+def _jsd_ref(student, teacher, beta, temperature=1.0):
+    """TRL's generalized JSD per position, summed (reduction "sum")."""
+    ls = torch.log_softmax(student.float() / temperature, -1)
+    lt = torch.log_softmax(teacher.float() / temperature, -1)
+    kl = F.kl_div
+    if beta == 0:
+        return kl(ls, lt, reduction="sum", log_target=True)
+    if beta == 1:
+        return kl(lt, ls, reduction="sum", log_target=True)
+    m = torch.logsumexp(torch.stack([ls + torch.log(torch.tensor(1 - beta)),
+                                     lt + torch.log(torch.tensor(beta))]), 0)
+    return (beta * kl(m, lt, reduction="sum", log_target=True)
+            + (1 - beta) * kl(m, ls, reduction="sum", log_target=True))
+
+
+def head_checks(dev: str, dtype: torch.dtype) -> list[bool]:
+    """The LM-head losses (chunked GEMMs + row kernels) and the RL / distillation rows."""
+    d = str(dtype).removeprefix("torch.")
+    n, h, v = 37, 64, LOOPED_V
+    x = torch.randn(n, h, device=dev, dtype=dtype)
+    w = torch.randn(v, h, device=dev, dtype=dtype) / h**0.5
+    b = torch.randn(v, device=dev, dtype=dtype)
+    t = torch.randint(0, v, (n,), device=dev)
+    t[3] = -100
+    logits = torch.randn(n, v, device=dev, dtype=dtype) * 2
+    teacher = torch.randn(n, v, device=dev, dtype=dtype) * 2
+    xt = torch.randn(n, 2 * h, device=dev, dtype=dtype)
+    wt = torch.randn(v, 2 * h, device=dev, dtype=dtype) / (2 * h) ** 0.5
+    results = [
+        check(f"linear_cross_entropy {d} {n}x{h}x{v}", "linear_cross_entropy",
+              lambda x, w, t: F.cross_entropy(x @ w.t(), t), x, w, t),
+        check(f"log_probs {d} {n}x{v} T=0.7, + entropy / 4", _lp_and_entropy("log_probs"),
+              lambda z, t: _log_probs_ref(z, t, 0.7), logits, t, temperature=0.7,
+              ref_kwargs=False),
+        check(f"linear_log_probs {d} {n}x{h}x{v} bias, T=0.7, + entropy / 4",
+              _lp_and_entropy("linear_log_probs"),
+              lambda x, w, t: _log_probs_ref(F.linear(x, w, b.float()), t, 0.7), x, w, t,
+              linear_bias=b, temperature=0.7, ref_kwargs=False),
+    ]
+    for beta in (0.0, 0.5, 1.0):
+        results += [
+            check(f"distillation_loss {d} {n}x{v} beta={beta}", "distillation_loss",
+                  lambda s, tl, beta=beta: _jsd_ref(s, tl, beta, 0.9), logits, teacher,
+                  beta=beta, temperature=0.9, reduction="sum", ref_kwargs=False),
+            check(f"linear_distillation_loss {d} {n}x{h}x{v} beta={beta}",
+                  "linear_distillation_loss",
+                  lambda x, w, xt, wt, beta=beta: _jsd_ref(x @ w.t(), xt @ wt.t(), beta, 0.9),
+                  x, w, xt, wt, beta=beta, temperature=0.9, reduction="sum",
+                  ref_kwargs=False),
+        ]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -135,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     results = [retain_graph_check(dev)]
     for dtype in (torch.bfloat16, torch.float32):
-        results += cross_entropy_checks(dev, dtype) + elementwise_checks(dev, dtype)
+        results += (cross_entropy_checks(dev, dtype) + elementwise_checks(dev, dtype)
+                    + head_checks(dev, dtype))
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"{sum(results)} of {len(results)} checks passed")

@@ -11,24 +11,28 @@
 # (bench/README.md says how to fetch them). Writes at most 8 files, all directly in OUT_DIR:
 #   log.txt        everything printed below
 #   env.txt        nvidia-smi, driver, versions, installed peers
-#   pytest.txt     pytest -q over tests/ on CUDA, but tests/test_torch_compile.py
+#   pytest.txt     pytest -q over tests/ on CUDA, the kernels' half (see below)
 #   compile.txt    tests/test_torch_compile.py: the losses in Inductor graphs
 #   sanitizer.txt  python -m bench.cuda_check, plainly and under compute-sanitizer memcheck
 #   <gpu>-<date>-<time>.json, .md, .png   the sweep: copy them into bench/results/ as they are
 #
 # Budget: 540 s from the start. Each step is stopped by `timeout` at its cap or at what is left
-# of the budget, so the script ends in time whatever hangs; the sweep gets the rest:
-#   install     <= 60 s   the project and .whl/*.whl
-#   env         <= 20 s
-#   pytest      <= 200 s  the suite but test_compile.py and test_torch_compile.py; kernels
-#               compiled, never interpreted. The suite launches ~600 kernel variants, each
-#               compiled once (~0.4 s): with pytest-xdist (on the device image) 8 workers
-#               compile them side by side, else it may be cut off
-#   sweep       what is left less 235 s; --time-budget (60 s less) stops it starting new
-#               cases (those with targets first), so its report is written in time
-#   cuda_check  <= 45 s   each loss on small CUDA inputs against torch; warms Triton's cache
-#   memcheck    <= 75 s   the same under compute-sanitizer, PyTorch's allocator cache off
-#   compile     <= 90 s   test_torch_compile.py (Inductor compiles slowly: last, on its own)
+# of the budget, so the script ends in time whatever hangs. The checks of correctness run side
+# by side (16 CPUs, one GPU: none of them is timed); the sweep then has the GPU to itself:
+#   install     <= 45 s   the project and .whl/*.whl
+#   env         <= 15 s
+#   checks, together, <= 210 s:
+#     pytest    the suite's kernel half (FUSED_LOSSES_TEST_BACKENDS=triton: the eager half is
+#               CI's) on CUDA, kernels compiled, never interpreted; with pytest-xdist (on the
+#               device image) 8 workers compile the ~600 kernel variants side by side. Not:
+#               test_compile.py (sm_90 offline, as CI does), the gloo tests (CPU tensors),
+#               test_trl.py (TRL's trainer needs `datasets`, absent there)
+#     compile   tests/test_torch_compile.py: the losses in Inductor graphs (3 workers)
+#     cuda_check, then memcheck: python -m bench.cuda_check (each loss on small CUDA inputs
+#               against torch), plainly, then under compute-sanitizer memcheck with PyTorch's
+#               allocator cache off
+#   sweep       what is left less 40 s; --time-budget (60 s less) stops it starting new cases
+#               (those with targets first), so its report is written in time
 #   render      <= 25 s   .md/.png from the JSON (also after a cut-off sweep), the summary
 # The exit status is 1 if any step failed or was cut off; the summary at the end says which.
 set -uo pipefail
@@ -47,32 +51,37 @@ export TRITON_INTERPRET=0
 unset FUSED_LOSSES_BACKEND
 DEADLINE=${GPU_CHECK_BUDGET_S:-540}  # seconds; overridable only to test this script
 SITE=/tmp/bench-site
-REPORT=()
-FAILED=0
+STEPS=$(mktemp)  # one verdict line per step, also from the steps run side by side
 
-# step NAME CAP FILE COMMAND...: run COMMAND under `timeout`, its output also appended to FILE.
+# verdict NAME TEXT: add a step's line to the summary
+verdict() { printf '%-11s %s\n' "$1" "$2" >>"$STEPS"; }
+
+# step NAME CAP FILE COMMAND...: run COMMAND under `timeout`, its output appended to FILE
+# (and printed, unless QUIET=1: steps run side by side print only their file's tail, at the end)
 step() {
     local name=$1 cap=$2 file=$3
     shift 3
     local left=$((DEADLINE - SECONDS))
     ((cap > left)) && cap=$left
     if ((cap < 5)); then
-        REPORT+=("$(printf '%-11s NOT RUN: no time left' "$name")")
-        FAILED=1
+        verdict "$name" "NOT RUN: no time left"
         return 1
     fi
-    echo
     echo "=== $name (at ${SECONDS}s, at most ${cap}s): $* ==="
-    local t0=$SECONDS rc verdict=ok
-    timeout -s INT -k 10 "$cap" "$@" 2>&1 | tee -a "$file"
-    rc=${PIPESTATUS[0]}
-    if ((rc == 124 || rc == 137)); then
-        verdict="CUT OFF at ${cap}s"
-    elif ((rc != 0)); then
-        verdict="FAILED (exit $rc)"
+    local t0=$SECONDS rc v=ok
+    if [[ ${QUIET:-0} == 1 ]]; then
+        timeout -s INT -k 10 "$cap" "$@" >>"$file" 2>&1
+        rc=$?
+    else
+        timeout -s INT -k 10 "$cap" "$@" 2>&1 | tee -a "$file"
+        rc=${PIPESTATUS[0]}
     fi
-    [[ $verdict == ok ]] || FAILED=1
-    REPORT+=("$(printf '%-11s %-22s %4ss' "$name" "$verdict" $((SECONDS - t0)))")
+    if ((rc == 124 || rc == 137)); then
+        v="CUT OFF at ${cap}s"
+    elif ((rc != 0)); then
+        v="FAILED (exit $rc)"
+    fi
+    verdict "$name" "$(printf '%-22s %4ss' "$v" $((SECONDS - t0)))"
     return "$rc"
 }
 
@@ -109,8 +118,8 @@ print(p.name, f"{p.total_memory / 2**30:.1f} GiB,", p.multi_processor_count, "SM
     free -g | head -2
     return "$rc"
 }
-export -f install_project record_env
-export SITE
+export -f install_project record_env step verdict
+export SITE STEPS DEADLINE
 
 main() {
     echo "gpu_check: $(date -u +%FT%TZ) on $(hostname), commit ${BENCH_GIT_COMMIT:-unknown}, out $OUT_DIR"
@@ -118,11 +127,11 @@ main() {
         ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -1)
     export SANITIZER
 
-    step install 60 /dev/null bash -c install_project
+    step install 45 /dev/null bash -c install_project
     if compgen -G ".whl/*.whl" >/dev/null; then
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    step env 20 "$OUT_DIR/env.txt" bash -c record_env
+    step env 15 "$OUT_DIR/env.txt" bash -c record_env
 
     # plain pytest keeps the checkout off sys.path (tests/test_api.py checks the install);
     # `python3 -P -m pytest` does the same where no pytest script is on PATH
@@ -132,43 +141,53 @@ main() {
         workers=(-n 8)
         compile_workers=(-n 3)
     fi
-    # tests/test_compile.py (tests/_compile_check.py) compiles for sm_90 without a GPU, as CI
-    # does: not needed here
-    step pytest 200 "$OUT_DIR/pytest.txt" "${pytest_cmd[@]}" -q -p no:cacheprovider \
-        "${workers[@]}" --ignore=tests/test_compile.py --ignore=tests/test_torch_compile.py tests
+    local checks_cap=210 deadline=$DEADLINE
+    ((SECONDS + checks_cap < DEADLINE)) && DEADLINE=$((SECONDS + checks_cap))
+    echo
+    echo "=== checks side by side (at ${SECONDS}s, until ${DEADLINE}s) ==="
+    (QUIET=1 FUSED_LOSSES_TEST_BACKENDS=triton step pytest "$checks_cap" "$OUT_DIR/pytest.txt" \
+        "${pytest_cmd[@]}" -q -p no:cacheprovider "${workers[@]}" \
+        --ignore=tests/test_compile.py --ignore=tests/test_torch_compile.py \
+        --ignore=tests/test_trl.py --ignore=tests/test_distributed.py \
+        --ignore=tests/test_distributed_linear.py tests) &
+    (QUIET=1 step compile "$checks_cap" "$OUT_DIR/compile.txt" "${pytest_cmd[@]}" -q \
+        -p no:cacheprovider "${compile_workers[@]}" tests/test_torch_compile.py) &
+    (
+        export QUIET=1
+        step cuda_check 60 "$OUT_DIR/sanitizer.txt" python3 -m bench.cuda_check
+        if [[ -n "$SANITIZER" ]]; then
+            step memcheck "$checks_cap" "$OUT_DIR/sanitizer.txt" \
+                env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
+                --error-exitcode 3 --print-limit 20 python3 -m bench.cuda_check
+        else
+            verdict memcheck "NOT RUN: compute-sanitizer not found"
+        fi
+    ) &
+    wait
+    DEADLINE=$deadline
+    for f in pytest compile sanitizer; do
+        echo "--- $f.txt (tail)"
+        tail -n 12 "$OUT_DIR/$f.txt"
+    done
 
-    local sweep_cap=$((DEADLINE - SECONDS - 235))
+    local sweep_cap=$((DEADLINE - SECONDS - 40))
     step sweep "$sweep_cap" /dev/null \
         python3 -m bench --out "$OUT_DIR" --time-budget $((sweep_cap > 120 ? sweep_cap - 60 : sweep_cap / 2))
-
-    step cuda_check 45 "$OUT_DIR/sanitizer.txt" python3 -m bench.cuda_check
-    if [[ -n "$SANITIZER" ]]; then
-        step memcheck 75 "$OUT_DIR/sanitizer.txt" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
-            python3 -m bench.cuda_check
-    else
-        REPORT+=("$(printf '%-11s NOT RUN: compute-sanitizer not found' memcheck)")
-        FAILED=1
-    fi
-
-    step compile 90 "$OUT_DIR/compile.txt" "${pytest_cmd[@]}" -q -p no:cacheprovider \
-        "${compile_workers[@]}" tests/test_torch_compile.py
 
     local json
     json=$(ls -t "$OUT_DIR"/*.json 2>/dev/null | head -1)
     if [[ -n "$json" ]]; then
         step render 25 /dev/null python3 -m bench render "$json" --out "$OUT_DIR" --no-readme
     else
-        REPORT+=("$(printf '%-11s NOT RUN: the sweep wrote no JSON' render)")
-        FAILED=1
+        verdict render "NOT RUN: the sweep wrote no JSON"
     fi
 
     echo
     echo "=== gpu_check summary (${SECONDS}s in all) ==="
-    printf '%s\n' "${REPORT[@]}"
+    cat "$STEPS"
     ls -l "$OUT_DIR"
     [[ -n "$json" ]] && echo "results to commit: cp ${json%.json}.{json,md,png} bench/results/"
-    return "$FAILED"
+    ! grep -v -E '^\S+ +ok ' "$STEPS" >/dev/null
 }
 
 main 2>&1 | tee "$OUT_DIR/log.txt"
