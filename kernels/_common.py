@@ -23,8 +23,6 @@ try:  # torch >= 2.6: launches that torch.compile can trace without a graph brea
 except ImportError:  # pragma: no cover - older torch launches the kernel directly
     _wrap_triton = None
 
-_wrapped: dict[int, object] = {}
-
 
 def is_interpreted(kernel) -> bool:
     """True when Triton built ``kernel`` for its interpreter (``TRITON_INTERPRET=1`` when it
@@ -68,11 +66,10 @@ def launch(kernel, grid: tuple, writes: tuple[str, ...], **kwargs) -> None:
     # Only while torch.compile traces: in eager mode torch 2.11's wrapper is no direct call but
     # a trip through its higher-order-op dispatch on every launch (on the H200, Huber's
     # forward+backward took ~1.3 ms whatever its size, torch's 0.12 ms at 16M elements).
+    # (Dynamo takes wrap_triton for a no-op and traces the launch itself; it cannot trace a
+    # cache of wrappers keyed by id(kernel), which broke every compiled CUDA launch.)
     if compiling and _wrap_triton is not None:
-        key = id(kernel)
-        if key not in _wrapped:
-            _wrapped[key] = _wrap_triton(kernel)
-        kernel = _wrapped[key]
+        kernel = _wrap_triton(kernel)
     # Triton launches on the *current* device; the tensors may live on another (a model split
     # over GPUs). Inductor's generated code sets the device itself.
     if not compiling and device.index != torch.cuda.current_device():

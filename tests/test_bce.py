@@ -520,4 +520,6 @@ def test_over_2_pow_31_elements():
     assert_close(x.grad[rows], ref_x.grad, torch.bfloat16, "grad of the last rows")
     ref = F.binary_cross_entropy_with_logits(x.detach().float(), t.float(), pos_weight=pw,
                                              reduction="sum")
-    assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
+    # the loss is bf16: one rounding of the float32 sum, within 2^-9 of it (and the float32
+    # reference's own error of a 2^31-term sum is far below that)
+    assert abs(loss.item() - ref.item()) <= 2**-8 * abs(ref.item())

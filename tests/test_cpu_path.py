@@ -350,5 +350,7 @@ def test_half_cross_entropy_memory():
     n, v = 1024, 32000
     found = peaks("ce", (n, v))
     grad = n * v * 2
-    assert found["ours"] <= grad + 8 * 4 * eager.BLOCK_ELEMENTS, found
+    # a block's float32 temporaries (two of them at most) in each of torch's threads
+    blocks = max(8, torch.get_num_threads())
+    assert found["ours"] <= grad + blocks * 8 * eager.BLOCK_ELEMENTS, found
     assert found["ours"] <= 0.5 * found["torch"], found
