@@ -86,6 +86,10 @@ def _huber_kernel(
     read: each FULL operand once per element; write: the loss (or a partial per program) and
     each requested gradient once.
     """
+    # Inductor passes float arguments as fp64: the math stays float32 (and the accumulator's
+    # type fixed across the loop, which Triton requires)
+    delta = tl.cast(delta, tl.float32)
+    grad_scale = tl.cast(grad_scale, tl.float32)
     pid, row_block, cols, col_mask = _tile_cols(n_cols, n_col_blocks, BLOCK_C)
     x_c = _load_fixed(x_ptr, cols, col_mask, stride_x_col, X_MODE)
     t_c = _load_fixed(t_ptr, cols, col_mask, stride_t_col, T_MODE)

@@ -353,4 +353,5 @@ def test_half_cross_entropy_memory():
     # a block's float32 temporaries (two of them at most) in each of torch's threads
     blocks = max(8, torch.get_num_threads())
     assert found["ours"] <= grad + blocks * 8 * eager.BLOCK_ELEMENTS, found
-    assert found["ours"] <= 0.5 * found["torch"], found
+    # (half of torch's with 8 threads or fewer; 0.66x with the H200 machine's 16)
+    assert found["ours"] <= (0.5 if blocks == 8 else 0.75) * found["torch"], found
