@@ -278,15 +278,19 @@ def summary(run: dict) -> str:
 
 
 def newest(results: Path = RESULTS) -> Path | None:
-    """The newest results JSON, GPU runs before CPU ones."""
+    """The newest results JSON, GPU runs before CPU ones, and runs that measured every target
+    of their device before partial ones (a short rerun of a few cases does not replace the
+    last full sweep)."""
     found = []
     for path in results.glob("*.json"):
         try:
             run = load(path)
-            found.append((run["device"]["type"] == "cuda", run["date"], path))
+            complete = not any(line.endswith(")") and " not measured (" in line
+                               for line in target_lines(run))
+            found.append((run["device"]["type"] == "cuda", complete, run["date"], path))
         except (ValueError, KeyError, OSError):
             continue
-    return max(found)[2] if found else None
+    return max(found)[3] if found else None
 
 
 def readme_section(path: Path | None) -> str:

@@ -155,3 +155,14 @@ def test_cuda_check_script_runs_on_the_cpu_fallback(capsys):
 
     assert cuda_check.main(["--device", "cpu"]) == 0
     assert "checks passed" in capsys.readouterr().out
+
+
+def test_newest_prefers_a_full_sweep_to_a_later_partial_rerun(tmp_path):
+    # two H200 runs of one session: the full sweep, then a rerun of the RL and distillation
+    # cases only; the README keeps showing the sweep
+    full, partial = "h200-2026-12-04-164514.json", "h200-2026-12-04-170203.json"
+    for name in (full, partial):
+        (tmp_path / name).write_text((report.RESULTS / name).read_text())
+    assert report.newest(tmp_path).name == full
+    (tmp_path / full).unlink()
+    assert report.newest(tmp_path).name == partial
