@@ -1,4 +1,5 @@
-"""fused_losses.integrations.trl against TRL's own GRPOTrainer, on the CPU.
+"""fused_losses.integrations.trl against TRL's own GRPOTrainer, on the CPU (and RLOO, KTO and
+SFT trainers: two steps each as stock; every output of TRL's head).
 
 A real ``trl.GRPOTrainer`` on a tiny randomly initialised Llama (built from its config and
 saved to a temporary folder, with a word-level tokenizer made here: nothing is downloaded),
@@ -265,6 +266,141 @@ def test_torch_compile(tmp_path):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def sft_trainer(tmp_path, path, *, applied, **config):
+    options = dict(per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                   learning_rate=1e-2, seed=0, max_length=16, packing=False,
+                   model_init_kwargs={"dtype": torch.float32})
+    options.update(config)
+    args = trl.SFTConfig(str(tmp_path / ("sft-fused" if applied else "sft-stock")),
+                         report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                         disable_tqdm=True, dataloader_num_workers=0, **options)
+    texts = datasets.Dataset.from_dict({"prompt": PROMPTS["prompt"], "completion": [
+        " ".join(f"w{(5 * i + 11 * j) % (VOCAB - 4) + 4}" for j in range(2 + i % 5))
+        for i in range(len(PROMPTS))]})
+    t = trl.SFTTrainer(model=path, args=args, train_dataset=texts,
+                       processing_class=tokenizer(), callbacks=[Grads()])
+    return fl_trl.apply(t) if applied else t
+
+
+def test_sft_steps_match_stock(tmp_path, monkeypatch):
+    """SFTTrainer (temperature 1; TRL's head returns the entropy and is-top-1 for its
+    ``entropy`` and ``mean_token_accuracy`` metrics): two steps, the same losses, metrics and
+    gradients, every log-prob from the fused head."""
+    path = saved(tmp_path)
+    stock = sft_trainer(tmp_path, path, applied=False)
+    stock.train()
+    fused = sft_trainer(tmp_path, path, applied=True)
+    assert fused.model.__dict__[fl_trl._ATTR].outputs == ("entropy", "is_top1")
+    calls = Calls(monkeypatch)
+    fused.train()
+    assert calls.trl == 0 and calls.ours >= 2
+    ref, out = logs(stock), logs(fused)
+    assert len(ref) == len(out) == 2
+    for a, b in zip(ref, out, strict=True):
+        for key in ("loss", "entropy", "mean_token_accuracy", "grad_norm"):
+            assert key in a and math.isclose(b[key], a[key], rel_tol=1e-5, abs_tol=1e-6), (
+                key, a, b)
+    for g_ref, g in zip(grads_of(stock), grads_of(fused), strict=True):
+        assert g.keys() == g_ref.keys()
+        for name, grad in g.items():
+            torch.testing.assert_close(grad, g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rloo_steps_match_stock(tmp_path, monkeypatch):
+    """RLOOTrainer (temperature 0.7, a reference model): two steps as stock."""
+    path = saved(tmp_path)
+    runs = []
+    for applied in (False, True):
+        args = trl.RLOOConfig(str(tmp_path / f"rloo-{applied}"), report_to=[], use_cpu=True,
+                              bf16=False, save_strategy="no", disable_tqdm=True,
+                              dataloader_num_workers=0, per_device_train_batch_size=4,
+                              num_generations=4, max_completion_length=8, max_steps=2,
+                              logging_steps=1, learning_rate=1e-2, temperature=0.7, seed=0,
+                              beta=0.05, model_init_kwargs={"dtype": torch.float32})
+        t = trl.RLOOTrainer(model=path, reward_funcs=reward, args=args, train_dataset=PROMPTS,
+                            processing_class=tokenizer(), callbacks=[Grads()])
+        if applied:
+            fl_trl.apply(t)
+            calls = Calls(monkeypatch)
+        t.train()
+        runs.append(t)
+    assert calls.trl == 0 and calls.ours >= 2
+    assert_same_run(*runs)
+
+
+def test_kto_steps_match_stock(tmp_path, monkeypatch):
+    """KTOTrainer (a reference model; TRL's head returns the mean logit of its ``logits/*``
+    metrics): two steps as stock."""
+    path = saved(tmp_path)
+    data = datasets.Dataset.from_dict({
+        "prompt": PROMPTS["prompt"],
+        "completion": [f"w{4 + i} w{9 + 2 * i}" for i in range(len(PROMPTS))],
+        "label": [i % 2 == 0 for i in range(len(PROMPTS))]})
+    runs = []
+    for applied in (False, True):
+        args = trl.KTOConfig(str(tmp_path / f"kto-{applied}"), report_to=[], use_cpu=True,
+                             bf16=False, save_strategy="no", disable_tqdm=True,
+                             dataloader_num_workers=0, per_device_train_batch_size=4,
+                             max_steps=2, logging_steps=1, learning_rate=1e-2, seed=0,
+                             model_init_kwargs={"dtype": torch.float32})
+        t = trl.KTOTrainer(model=path, args=args, train_dataset=data,
+                           processing_class=tokenizer(), callbacks=[Grads()])
+        if applied:
+            fl_trl.apply(t)
+            assert t.model.__dict__[fl_trl._ATTR].outputs == ("entropy", "mean_logits")
+            calls = Calls(monkeypatch)
+        t.train()
+        runs.append(t)
+    assert calls.trl == 0 and calls.ours >= 2
+    ref, out = logs(runs[0]), logs(runs[1])
+    assert len(ref) == len(out) == 2
+    for a, b in zip(ref, out, strict=True):
+        keys = [k for k in a if k == "loss" or k.startswith(("logits/", "logps/", "rewards/"))]
+        assert "loss" in keys and any(k.startswith("logits/") for k in keys), a
+        for key in keys:
+            assert math.isclose(b[key], a[key], rel_tol=1e-5, abs_tol=1e-6), (key, a, b)
+    for g_ref, g in zip(grads_of(runs[0]), grads_of(runs[1]), strict=True):
+        assert g.keys() == g_ref.keys()
+        for name, grad in g.items():
+            torch.testing.assert_close(grad, g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_every_output_of_trls_head(tmp_path, backend):
+    """A head set up for all of TRL's per-token outputs: log-probs, entropy, log sum p^2, the
+    mean logit and is-top-1 as TRL's head gives them (0 / False where the label is ignored),
+    the loss, and the gradients of log-probs and entropy; both backends."""
+    t = trainer(tmp_path, saved(tmp_path), applied=False, beta=0.0)
+    model = t.model
+    trl.trainer.utils.add_fused_lm_head(model, temperature=0.7,
+                                        outputs=fl.LogProbOutputs._fields)
+    ids = torch.randint(4, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 7] = -100
+    results = []
+    for applied in (False, True):
+        if applied:
+            fl_trl.apply(t)
+            assert model.__dict__[fl_trl._ATTR].outputs == fl.LogProbOutputs._fields[1:]
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + 0.5 * out.entropy.sum()).backward()
+        results.append((out, model.model.norm.weight.grad.clone()))
+    (ref, g_ref), (out, g) = results
+    mask = labels[:, 1:] != -100
+    assert torch.equal(out.label_mask, ref.label_mask) and torch.equal(out.label_mask, mask)
+    for name in fl.LogProbOutputs._fields:
+        a, b = getattr(ref, name), getattr(out, name)
+        assert b is not None and b.dtype == a.dtype and b.shape == a.shape, name
+        if name == "is_top1":
+            assert torch.equal(b, a) and not b[~mask].any()
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+            assert (b[~mask] == 0).all(), name
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # Precision
 # ------------------------------------------------------------------------------------------
@@ -339,7 +475,7 @@ def test_revert_and_generate_unchanged(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(TypeError, match="expected a trl.GRPOTrainer"):
+    with pytest.raises(TypeError, match="expected a trl trainer among"):
         fl_trl.apply(object())
     path = saved(tmp_path)
     with pytest.raises(ValueError, match="chunk_size"):

@@ -1,10 +1,10 @@
-"""TRL: one call makes ``GRPOTrainer``'s per-token log-probs and entropies come from
-:func:`fused_losses.linear_log_probs`.
+"""TRL: one call makes a TRL trainer's per-token log-probs (and entropies, and the other
+per-token statistics TRL's head returns) come from :func:`fused_losses.linear_log_probs`.
 
     from fused_losses.integrations import trl as fl_trl
 
     trainer = GRPOTrainer(model=..., reward_funcs=..., args=..., train_dataset=...)
-    fl_trl.apply(trainer)             # chunk_size= optional
+    fl_trl.apply(trainer)             # chunk_size= optional; RLOO, KTO and SFT trainers too
     trainer.train()
     fl_trl.revert(trainer)            # TRL's own head again
 
@@ -18,6 +18,14 @@ allocated, and each chunk's logits are float32 (from bfloat16 operands too), whe
 head rounds them to the compute dtype first. Log-probs and entropies come out in float32,
 zero where the label is ``-100`` and without a gradient there, as TRL's do, so the loss, the
 entropy bonus and the entropy-quantile mask are computed from them exactly as stock.
+
+The same holds for every TRL 1.16 trainer that scores tokens through TRL's fused head
+(``add_fused_lm_head``): ``GRPOTrainer`` and ``RLOOTrainer`` (log-probs and entropy at the
+sampling temperature), ``KTOTrainer`` (with the mean logit of its ``logits/*`` metrics) and
+``SFTTrainer`` (whose loss is then the mean of ``-log p`` over the labelled tokens, with
+``is_top1`` for its ``mean_token_accuracy`` metric): every output TRL's head was set up to
+return (``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) comes from the same
+fused pass.
 
 Where it hooks
 --------------
@@ -54,8 +62,7 @@ What it does not serve
   reads ``lm_head.weight``, which is not what the adapter computes;
 - the MoE load-balancing loss (``output_router_logits`` in the config, or the trainer's
   ``router_aux_loss_coef``): TRL adds it inside its head's forward;
-- DeepSpeed ZeRO-3 and FSDP (sharded head weights: untested here);
-- TRL's head asked for outputs other than log-probs and entropy.
+- DeepSpeed ZeRO-3 and FSDP (sharded head weights: untested here).
 
 Each reason is one of these checks in :func:`apply`; nothing is left to a silent fallback.
 """
@@ -87,7 +94,10 @@ except ImportError as e:  # pragma: no cover - the optional dependency is missin
 __all__ = ["apply", "is_applied", "revert"]
 
 _ATTR = "_fused_losses_trl"  # the state, on each model whose forward is ours
-_SERVED_OUTPUTS = ("log_probs", "entropy")
+_SERVED_OUTPUTS = fl.LogProbOutputs._fields  # every per-token output of TRL's head
+# the trainers whose models carry TRL's fused head (those of this TRL that exist)
+_TRAINERS = tuple(getattr(trl, name) for name in ("GRPOTrainer", "RLOOTrainer", "KTOTrainer",
+                                                  "SFTTrainer") if hasattr(trl, name))
 _IGNORE = -100  # TRL marks the positions it does not score with -100
 
 
@@ -112,7 +122,7 @@ class _State:
     temperature: float
     softcap: float | None
     logit_scale: float
-    entropy: bool  # whether TRL's head computes the entropy (the policy's does)
+    outputs: tuple[str, ...]  # what TRL's head returns beyond log-probs (entropy, ...)
     cast_lm_head_to_fp32: bool
     backbone_attr: str
     chunk_size: int | None
@@ -124,8 +134,9 @@ def apply(trainer, *, chunk_size: int | None = None):
     policy's and the reference model's; the ``(batch, seq, vocab)`` logits never allocated.
 
     Args:
-        trainer: a ``trl.GRPOTrainer`` (TRL >= 1.16, whose models carry TRL's fused head) of
-            a text causal LM. Apply before ``trainer.train()``.
+        trainer: a ``trl.GRPOTrainer``, ``RLOOTrainer``, ``KTOTrainer`` or ``SFTTrainer``
+            (TRL >= 1.16, whose models carry TRL's fused head) of a text causal LM. Apply
+            before ``trainer.train()``.
         chunk_size: tokens per chunk of the head (default: as
             :func:`fused_losses.linear_log_probs`).
 
@@ -133,7 +144,7 @@ def apply(trainer, *, chunk_size: int | None = None):
     second call only updates ``chunk_size``; :func:`revert` undoes it.
 
     Raises:
-        TypeError: ``trainer`` is not a ``GRPOTrainer``, or a model has no TRL fused head or
+        TypeError: ``trainer`` is not one of those trainers, or a model has no TRL fused head or
             an ``lm_head`` that is not a plain ``nn.Linear``.
         ValueError: something the fused head does not serve (see the module's docstring),
             with the reason.
@@ -141,11 +152,12 @@ def apply(trainer, *, chunk_size: int | None = None):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(trainer, trl.GRPOTrainer):
-        raise TypeError(f"expected a trl.GRPOTrainer, got {type(trainer).__name__}")
+    if not isinstance(trainer, _TRAINERS):
+        raise TypeError(f"expected a trl trainer among {[t.__name__ for t in _TRAINERS]}, "
+                        f"got {type(trainer).__name__}")
     if _TRL_FORWARD is None:
         raise TypeError(f"TRL {trl.__version__} has no add_fused_lm_head (TRL >= 1.16 expected): "
-                        "its GRPOTrainer computes the log-probs another way")
+                        "its trainers compute the log-probs another way")
     _check_trainer(trainer)
     # check every model before changing any
     names = ("the policy", "the reference model")
@@ -269,15 +281,17 @@ def _plan(model, what: str, trainer, chunk_size) -> _State:
         raise _refuse(f"TRL's head scales {name}'s logits by {logit_scale}, which its forward "
                       "does not")
     temperature = trl_head.get("temperature")
-    if temperature != trainer.temperature:
+    sampling = getattr(trainer, "temperature", None)  # (GRPO's and RLOO's; SFT, KTO: none)
+    if sampling is not None and temperature != sampling:
         raise _refuse(f"TRL's head divides the logits by temperature {temperature}, the trainer "
-                      f"samples at {trainer.temperature}")
+                      f"samples at {sampling}")
     outputs = tuple(trl_head.get("outputs", ()))
     if not set(outputs) <= set(_SERVED_OUTPUTS):
         raise _refuse(f"TRL's head computes {outputs}; the fused head serves "
                       f"{_SERVED_OUTPUTS}")
     return _State(stock_forward=forward, temperature=float(temperature), softcap=softcap,
-                  logit_scale=1.0, entropy="entropy" in outputs, cast_lm_head_to_fp32=cast,
+                  logit_scale=1.0, outputs=tuple(o for o in outputs if o != "log_probs"),
+                  cast_lm_head_to_fp32=cast,
                   backbone_attr=trl_head.get("backbone_attr", "base_model"),
                   chunk_size=chunk_size)
 
@@ -328,12 +342,11 @@ def _fused_forward(cls_forward, state: _State):
         head = self.get_output_embeddings()
         _check_head(head, type(self).__name__, state.cast_lm_head_to_fp32)
         labels = labels.to(head.weight.device)
-        log_probs, entropy = _head(hidden.to(head.weight.device), head.weight, head.bias,
-                                   labels, state)
+        out = _head(hidden.to(head.weight.device), head.weight, head.bias, labels, state)
         mask = labels != _IGNORE
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs,
-                                   entropy=entropy, label_mask=mask)
+        return FusedCausalLMOutput(loss=-out.log_probs.sum() / count, label_mask=mask,
+                                   **out._asdict())
 
     forward._fused_losses = True
     return forward
@@ -341,8 +354,9 @@ def _fused_forward(cls_forward, state: _State):
 
 @torch.compiler.disable
 def _head(hidden, weight, bias, labels, state: _State):
-    """Log-probs (and the entropy) of ``labels`` at every position, 0 where ignored: the
-    labelled positions through :func:`fused_losses.linear_log_probs`, scattered back."""
+    """``LogProbOutputs`` of ``labels`` at every position (log-probs and the outputs TRL's
+    head returns; 0 or False where ignored): the labelled positions through
+    :func:`fused_losses.linear_log_probs`, scattered back."""
     mask = labels != _IGNORE
     x, target = hidden[mask], labels[mask]
     autocast = contextlib.nullcontext()
@@ -353,11 +367,10 @@ def _head(hidden, weight, bias, labels, state: _State):
         out = fl.linear_log_probs(x, weight, target, linear_bias=bias,
                                   temperature=state.temperature, softcap=state.softcap,
                                   logit_scale=state.logit_scale, ignore_index=_IGNORE,
-                                  return_entropy=state.entropy, chunk_size=state.chunk_size)
-    log_probs, entropy = (out[0], out[1]) if state.entropy else (out, None)
+                                  outputs=state.outputs, chunk_size=state.chunk_size)
 
     def scatter(values):  # masked_scatter: the graph stays connected when no label counts
         return None if values is None else values.new_zeros(mask.shape).masked_scatter(
             mask, values)
 
-    return scatter(log_probs), scatter(entropy)
+    return fl.LogProbOutputs(*(scatter(values) for values in out))
