@@ -8,12 +8,13 @@
 #
 # Expects python3 with torch and triton (and pytest, matplotlib); installs the project offline
 # (pip install --no-deps --no-build-isolation -e .) and the peers' wheels in .whl/ if any
-# (bench/README.md says how to fetch them). Writes at most 8 files, all directly in OUT_DIR:
+# (bench/README.md says how to fetch them). Writes at most 9 files, all directly in OUT_DIR:
 #   log.txt        everything printed below
 #   env.txt        nvidia-smi, driver, versions, installed peers
 #   pytest.txt     pytest -q over tests/ on CUDA, the kernels' half (see below)
 #   compile.txt    tests/test_torch_compile.py: the losses in Inductor graphs
 #   sanitizer.txt  python -m bench.cuda_check, plainly and under compute-sanitizer memcheck
+#   profile.txt    python -m bench.head_profile (the RL head's time, step by step)
 #   <gpu>-<date>-<time>.json, .md, .png   the sweep: copy them into bench/results/ as they are
 #
 # Budget: 540 s from the start. Each step is stopped by `timeout` at its cap or at what is left
@@ -31,8 +32,9 @@
 #     cuda_check, then memcheck: python -m bench.cuda_check (each loss on small CUDA inputs
 #               against torch), plainly, then under compute-sanitizer memcheck with PyTorch's
 #               allocator cache off
-#   sweep       what is left less 40 s; --time-budget (60 s less) stops it starting new cases
+#   sweep       what is left less 85 s; --time-budget (60 s less) stops it starting new cases
 #               (those with targets first), so its report is written in time
+#   profile     <= 45 s   python -m bench.head_profile: one chunk of the RL head, step by step
 #   render      <= 25 s   .md/.png from the JSON (also after a cut-off sweep), the summary
 # The exit status is 1 if any step failed or was cut off; the summary at the end says which.
 set -uo pipefail
@@ -170,9 +172,10 @@ main() {
         tail -n 12 "$OUT_DIR/$f.txt"
     done
 
-    local sweep_cap=$((DEADLINE - SECONDS - 40))
+    local sweep_cap=$((DEADLINE - SECONDS - 85))
     step sweep "$sweep_cap" /dev/null \
         python3 -m bench --out "$OUT_DIR" --time-budget $((sweep_cap > 120 ? sweep_cap - 60 : sweep_cap / 2))
+    step profile 45 "$OUT_DIR/profile.txt" python3 -m bench.head_profile
 
     local json
     json=$(ls -t "$OUT_DIR"/*.json 2>/dev/null | head -1)

@@ -1,0 +1,159 @@
+"""Where the RL head's time goes: each step of one chunk of ``linear_log_probs``, timed alone.
+
+The benchmark times the whole head (forward + backward) against its four GEMMs; this splits
+one chunk into the driver's steps, so that the gap has a name:
+
+- the forward's GEMM with a bfloat16 result (what the "4 GEMMs" baseline and TRL's head
+  write) and with a float32 result (``mm.dtype_out``: what ours writes, never rounded);
+- the row pass (``log_probs.row_log_probs``: log p, with and without the entropy) over the
+  chunk's float32 logits;
+- the backward's gradient pass (``log_probs.log_prob_grad``: float32 logits in, bfloat16
+  gradient out, with and without the entropy's term);
+- the two gradient GEMMs (``dlogits @ W`` and ``dlogits.T @ x``).
+
+Each line gives the median time, and for the passes over memory the bytes they must move
+over the copy bandwidth measured here (their roofline). Then the sum of one chunk's steps
+times the chunks, against the whole head's time measured the same way.
+
+    python -m bench.head_profile                # CUDA: N=8192, H=4096, V=128256, bf16
+    python -m bench.head_profile --device cpu --tokens 256 --hidden 64 --vocab 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from fused_losses.kernels import eager
+
+import fused_losses as fl
+
+
+def _timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=5, rep=60, return_mode="median")
+
+    def cpu(fn):
+        fn()
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    return cpu
+
+
+def _copy_gbps(device: str, ms_of) -> float:
+    a = torch.empty(1 << 28 if device == "cuda" else 1 << 24, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() / (ms_of(lambda: b.copy_(a)) * 1e-3) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--chunk", type=int, default=None, help="default: the head's own choice")
+    a = p.parse_args(argv)
+    dev = a.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to profile")
+        return 2
+    kernels = dev == "cuda"
+    if kernels:
+        from fused_losses.kernels import log_probs as ops
+    else:
+        ops = eager
+    from fused_losses.kernels.linear_cross_entropy import _mm
+
+    torch.manual_seed(0)
+    n, h, v = a.tokens, a.hidden, a.vocab
+    dtype = torch.bfloat16
+    x = (torch.randn(n, h, device=dev) * 0.5).to(dtype)
+    w = (torch.randn(v, h, device=dev) * 0.02).to(dtype)
+    t = torch.randint(0, v, (n,), device=dev)
+    g = torch.randn(n, device=dev)
+    opts = eager.Options(temperature=0.7)
+    ms_of = _timer(dev)
+    gbps = _copy_gbps(dev, ms_of)
+
+    # the head's chunk: ask it (the public default) unless given
+    chunk = a.chunk
+    if chunk is None:
+        from fused_losses.log_probs import _chunk
+
+        chunk = _chunk(n, v, dev, None, "linear_log_probs")
+    r = min(chunk, n)
+    xc, tc, gc = x[:r], t[:r].contiguous(), g[:r].contiguous()
+    z32 = torch.empty(r, v, dtype=torch.float32, device=dev)
+    z16 = torch.empty(r, v, dtype=dtype, device=dev)
+    d16 = torch.empty(r, v, dtype=dtype, device=dev)
+    gx = torch.empty(r, h, dtype=torch.float32, device=dev)
+    gw = torch.zeros(v, h, dtype=torch.float32, device=dev)
+    wt = w.t()
+    _mm(z32, xc, wt, accumulate=False)
+    rows, stats = ops.row_log_probs(z32, tc, opts, outputs=("entropy",))
+    ent = rows.entropy.clone()
+
+    def row(entropy):
+        ops.row_log_probs(z32, tc, opts, outputs=("entropy",) if entropy else ())
+
+    def grad(entropy):
+        z = z32 if kernels else z32.clone()
+        ops.log_prob_grad(z, tc, stats, ent if entropy else None, gc,
+                          gc if entropy else None, opts, grad=d16)
+
+    steps = [
+        ("GEMM x W^T -> bf16", lambda: torch.mm(xc, wt, out=z16), None),
+        ("GEMM x W^T -> fp32 (ours)", lambda: _mm(z32, xc, wt, accumulate=False), None),
+        ("row pass: log p", lambda: row(False), 4 * r * v),
+        ("row pass: log p + entropy", lambda: row(True), 4 * r * v),
+        ("grad pass: log p", lambda: grad(False), 6 * r * v),
+        ("grad pass: log p + entropy", lambda: grad(True), 6 * r * v),
+        ("GEMM dlogits @ W (grad x)", lambda: _mm(gx, d16, w, accumulate=False), None),
+        ("GEMM dlogits^T @ x (grad W)", lambda: _mm(gw, d16.t(), xc, accumulate=True), None),
+    ]
+    n_chunks = -(-n // r)
+    print(f"{dev}: N={n} H={h} V={v} bf16, chunk {r} tokens ({n_chunks} chunks), T=0.7; "
+          f"copy bandwidth {gbps:.0f} GB/s")
+    print(f"{'step (one chunk)':32s} {'ms':>9s} {'x chunks':>9s} {'roofline':>9s}")
+    times = {}
+    for name, fn, nbytes in steps:
+        ms = ms_of(fn)
+        times[name] = ms
+        roof = "" if nbytes is None else f"{ms / (nbytes / gbps / 1e6):8.2f}x"
+        print(f"{name:32s} {ms:9.3f} {ms * n_chunks:9.2f} {roof:>9s}", flush=True)
+
+    x_l, w_l = x.clone().requires_grad_(), w.clone().requires_grad_()
+    g2 = torch.randn(n, device=dev)
+
+    def head():
+        x_l.grad = w_l.grad = None
+        lp, en = fl.linear_log_probs(x_l, w_l, t, temperature=0.7, return_entropy=True,
+                                     chunk_size=r)
+        (lp * g + en * g2).sum().backward()
+
+    whole = ms_of(head)
+    ours = n_chunks * (2 * times["GEMM x W^T -> fp32 (ours)"] + times["row pass: log p + entropy"]
+                       + times["grad pass: log p + entropy"]
+                       + times["GEMM dlogits @ W (grad x)"]
+                       + times["GEMM dlogits^T @ x (grad W)"])
+    four = n_chunks * (2 * times["GEMM x W^T -> bf16"] + times["GEMM dlogits @ W (grad x)"]
+                       + times["GEMM dlogits^T @ x (grad W)"])
+    print(f"{'sum of the steps (log p + H)':32s} {ours:9.2f} ms; the whole head {whole:.2f} ms "
+          f"(the rest: {whole - ours:.2f} ms of casts, launches, allocations); 4 bf16 GEMMs "
+          f"{four:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
