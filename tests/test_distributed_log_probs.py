@@ -121,6 +121,10 @@ def check_outputs(rank, widths):
     w[v - 1], b[v - 1] = w[0], b[0]
     x[0] = x[1] = torch.tensor([20.0, 0.0, 0.0, 0.0])
     t[0], t[1] = v - 1, 0
+    # row 3's top-1 is its target, in the last block (its global index, not the block's)
+    w[v - 2] = torch.tensor([-2.0, 0.0, 0.0, 0.0])
+    x[3] = torch.tensor([-20.0, 0.0, 0.0, 0.0])
+    t[3] = v - 2
     opts = dict(temperature=0.8, logit_scale=1.5)
     logits = F.linear(x.double(), w.double(), b.double())
     for backend in BACKENDS:
@@ -129,7 +133,7 @@ def check_outputs(rank, widths):
             out = sharded(x, w[block], t, b[block], shard_sizes=widths, outputs=ALL_OUTPUTS,
                           **opts)
         check_extras(out, logits, t, **opts)
-        assert not bool(out.is_top1[0]) and bool(out.is_top1[1])
+        assert out.is_top1.tolist() == [False, True, False, True, bool(out.is_top1[4])]
         ref_lp, ref_h = reference(x.double(), w.double(), t, b.double(), **opts)
         assert_close(out.log_probs, ref_lp, torch.float32, "log_probs (outputs)")
         assert_close(out.entropy, ref_h, torch.float32, "entropy (outputs)")
