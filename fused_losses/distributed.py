@@ -65,6 +65,19 @@ Design points:
   the block's, with no communication. Every rank's chunks have the same rows (the chunk size
   is planned from the widest block, the same everywhere; an explicit ``chunk_size`` must
   agree, as the number of tokens must).
+- **The tensor-parallel RL head** (``linear_log_probs(..., process_group=)``):
+  ``ShardedLogProbChunks``, the log-prob head's per-chunk loss on the chunked-head driver
+  (``kernels/chunked_head.py``). Per chunk each rank computes its block's statistics of each
+  row (``eager.LP_STATS``: max, sum of exponentials, the entropy's sum, the target's logit
+  where it is in the block; on request the sum of squares, the logits' sum and the first
+  argmax), one all-gather with the same header (``exchange``), and every rank merges them
+  alike (``eager.combine_log_prob_stats``): log p, entropy and the requested outputs the
+  same on every rank, and each row's (m~, log2 s), kept for the backward. The backward has
+  no collective: the log-prob head's gradient of the block (the row gradient kernel with
+  the block's class offset) from the kept statistics, then one all-reduce of the input's
+  gradient (float32 for a half-precision input). The statistics' layout is fixed (7 a row
+  whatever is requested): a rank that asks for other outputs disagrees in its header's
+  argument hash, not in the all-gather's size.
 - **DTensor weights** (``dtensor_linear_cross_entropy``): a replicated DTensor input with a
   weight sharded ``Shard(0)`` over one mesh dimension is tensor parallelism (the head above,
   over that dimension's group); a plain input with a DTensor weight (FSDP2's sharded
@@ -782,6 +795,11 @@ class ShardedChunks:
         _dist().all_reduce(grad, group=self.group)
 
 
+def _log_prob_extra(outputs: tuple) -> tuple:
+    """What the RL head's ranks must ask alike besides ``Options`` (``_signature``)."""
+    return ("linear_log_probs", tuple(outputs))
+
+
 class ShardedLogProbChunks(LogProbChunks):
     """The per-chunk log-probabilities (and requested outputs) of the tensor-parallel LM head
     (``linear_log_probs(..., process_group=)``), a ``chunked_head.ChunkLoss``: each chunk's
@@ -800,10 +818,21 @@ class ShardedLogProbChunks(LogProbChunks):
     after the sum). The weight's and bias's gradients are the block's."""
 
     def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple, group,
-                 shard: VocabShard, error, signature: int, input_grad_dtype):
+                 shard: VocabShard, error, dtype: torch.dtype, input_grad_dtype):
+        """``dtype``: the operands' (the arguments' hash); ``error``: this rank's own, found
+        before the first all-gather (raised after it); ``input_grad_dtype``: the input's
+        gradient summed in it."""
         super().__init__(opts, kernels, outputs)
         self.group, self.shard, self.error = group, shard, error
-        self.signature, self.input_grad_dtype = signature, input_grad_dtype
+        self.signature = _signature(opts, None, dtype, _log_prob_extra(outputs))
+        self.input_grad_dtype = input_grad_dtype
+
+    @staticmethod
+    def layout(process_group, shard_sizes, device, width: int, n_rows: int,
+               opts: eager.Options, dtype: torch.dtype, outputs: tuple):
+        """``lm_head_layout`` of the RL head (its arguments' hash has its outputs)."""
+        return lm_head_layout(process_group, shard_sizes, device, width, n_rows, opts, None,
+                              dtype, _log_prob_extra(outputs))
 
     def workspace(self, logits, operands, backward):
         """The eager backward's scratch (``eager.chunk_log_prob_grad_``'s two buffers)."""

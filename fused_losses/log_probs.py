@@ -262,8 +262,17 @@ def linear_log_probs(
         chunk_size (int, optional, keyword-only): tokens per chunk. Default: the most whose
             float32 logits fit 256 MiB on a GPU (16 MiB on a CPU), at most an eighth of the
             tokens from 1,024 tokens on.
-        process_group, shard_sizes (keyword-only): a head sharded by vocabulary over a
-            process group, as :func:`fused_losses.linear_cross_entropy`'s. Default: ``None``
+        process_group (ProcessGroup, optional, keyword-only): a head sharded by vocabulary
+            over the group, as :func:`fused_losses.linear_cross_entropy`'s: the weight (and
+            bias) are this rank's contiguous block of rows (classes), in rank order; the
+            input and the (global) targets the same on every rank. One all-gather of
+            per-token statistics per chunk in the forward, none in the backward, one
+            all-reduce of the input's gradient per backward; every output is the same on
+            every rank, the weight's and bias's gradients are the block's. Not under
+            torch.compile, torch.func or ``create_graph=True``. Default: ``None``
+        shard_sizes (sequence of int, optional, keyword-only): with ``process_group``,
+            every rank's block width in rank order (else exchanged on the group's first
+            call and cached). Default: ``None``
 
     Returns:
         float32 log-probabilities of the target's shape (float64 for float64 operands), or
@@ -364,8 +373,8 @@ def linear_log_probs(
             from .distributed import ShardedLogProbChunks
 
             t = t.long()  # (the protocol's fingerprint and kernels read int64 targets)
-            loss = ShardedLogProbChunks(opts, kernels, requested, *tp, _tp_signature(
-                opts, input.dtype, requested), torch.promote_types(accum, input.dtype))
+            loss = ShardedLogProbChunks(opts, kernels, requested, *tp, input.dtype,
+                                        torch.promote_types(accum, input.dtype))
         x, w, b, t = detached_without_grad_mode(x, linear_weight, linear_bias,
                                                 t.contiguous())
         rows = eager.unpack(ChunkedHeadFunction.apply(x, w, b, plan, loss, t), requested)
@@ -373,23 +382,15 @@ def linear_log_probs(
     return _result(rows, return_entropy, outputs)
 
 
-def _tp_signature(opts: eager.Options, dtype: torch.dtype, requested: tuple) -> int:
-    """The sharded head's arguments' hash, checked alike on every rank (the options, the
-    operands' dtype, the outputs requested: they set the all-gather's content)."""
-    from .distributed import _signature
-
-    return _signature(opts, None, dtype, ("linear_log_probs", requested))
-
-
 def _sharded_layout(fn: str, process_group, shard_sizes, input, linear_weight, target,
                     opts: eager.Options, requested: tuple):
     """(group, this rank's VocabShard, None or its deferred error) of a vocab-sharded head,
     after the checks every rank makes alike (raised before any collective)."""
-    from .distributed import lm_head_layout
+    from .distributed import ShardedLogProbChunks
 
     if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):
         raise NotImplementedError(f"{fn} over a process group runs neither under "
                                   "torch.compile nor under torch.func transforms")
-    return lm_head_layout(process_group, shard_sizes, input.device, linear_weight.shape[0],
-                          math.prod(target.shape), opts, None, input.dtype,
-                          ("linear_log_probs", requested))
+    return ShardedLogProbChunks.layout(process_group, shard_sizes, input.device,
+                                       linear_weight.shape[0], math.prod(target.shape), opts,
+                                       input.dtype, requested)

@@ -141,6 +141,18 @@ def check_outputs(rank, widths):
             assert_same_on_every_rank(value, f"outputs ({backend})")
 
 
+def check_float64(rank, widths):
+    """float64 operands: the eager formula in float64 (a float64 all-gather block)."""
+    block = slice(sum(widths[:rank]), sum(widths[:rank + 1]))
+    x, w, b, t = operands((N,), H, sum(widths), torch.float64, "cpu")
+    t[0] = -100
+    lp, h = sharded(x, w[block], t, b[block], shard_sizes=widths, temperature=0.7)
+    ref_lp, ref_h = reference(x, w, t, b, temperature=0.7)
+    assert lp.dtype == torch.float64
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, ref_h, rtol=1e-12, atol=1e-12)
+
+
 def check_collectives(rank, widths):
     """Per chunk one all-gather in the forward; one all-reduce (the input's gradient) per
     backward, none without it."""
@@ -169,6 +181,7 @@ def check_world_2(rank, world):
     compare(rank, (5, 8), torch.bfloat16, temperature=0.7, ignore=(4,))
     _backend("torch")
     compare(rank, (5, 8), torch.bfloat16, softcap=3.0)
+    check_float64(rank, (5, 8))
     check_outputs(rank, (5, 8))
     check_collectives(rank, (5, 8))
 
@@ -228,6 +241,16 @@ def check_errors(rank, world):
         lp, _ = sharded(xi, wr, t, shard_sizes=widths)
         with pytest.raises(RuntimeError, match="create_graph"):
             torch.autograd.grad(lp.sum(), xi, create_graph=True)
+    # headers checked on the device (a GPU's later calls): a disagreement makes every
+    # output NaN on every rank, without a sync, and raises nothing
+    from fused_losses import distributed
+
+    distributed.CHECK_ON_HOST = False
+    try:
+        lp, h = sharded(x, wr, t, shard_sizes=widths, temperature=0.5 if rank == 0 else 0.7)
+        assert lp.isnan().all() and h.isnan().all()
+    finally:
+        distributed.CHECK_ON_HOST = None
     lp, h = sharded(x, wr, t, shard_sizes=widths)
     assert torch.isfinite(lp).all() and torch.isfinite(h).all()
 
