@@ -261,3 +261,54 @@ def test_world_2(tmp_path):
 
 def test_world_3(tmp_path):
     run_world(3, ["check_world_3", "check_errors"], tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# the blocks' statistics and their merge, in one process (no group): every output of rows
+# split into blocks, against the whole rows'
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("widths", "softcap"), [((3, 0, 9), None), ((8194, 5), 30.0)])
+def test_partial_stats_merge_to_whole_rows(backend, widths, softcap):
+    """Rows cut into blocks (an empty one; one longer than the kernels' register block,
+    looped over) give, merged, the whole rows' log p, entropy, log sum p^2, mean logit,
+    is-top-1 (ties across blocks, a row of -inf in one block), and (m~, log2 s); both
+    backends' partial statistics, the eager merge."""
+    from fused_losses.kernels import eager
+
+    ops = eager
+    if backend == "triton":
+        from fused_losses.kernels import log_probs as ops
+    opts = eager.Options(softcap=softcap, temperature=0.8, logit_scale=1.25)
+    v, n = sum(widths), 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, v, generator=g) * 3
+    t = torch.randint(0, v, (n,), generator=g)
+    t[1] = -100
+    x[2, -1] = x[2, 0] = x[2].max() + 1  # the max in the first and the last block: first
+    t[2] = v - 1
+    x[3, -1] = x[3].max() + 1  # the target alone at the max, in the last block
+    t[3] = v - 1
+    x[4, :widths[0]] = -torch.inf  # one block of -inf logits
+    parts, offset = [], 0
+    for width in widths:
+        out = torch.empty(eager.LP_STATS, n)
+        ops.log_prob_partial_stats(x[:, offset:offset + width].contiguous(), t, opts,
+                                   class_offset=offset, n_classes=v,
+                                   outputs=eager.EXTRA_OUTPUTS, out=out)
+        parts.append(out)
+        offset += width
+    merged = eager.allocate_rows(n, eager.EXTRA_OUTPUTS, torch.float32, "cpu")
+    eager.combine_log_prob_stats(torch.stack(parts), t, opts, v, eager.EXTRA_OUTPUTS,
+                                 out=merged)
+    whole, stats = eager.row_log_probs(x, t, opts, outputs=eager.EXTRA_OUTPUTS)
+    rows, merged_stats = merged
+    for name in ("log_probs", "entropy", "log_sum_sq_probs"):
+        assert_close(getattr(rows, name), getattr(whole, name).double(), torch.float32, name)
+    assert_close(rows.mean_logits, whole.mean_logits.double(), torch.float32, "mean",
+                 terms=float(x.abs().max()) * 1.25 / 0.8)
+    assert torch.equal(rows.is_top1, whole.is_top1)
+    assert rows.is_top1.tolist()[1:4] == [False, False, True]
+    assert_close(merged_stats[:, 0] + merged_stats[:, 1] * eager.LN2,
+                 (stats[:, 0] + stats[:, 1] * eager.LN2).double(), torch.float32, "lse")
