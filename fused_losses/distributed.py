@@ -65,6 +65,19 @@ Design points:
   the block's, with no communication. Every rank's chunks have the same rows (the chunk size
   is planned from the widest block, the same everywhere; an explicit ``chunk_size`` must
   agree, as the number of tokens must).
+- **The tensor-parallel RL head** (``linear_log_probs(..., process_group=)``):
+  ``ShardedLogProbChunks``, the log-prob head's per-chunk loss on the chunked-head driver
+  (``kernels/chunked_head.py``). Per chunk each rank computes its block's statistics of each
+  row (``eager.LP_STATS``: max, sum of exponentials, the entropy's sum, the target's logit
+  where it is in the block; on request the sum of squares, the logits' sum and the first
+  argmax), one all-gather with the same header (``exchange``), and every rank merges them
+  alike (``eager.combine_log_prob_stats``): log p, entropy and the requested outputs the
+  same on every rank, and each row's (m~, log2 s), kept for the backward. The backward has
+  no collective: the log-prob head's gradient of the block (the row gradient kernel with
+  the block's class offset) from the kept statistics, then one all-reduce of the input's
+  gradient (float32 for a half-precision input). The statistics' layout is fixed (7 a row
+  whatever is requested): a rank that asks for other outputs disagrees in its header's
+  argument hash, not in the all-gather's size.
 - **DTensor weights** (``dtensor_linear_cross_entropy``): a replicated DTensor input with a
   weight sharded ``Shard(0)`` over one mesh dimension is tensor parallelism (the head above,
   over that dimension's group); a plain input with a DTensor weight (FSDP2's sharded
@@ -97,6 +110,7 @@ from ._validation import (
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode, may_fuse_gradient, output_as
+from .kernels.linear_log_probs import LogProbChunks
 
 __all__ = ["VocabShard", "reset_vocab_layout", "vocab_parallel_cross_entropy"]
 
@@ -215,7 +229,7 @@ def _exchanged_widths(group, rank: int, world: int, width: int, device, signatur
         raise RuntimeError(
             "vocab-parallel cross-entropy: the ranks called the loss with different "
             "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
-            "temperature, logit_scale, weight or dtype)")
+            "temperature, logit_scale, weight, dtype or the log-probs' outputs)")
     if sum(widths) == 0:
         raise ValueError("vocab-parallel cross-entropy: every rank's block of logits is empty")
     return tuple(widths)
@@ -262,11 +276,13 @@ def dtensor_widths(vocab_size: int, world: int) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------
 
 
-def _signature(opts: eager.Options, weight, dtype: torch.dtype) -> int:
+def _signature(opts: eager.Options, weight, dtype: torch.dtype, extra: tuple = ()) -> int:
     """A hash of the arguments every rank must pass alike (not Python's hash: it differs
-    between processes). Not the number of rows: the all-gather's size already agrees, and a
-    header that does not change with it is copied to the device once."""
-    key = repr((tuple(opts), weight is None, str(dtype)))  # every option, whichever is added
+    between processes); ``extra``: what else a loss asks alike (the log-probs head: its
+    outputs). Not the number of rows: the all-gather's size already agrees, and a header
+    that does not change with it is copied to the device once."""
+    # every option, whichever is added
+    key = repr((tuple(opts), weight is None, str(dtype)) + tuple(extra))
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
@@ -307,7 +323,7 @@ def _check_headers_on_host(headers: torch.Tensor, shard: VocabShard) -> None:
         raise RuntimeError(
             "vocab-parallel cross-entropy: the ranks called the loss with different "
             "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
-            "temperature, logit_scale, weight or dtype)")
+            "temperature, logit_scale, weight, dtype or the log-probs' outputs)")
     differ = [r for r, h in enumerate(rows) if h[5:7] != rows[shard.rank][5:7]]
     if differ:
         raise RuntimeError(
@@ -324,6 +340,48 @@ def _backend(kernels: bool):
     return _dispatch.kernels("cross_entropy") if kernels else eager
 
 
+def exchange(block: torch.Tensor, h: int, target: torch.Tensor, signature: int,
+             shard: VocabShard, group, error) -> torch.Tensor:
+    """The protocol's one collective: ``block`` is this rank's all-gather block, ``h``
+    elements of header (written here: status, layout, ``signature``, the targets'
+    fingerprint) then its statistics (the caller's). All-gathers every rank's, raises this
+    rank's own ``error`` (None, or (status, exception) found before: every rank reached the
+    collective), checks every header (on the host: raised on every rank alike; on the
+    device: NaN statistics) and returns every rank's statistics, (world, block size - h),
+    in rank order."""
+    device, dtype, world = block.device, block.dtype, len(shard.widths)
+    status = OK if error is None else error[0]
+    words = (status, shard.offset, shard.width, shard.vocab_size, signature, 0, 0, 0)
+    header = block[:h].view(torch.int32)
+    header[:5].copy_(_device_words(device, words)[0, :5])
+    header[5:7].copy_(_fingerprint(target).reshape(1).view(torch.int32))
+    header[7:].zero_()
+
+    gathered = torch.empty(world * block.numel(), dtype=dtype, device=device)
+    _all_gather(gathered, block, group)
+    gathered = gathered.view(world, block.numel())
+    if error is not None:
+        raise error[1]
+    headers = gathered[:, :h].view(torch.int32)
+    partials = gathered[:, h:]  # (every rank's parts, contiguous once copied out)
+    checked = _CHECKED.setdefault(group, set())
+    key = (shard.widths, device.type)
+    on_host = CHECK_ON_HOST
+    if on_host is None:
+        on_host = device.type == "cpu" or key not in checked
+    if on_host:
+        _check_headers_on_host(headers, shard)
+        checked.add(key)
+        return partials.contiguous()
+    # on the device, no sync: a rank that disagrees makes every row's loss NaN
+    expected = _device_words(device, tuple(
+        w for r in range(world) for w in (OK, sum(shard.widths[:r]), shard.widths[r],
+                                          shard.vocab_size, signature, 0, 0, 0)))
+    bad = ((headers[:, :5] != expected[:, :5]).any()
+           | (headers[:, 5:7] != headers[shard.rank, 5:7]).any())
+    return partials + torch.where(bad, math.nan, 0.0)
+
+
 def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Options,
                shard: VocabShard, group, *, kernels: bool, grad=None, scales=None,
                error: tuple[int, Exception] | None = None):
@@ -338,7 +396,7 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     kernels or the eager formula (the same choice on every rank). One all-gather; ``error``,
     (status, exception) of this rank's own error found before it, is raised after it (every
     rank reaches the collective)."""
-    dist_rank, width, n_rows = shard.rank, x.shape[1], x.shape[0]
+    width, n_rows = x.shape[1], x.shape[0]
     device = x.device
     ops = _backend(kernels)
     world = len(shard.widths)
@@ -364,38 +422,8 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     if done < n_parts:  # empty parts: no classes (m = -inf, sums 0)
         parts[done:].zero_()
         parts[done:, 0] = -math.inf
-    signature = _signature(opts, weight, x.dtype)
-    status = OK if error is None else error[0]
-    words = (status, shard.offset, shard.width, shard.vocab_size, signature, 0, 0, 0)
-    header = block[:h].view(torch.int32)
-    header[:5].copy_(_device_words(device, words)[0, :5])
-    header[5:7].copy_(_fingerprint(target).reshape(1).view(torch.int32))
-    header[7:].zero_()
-
-    gathered = torch.empty(world * block.numel(), dtype=dtype, device=device)
-    _all_gather(gathered, block, group)
-    gathered = gathered.view(world, block.numel())
-    if error is not None:
-        raise error[1]
-    headers = gathered[:, :h].view(torch.int32)
-    partials = gathered[:, h:]  # (every rank's parts, contiguous once copied out)
-    checked = _CHECKED.setdefault(group, set())
-    key = (shard.widths, device.type)
-    on_host = CHECK_ON_HOST
-    if on_host is None:
-        on_host = device.type == "cpu" or key not in checked
-    if on_host:
-        _check_headers_on_host(headers, shard)
-        checked.add(key)
-        partials = partials.contiguous()
-    else:
-        # on the device, no sync: a rank that disagrees makes every row's loss NaN
-        expected = _device_words(device, tuple(
-            w for r in range(world) for w in (OK, sum(shard.widths[:r]), shard.widths[r],
-                                              shard.vocab_size, signature, 0, 0, 0)))
-        bad = ((headers[:, :5] != expected[:, :5]).any()
-               | (headers[:, 5:7] != headers[dist_rank, 5:7]).any())
-        partials = partials + torch.where(bad, math.nan, 0.0)
+    partials = exchange(block, h, target, _signature(opts, weight, x.dtype), shard, group,
+                        error)
     partials = partials.view(world * n_parts, STATS, n_rows)
     loss, z, stats = ops.combine_stats(partials, target, weight, opts, shard.vocab_size)
     if grad is not None and width and n_rows:
@@ -685,15 +713,15 @@ def dtensor_cross_entropy(input, target, weight, ignore_index: int, reduction: s
 
 
 def lm_head_layout(process_group, shard_sizes, device, width: int, n_rows: int,
-                   opts: eager.Options, weight, dtype: torch.dtype):
+                   opts: eager.Options, weight, dtype: torch.dtype, extra: tuple = ()):
     """(group, this rank's VocabShard, None or its deferred (status, error)) of a
     tensor-parallel head whose weight holds ``width`` classes here, for ``n_rows`` rows;
     raises what every rank raises alike (no torch.distributed, a backend that cannot serve
-    ``device``, bad ``shard_sizes``) before any collective."""
+    ``device``, bad ``shard_sizes``) before any collective. ``extra``: ``_signature``'s."""
     group, rank, world = _group(process_group)
     check_backend(group, device)
     shard, error = vocab_shard(group, rank, world, width, device, shard_sizes=shard_sizes,
-                               signature=_signature(opts, weight, dtype), n_rows=n_rows)
+                               signature=_signature(opts, weight, dtype, extra), n_rows=n_rows)
     return group, shard, error
 
 
@@ -765,6 +793,94 @@ class ShardedChunks:
     def reduce_input_grad_(self, grad: torch.Tensor) -> None:
         """This rank's share of the input's gradient summed over the group, in place."""
         _dist().all_reduce(grad, group=self.group)
+
+
+def _log_prob_extra(outputs: tuple) -> tuple:
+    """What the RL head's ranks must ask alike besides ``Options`` (``_signature``)."""
+    return ("linear_log_probs", tuple(outputs))
+
+
+class ShardedLogProbChunks(LogProbChunks):
+    """The per-chunk log-probabilities (and requested outputs) of the tensor-parallel LM head
+    (``linear_log_probs(..., process_group=)``), a ``chunked_head.ChunkLoss``: each chunk's
+    logits are this rank's block of the classes of the chunk's rows.
+
+    Forward, per chunk: the block's statistics of each row (``eager.LP_STATS``: max, sum of
+    exponentials, the entropy's b, the target's logit where the target is in the block, and
+    the requested q, Z, first argmax), **one all-gather** (``exchange``: the protocol's
+    header, so an error on one rank is raised on every rank), then every rank merges them
+    alike (``eager.combine_log_prob_stats``): the same log p and outputs on every rank, and
+    each row's (m~, log2 s) kept for the backward as on one process. Backward: no
+    collective: the gradient of the block's logits from the kept statistics and entropy
+    (the log-prob head's row gradient with the block's class offset), then the driver's
+    GEMMs; the input's gradient is this rank's share, summed over the group once per
+    backward (``reduce_input_grad_``, float32 for a half-precision input: rounded once,
+    after the sum). The weight's and bias's gradients are the block's."""
+
+    def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple, group,
+                 shard: VocabShard, error, dtype: torch.dtype, input_grad_dtype):
+        """``dtype``: the operands' (the arguments' hash); ``error``: this rank's own, found
+        before the first all-gather (raised after it); ``input_grad_dtype``: the input's
+        gradient summed in it."""
+        super().__init__(opts, kernels, outputs)
+        self.group, self.shard, self.error = group, shard, error
+        self.signature = _signature(opts, None, dtype, _log_prob_extra(outputs))
+        self.input_grad_dtype = input_grad_dtype
+
+    @staticmethod
+    def layout(process_group, shard_sizes, device, width: int, n_rows: int,
+               opts: eager.Options, dtype: torch.dtype, outputs: tuple):
+        """``lm_head_layout`` of the RL head (its arguments' hash has its outputs)."""
+        return lm_head_layout(process_group, shard_sizes, device, width, n_rows, opts, None,
+                              dtype, _log_prob_extra(outputs))
+
+    def workspace(self, logits, operands, backward):
+        """The eager backward's scratch (``eager.chunk_log_prob_grad_``'s two buffers)."""
+        if self.kernels or not backward:
+            return None
+        return tuple(torch.empty_like(logits) for _ in range(2))
+
+    def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
+        (target,) = operands
+        target = target[rows]
+        shard, n_rows, dtype = self.shard, logits.shape[0], logits.dtype
+        h = HEADER_WORDS * 4 // dtype.itemsize
+        block = torch.empty(h + eager.LP_STATS * n_rows, dtype=dtype, device=logits.device)
+        parts = block[h:].view(eager.LP_STATS, n_rows)
+        # (a rank with its own error sends empty statistics: it raises after the gather)
+        x = logits if self.error is None else logits[:, :0]
+        ops = _dispatch.kernels("log_probs") if self.kernels and dtype == torch.float32 \
+            else eager
+        ops.log_prob_partial_stats(x, target, self.opts, class_offset=shard.offset,
+                                   n_classes=shard.vocab_size, outputs=self.requested,
+                                   out=parts)
+        partials = exchange(block, h, target, self.signature, shard, self.group, self.error)
+        *fields, stats = (None if t is None else t[rows] for t in buffers)
+        eager.combine_log_prob_stats(partials.view(-1, eager.LP_STATS, n_rows), target,
+                                     self.opts, shard.vocab_size, self.requested,
+                                     out=(eager.RowOutputs(*fields), stats))
+
+    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
+        (target,), (stats, h) = operands, saved
+        g = upstream[0]
+        g_h = upstream[1] if h is not None else None  # the entropy comes right after log p
+        args = (logits, target[rows], stats[rows], None if h is None else h[rows],
+                None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
+        where = dict(class_offset=self.shard.offset, n_classes=self.shard.vocab_size)
+        if self.kernels:
+            _dispatch.kernels("log_probs").log_prob_grad(*args, grad=dlogits, **where)
+        else:
+            eager.chunk_log_prob_grad_(*args, grad=dlogits,
+                                       work=tuple(t[:logits.shape[0]] for t in work), **where)
+
+    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
+        """This rank's share of the input's gradient summed over the group, in place."""
+        _dist().all_reduce(grad, group=self.group)
+
+    def differentiable(self, logits, operands):
+        raise RuntimeError(
+            "linear_log_probs over a process group does not support create_graph=True: "
+            "second derivatives would need the other ranks' logits")
 
 
 # ------------------------------------------------------------------------------------------

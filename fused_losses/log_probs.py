@@ -262,8 +262,17 @@ def linear_log_probs(
         chunk_size (int, optional, keyword-only): tokens per chunk. Default: the most whose
             float32 logits fit 256 MiB on a GPU (16 MiB on a CPU), at most an eighth of the
             tokens from 1,024 tokens on.
-        process_group, shard_sizes (keyword-only): a head sharded by vocabulary over a
-            process group, as :func:`fused_losses.linear_cross_entropy`'s. Default: ``None``
+        process_group (ProcessGroup, optional, keyword-only): a head sharded by vocabulary
+            over the group, as :func:`fused_losses.linear_cross_entropy`'s: the weight (and
+            bias) are this rank's contiguous block of rows (classes), in rank order; the
+            input and the (global) targets the same on every rank. One all-gather of
+            per-token statistics per chunk in the forward, none in the backward, one
+            all-reduce of the input's gradient per backward; every output is the same on
+            every rank, the weight's and bias's gradients are the block's. Not under
+            torch.compile, torch.func or ``create_graph=True``. Default: ``None``
+        shard_sizes (sequence of int, optional, keyword-only): with ``process_group``,
+            every rank's block width in rank order (else exchanged on the group's first
+            call and cached). Default: ``None``
 
     Returns:
         float32 log-probabilities of the target's shape (float64 for float64 operands), or
@@ -282,11 +291,11 @@ def linear_log_probs(
     check_tensor(fn, "linear_bias", 3, linear_bias, optional=True)
     opts = _options(fn, temperature, softcap, logit_scale, ignore_index)
     requested = _requested(fn, return_entropy, outputs)
-    if process_group is not None or shard_sizes is not None:
-        raise NotImplementedError(f"{fn}: a vocab-sharded head (process_group=) is not "
-                                  "supported yet")
     if any(_dispatch.is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         raise NotImplementedError(f"{fn} does not take DTensor operands; pass local tensors")
+    if process_group is None and shard_sizes is not None:
+        raise ValueError(f"{fn}: shard_sizes is the layout of a sharded head: pass its "
+                         "process_group too")
     if input.dim() < 1:
         raise RuntimeError(f"{fn}: expected input of shape (..., H), got a 0-d tensor")
     if linear_weight.dim() != 2:
@@ -305,13 +314,27 @@ def linear_log_probs(
     if not autocast:
         check_linear_dtypes(input, linear_weight, linear_bias)
     n_batch = tuple(input.shape[:-1])
-    check_log_prob_rows(fn, n_batch, n_vocab, target)
     for t in (linear_weight, linear_bias, target):
         if t is not None and t.device != input.device:
             raise RuntimeError(f"{fn}: expected every operand on the input's device "
                                f"({input.device}), got {t.device}")
+    tp = None  # the vocab-sharded head: (group, this rank's block, its deferred error)
+    if process_group is not None:
+        tp = _sharded_layout(fn, process_group, shard_sizes, input, linear_weight, target,
+                             opts, requested)
+        n_vocab = tp[1].vocab_size  # the whole head's: the targets' range
+    check_log_prob_rows(fn, n_batch, n_vocab, target)
     if _dispatch.reads_values_on_host(target):
-        check_log_prob_target_values(target, n_vocab, opts.ignore_index)
+        try:
+            check_log_prob_target_values(target, n_vocab, opts.ignore_index)
+        except IndexError as e:
+            if tp is None:
+                raise
+            # this rank's own error: raised after the first all-gather, which every rank
+            # reaches (the others learn of it there)
+            from .distributed import BAD_TARGET
+
+            tp = (*tp[:2], tp[2] or (BAD_TARGET, e))
 
     n_tokens = math.prod(n_batch)
     x = input.reshape(n_tokens, hidden)
@@ -338,11 +361,36 @@ def linear_log_probs(
         from .kernels.linear_log_probs import LogProbChunks
 
         accum = torch.float64 if wide else torch.float32
-        plan = Plan(n_vocab, 1, _chunk(n_tokens, n_vocab, input.device.type, chunk_size),
-                    compute, accum, kernels)
+        # a sharded head's chunks: the same rows on every rank (one all-gather size), planned
+        # from the widest block
+        budget = n_vocab if tp is None else max(tp[1].widths)
+        plan = Plan(linear_weight.shape[0], 1,
+                    _chunk(n_tokens, budget, input.device.type, chunk_size), compute, accum,
+                    kernels)
+        if tp is None:
+            loss = LogProbChunks(opts, kernels, requested)
+        else:
+            from .distributed import ShardedLogProbChunks
+
+            t = t.long()  # (the protocol's fingerprint and kernels read int64 targets)
+            loss = ShardedLogProbChunks(opts, kernels, requested, *tp, input.dtype,
+                                        torch.promote_types(accum, input.dtype))
         x, w, b, t = detached_without_grad_mode(x, linear_weight, linear_bias,
                                                 t.contiguous())
-        rows = eager.unpack(ChunkedHeadFunction.apply(
-            x, w, b, plan, LogProbChunks(opts, kernels, requested), t), requested)
+        rows = eager.unpack(ChunkedHeadFunction.apply(x, w, b, plan, loss, t), requested)
     rows = eager.RowOutputs(*(None if o is None else o.view(n_batch) for o in rows))
     return _result(rows, return_entropy, outputs)
+
+
+def _sharded_layout(fn: str, process_group, shard_sizes, input, linear_weight, target,
+                    opts: eager.Options, requested: tuple):
+    """(group, this rank's VocabShard, None or its deferred error) of a vocab-sharded head,
+    after the checks every rank makes alike (raised before any collective)."""
+    from .distributed import ShardedLogProbChunks
+
+    if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):
+        raise NotImplementedError(f"{fn} over a process group runs neither under "
+                                  "torch.compile nor under torch.func transforms")
+    return ShardedLogProbChunks.layout(process_group, shard_sizes, input.device,
+                                       linear_weight.shape[0], math.prod(target.shape), opts,
+                                       input.dtype, requested)

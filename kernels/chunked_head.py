@@ -29,8 +29,9 @@ what it writes are buffers the driver allocates and hands back.
   gradients of the outputs (None where none came: an output without a gradient costs
   nothing);
 - ``reduce_input_grad_(grad)``: once per backward (a vocab-sharded head sums the ranks'
-  shares of the input's gradient there); ``differentiable(logits, operands)``: the outputs of
-  the whole logits in torch ops, for ``create_graph=True``.
+  shares of the input's gradient there, in ``input_grad_dtype`` when set: float32 sums of
+  a half-precision input's shares, rounded once after the sum); ``differentiable(logits,
+  operands)``: the outputs of the whole logits in torch ops, for ``create_graph=True``.
 
 A loss whose output is one scalar (a reduced loss) sets ``fuses_gradient``: its upstream
 gradient is then one number, so the forward writes each chunk's gradient while it has the
@@ -81,6 +82,7 @@ class ChunkLoss:
     """The per-chunk interface (module doc); subclasses implement it."""
 
     fuses_gradient = False  # one scalar output: its gradient written in the forward
+    input_grad_dtype = None  # the input's gradient accumulated in it (None: the input's)
 
     def allocate(self, n_tokens: int, dtype: torch.dtype, device) -> tuple:
         raise NotImplementedError
@@ -136,7 +138,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
         buffers = loss.allocate(x.shape[0], dtype, x.device)
         needs = ctx.needs_input_grad[:3]
         fused = loss.fuses_gradient and any(needs) and may_fuse_gradient()
-        grads = _Grads(x, w, b, needs, plan) if fused else None
+        grads = _Grads(x, w, b, needs, plan, loss.input_grad_dtype) if fused else None
         w_c = w.to(plan.compute_dtype)
         # (the bias rounded to the GEMMs' dtype first, as F.linear under autocast)
         b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
@@ -195,7 +197,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
                 loss.reduce_input_grad_(grads.x)
             return (*grads.results(x, w, b), *none)
 
-        grads = _Grads(x, w, b, needs, plan)
+        grads = _Grads(x, w, b, needs, plan, loss.input_grad_dtype)
         w_c = w.to(plan.compute_dtype)
         dtype = logits_dtype(plan)
         b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)

@@ -980,18 +980,23 @@ def row_log_probs(x: torch.Tensor, target: torch.Tensor, opts: Options, *,
 
 
 def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h, g, g_h,
-                  opts: Options, *, grad: torch.Tensor) -> None:
+                  opts: Options, *, grad: torch.Tensor, class_offset: int = 0,
+                  n_classes: int | None = None) -> None:
     """Write d out / d x of rows ``x`` (R, C) into ``grad`` for the upstream gradients ``g``
     of log p_y and ``g_h`` of the entropy ``h`` (None: no such term), from the rows'
     statistics (``row_log_probs``): _ce_math's ``log_prob_grad_block`` in torch ops,
 
-        d = (c - p a) dz/dx,   c = g [c = y],   a = g + g_H (log p + H)."""
+        d = (c - p a) dz/dx,   c = g [c = y],   a = g + g_H (log p + H).
+
+    A block of classes ``[class_offset, class_offset + C)`` of rows of ``n_classes`` (a
+    vocab-sharded head's): the statistics and entropy are the whole rows', the targets
+    global, c only where the target is in the block."""
     if x.numel() == 0:
         return
     dtype = stats.dtype
     z = transformed_logits(x, opts, dtype)
-    n_classes = z.shape[-1]
-    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    width = z.shape[-1]
+    y, ok, bad = _log_prob_targets(target, opts, n_classes or width)
     log_p = z - (stats[:, 0] + stats[:, 1] * LN2).unsqueeze(-1)
     p = log_p.exp()
     a = torch.zeros_like(ok, dtype=dtype).unsqueeze(-1)
@@ -999,7 +1004,10 @@ def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
     if g is not None:
         g = g.reshape(-1).to(dtype)
         a = a + g.unsqueeze(-1)
-        c.scatter_(-1, torch.where(ok, y, 0).unsqueeze(-1), torch.where(ok, g, 0.0).unsqueeze(-1))
+        local = y - class_offset
+        mine = ok & (local >= 0) & (local < width)
+        c.scatter_(-1, torch.where(mine, local, 0).unsqueeze(-1),
+                   torch.where(mine, g, 0.0).unsqueeze(-1))
     if g_h is not None:
         a = a + g_h.reshape(-1).to(dtype).unsqueeze(-1) * (log_p + h.unsqueeze(-1))
     d = torch.where(p > 0, torch.addcmul(c, p, a, value=-1.0), c)
@@ -1068,17 +1076,19 @@ def chunk_log_probs_(logits: torch.Tensor, target: torch.Tensor, opts: Options, 
 
 
 def chunk_log_prob_grad_(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
-                         g, g_h, opts: Options, *, grad: torch.Tensor, work: tuple) -> None:
+                         g, g_h, opts: Options, *, grad: torch.Tensor, work: tuple,
+                         class_offset: int = 0, n_classes: int | None = None) -> None:
     """``log_prob_grad`` of an LM-head chunk whose logits (R, C) are scratch (overwritten;
     ``grad`` may be them), with two logits-sized workspaces ``work`` (``chunk_log_probs_``'s
     reason), in as few passes as it takes: d = p a' (+ c at the target), where
-    a' = -mult (g + g_H (log p + H)) folds the negation and the transform's factor in."""
+    a' = -mult (g + g_H (log p + H)) folds the negation and the transform's factor in.
+    ``class_offset``, ``n_classes``: a block of classes of longer rows (``log_prob_grad``)."""
     if logits.numel() == 0:
         return
     p, slope = work
     z = _transform_(logits, opts)
-    n_classes = z.shape[-1]
-    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    width = z.shape[-1]
+    y, ok, bad = _log_prob_targets(target, opts, n_classes or width)
     dtype = p.dtype
     mult = opts.logit_scale / opts.temperature
     scale = -1.0
@@ -1102,12 +1112,101 @@ def chunk_log_prob_grad_(logits: torch.Tensor, target: torch.Tensor, stats: torc
     else:
         d = torch.mul(p, (k * scale).unsqueeze(-1), out=grad)
     if g is not None:  # + g dz/dx at the target (c - p a, the sign folded into a')
-        d.scatter_add_(-1, torch.where(ok, y, 0).unsqueeze(-1),
-                       torch.where(ok, g * -scale, 0.0).unsqueeze(-1).to(d.dtype))
+        local = y - class_offset
+        mine = ok & (local >= 0) & (local < width)
+        d.scatter_add_(-1, torch.where(mine, local, 0).unsqueeze(-1),
+                       torch.where(mine, g * -scale, 0.0).unsqueeze(-1).to(d.dtype))
     if opts.softcap is not None:
         d.mul_(slope)
     if not bool(ok.all()):  # rows not counted: 0; out of range: NaN
         d[~ok] = torch.where(bad[~ok], math.nan, 0.0).to(d.dtype).unsqueeze(-1)
+
+
+# A block of classes' statistics of each row for a vocab-sharded head, (LP_STATS, rows):
+# m, s, b, z_y, q, Z (``row_log_probs``' statistics, each relative to the block's own max),
+# and j, the first argmax as a global class index (-1: none), stored as an integer of the
+# statistics' width in their buffer (exact for any vocabulary). Rows not counted: m = -inf,
+# the sums 0. A fixed layout: every rank's all-gather block has one size whatever it asks.
+LP_STATS = 7
+LP_INDEX_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def log_prob_partial_stats(x: torch.Tensor, target: torch.Tensor, opts: Options, *,
+                           class_offset: int, n_classes: int, outputs: tuple,
+                           out: torch.Tensor) -> None:
+    """Write the ``LP_STATS`` statistics of the block of classes ``[class_offset,
+    class_offset + C)`` of rows ``x`` (R, C) of ``n_classes`` into ``out`` (LP_STATS, R)
+    (float32, float64 for float64 logits); b, q, Z, j only where ``outputs`` asks for them
+    (else 0, -1). ``target``: global class indices. Not differentiable."""
+    dtype = out.dtype
+    n_rows, width = x.shape
+    y, ok, _ = _log_prob_targets(target, opts, n_classes)
+    out.zero_()
+    out[0] = -math.inf
+    out[6].view(LP_INDEX_DTYPE[dtype]).fill_(-1)
+    if n_rows == 0 or width == 0:
+        return
+    z = transformed_logits(x.detach(), opts, dtype)
+    m = z.amax(-1)
+    m_safe = torch.where(m == -math.inf, 0.0, m)
+    zm = z - m_safe.unsqueeze(-1)
+    e = zm.exp()
+    out[0] = torch.where(ok, m, -math.inf)
+    out[1] = torch.where(ok, e.sum(-1), 0.0)
+    local = y - class_offset
+    mine = ok & (local >= 0) & (local < width)
+    z_y = z.gather(-1, torch.where(mine, local, 0).unsqueeze(-1)).squeeze(-1)
+    out[3] = torch.where(mine, z_y, 0.0)
+    if "entropy" in outputs:
+        out[2] = torch.where(ok, (e * torch.where(e > 0, zm, 0.0)).sum(-1), 0.0)
+    if "log_sum_sq_probs" in outputs:
+        out[4] = torch.where(ok, e.square().sum(-1), 0.0)
+    if "mean_logits" in outputs:
+        out[5] = torch.where(ok, z.sum(-1), 0.0)
+    if "is_top1" in outputs:
+        j = _first_max(z, m)
+        out[6].view(LP_INDEX_DTYPE[dtype]).copy_(
+            torch.where(ok & (j >= 0), j + class_offset, -1))
+
+
+def combine_log_prob_stats(partials: torch.Tensor, target: torch.Tensor, opts: Options,
+                           n_classes: int, outputs: tuple, out: tuple) -> None:
+    """Merge the blocks' statistics (blocks, LP_STATS, rows) (``log_prob_partial_stats``,
+    the blocks in class order) into the rows' log p_y and the ``outputs`` requested, and
+    (m~, log2 s) of the whole rows, written into ``out`` (``allocate_rows``' buffers), as
+    ``row_log_probs`` gives them for whole rows: each block's sums moved to the row's max
+    (exact, ``_ce_math``'s merges), then log p_y = z_y - m~ - ln S, H = ln S - B / S,
+    log sum p^2 = ln Q - 2 ln S, the mean Z / C, top-1 the first global argmax. The same
+    torch ops on every rank: bitwise the same results."""
+    rows, stats = out
+    m_p, s_p, b_p, zy_p, q_p, zs_p, _ = partials.unbind(1)
+    m = m_p.amax(0)
+    m_safe = torch.where(m == -math.inf, 0.0, m)
+    mp_safe = torch.where(m_p == -math.inf, 0.0, m_p)
+    r = (m_p - m_safe).exp()  # a block with m = -inf adds nothing
+    s = (s_p * r).sum(0)
+    y, ok, bad = _log_prob_targets(target, opts, n_classes)
+    nan = torch.where(bad, math.nan, 0.0).to(partials.dtype)
+    log2_s = s.log2()
+    ln_s = log2_s * LN2
+    rows.log_probs.copy_(torch.where(ok, (zy_p.sum(0) - m_safe) - ln_s, nan))
+    if rows.entropy is not None:
+        b = (r * (b_p + (mp_safe - m_safe) * s_p)).sum(0)
+        h = (ln_s - b / s).clamp(max=max_entropy(n_classes))
+        rows.entropy.copy_(torch.where(ok, h, nan))
+    if rows.log_sum_sq_probs is not None:
+        q = (q_p * r.square()).sum(0)
+        rows.log_sum_sq_probs.copy_(torch.where(ok, _log_sum_sq(q, s), nan))
+    if rows.mean_logits is not None:
+        rows.mean_logits.copy_(torch.where(ok, zs_p.sum(0) / n_classes, nan))
+    if rows.is_top1 is not None:
+        j_p = partials[:, 6].contiguous().view(LP_INDEX_DTYPE[partials.dtype]).long()
+        # among the blocks that hold the row's max, the first class (blocks in class order)
+        at_max = (m_p == m) & (m != -math.inf) & (j_p >= 0)
+        j = torch.where(at_max, j_p, n_classes).amin(0)
+        rows.is_top1.copy_(ok & (j == y))
+    stats[:, 0] = torch.where(ok, m_safe, 0.0)
+    stats[:, 1] = torch.where(ok, log2_s, 0.0)
 
 
 def log_probs(input: torch.Tensor, target: torch.Tensor, opts: Options, outputs: tuple = ()):

@@ -10,6 +10,9 @@ bfloat16 before the log-softmax) as ``LogProbChunks``:
   log p_y, the outputs requested (the entropy; TRL's log sum p^2, mean logit, is-top-1),
   and (m~, log2 s) of each row, kept for the backward (8 B a token).
   Under ``torch.no_grad()`` the whole memory is one chunk of logits.
+- a head sharded by vocabulary (``fused_losses.distributed.ShardedLogProbChunks``, this
+  class with a class offset and one all-gather of row statistics per chunk) runs on the same
+  kernels: ``log_probs.log_prob_partial_stats`` and ``log_prob_grad(class_offset=)``.
 - backward: the upstream gradients are per token (advantages), unknown in the forward, so the
   driver forms each chunk's logits again (a fourth GEMM) and the row kernel writes their
   gradient from the kept statistics (``log_probs.log_prob_grad``), the entropy's term only

@@ -67,6 +67,54 @@ GRAD_BLOCK = 4096
 
 
 @triton.jit
+def _row_stats(x_row, n_read, n_cols, logit_mult, softcap, SOFTCAP: tl.constexpr,
+               ENTROPY: tl.constexpr, LOG_SUM_SQ: tl.constexpr, MEAN_LOGIT: tl.constexpr,
+               TOP1: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(m, s, b, q, Z, j) of the first ``n_read`` classes of a row (module doc of _ce_math;
+    b, q, Z, j only where their flag is set, else 0, 0, 0, NO_CLASS): one read pass, the
+    row in registers (SINGLE_BLOCK) or looped over blocks and merged. j is local to the
+    row's pointer."""
+    offs = tl.arange(0, BLOCK_SIZE)
+    b = 0.0
+    q = 0.0
+    z_sum = 0.0
+    j = tl.full((), NO_CLASS, tl.int32)
+    if SINGLE_BLOCK:
+        mask = offs < n_read
+        z = logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, "")
+        m, e, s, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False, False, False)
+        if ENTROPY:
+            b = entropy_stat(e, z, tl.where(m == float("-inf"), 0.0, m))
+        if LOG_SUM_SQ:
+            q = sum_sq_stat(e)
+        if MEAN_LOGIT:
+            z_sum = logit_sum(z, mask)
+        if TOP1:
+            j = first_max(z, offs, m)
+    else:
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, n_read, BLOCK_SIZE):
+            cols = start + offs
+            mask = cols < n_read
+            z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
+            m_b, e_b, s_b, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False,
+                                                False, False)
+            # each merge reads the running max m before ``merge_stats`` moves it
+            if ENTROPY:
+                b_b = entropy_stat(e_b, z, tl.where(m_b == float("-inf"), 0.0, m_b))
+                b = merge_entropy_stat(m, s, b, m_b, s_b, b_b)
+            if LOG_SUM_SQ:
+                q = merge_sum_sq_stat(m, q, m_b, sum_sq_stat(e_b))
+            if MEAN_LOGIT:
+                z_sum += logit_sum(z, mask)
+            if TOP1:
+                j = merge_first_max(m, j, m_b, first_max(z, cols, m_b))
+            m, s, _a, _k = merge_stats(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
+    return m, s, b, q, z_sum, j
+
+
+@triton.jit
 def _lp_row_kernel(
     # pointers
     x_ptr,  # logits: rows of n_cols, unit class stride, row = (outer, inner)
@@ -104,48 +152,12 @@ def _lp_row_kernel(
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
     x_row = x_ptr + outer * stride_x_outer + (row - outer * n_inner) * stride_x_inner
-    offs = tl.arange(0, BLOCK_SIZE)
     y = tl.load(target_ptr + row).to(tl.int64)
     ok, bad, _ = class_target(y, target_ptr, n_cols, ignore_index, False)
     n_read = tl.where(ok, n_cols, 0)  # rows not counted read no logits
-
-    # the requested statistics (module doc of _ce_math): b, q, sum z, the first argmax j
-    b = 0.0
-    q = 0.0
-    z_sum = 0.0
-    j = tl.full((), NO_CLASS, tl.int32)
-    if SINGLE_BLOCK:
-        mask = offs < n_read
-        z = logits(x_row + offs, mask, logit_mult, softcap, SOFTCAP, "")
-        m, e, s, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False, False, False)
-        if ENTROPY:
-            b = entropy_stat(e, z, tl.where(m == float("-inf"), 0.0, m))
-        if LOG_SUM_SQ:
-            q = sum_sq_stat(e)
-        if MEAN_LOGIT:
-            z_sum = logit_sum(z, mask)
-        if TOP1:
-            j = first_max(z, offs, m)
-    else:
-        m = float("-inf")
-        s = 0.0
-        for start in range(0, n_read, BLOCK_SIZE):
-            cols = start + offs
-            mask = cols < n_read
-            z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
-            m_b, e_b, s_b, _a, _k = block_stats(z, x_row, x_row, mask, n_cols, 0.0, False,
-                                                False, False)
-            # each merge reads the running max m before ``merge_stats`` moves it
-            if ENTROPY:
-                b_b = entropy_stat(e_b, z, tl.where(m_b == float("-inf"), 0.0, m_b))
-                b = merge_entropy_stat(m, s, b, m_b, s_b, b_b)
-            if LOG_SUM_SQ:
-                q = merge_sum_sq_stat(m, q, m_b, sum_sq_stat(e_b))
-            if MEAN_LOGIT:
-                z_sum += logit_sum(z, mask)
-            if TOP1:
-                j = merge_first_max(m, j, m_b, first_max(z, cols, m_b))
-            m, s, _a, _k = merge_stats(m, s, 0.0, 0.0, m_b, s_b, 0.0, 0.0)
+    m, s, b, q, z_sum, j = _row_stats(x_row, n_read, n_cols, logit_mult, softcap, SOFTCAP,
+                                      ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1, SINGLE_BLOCK,
+                                      BLOCK_SIZE)
 
     # the target's logit, transformed as the block's were: z_y <= m, so log p_y <= 0
     z_y = logits(x_row + y, ok, logit_mult, softcap, SOFTCAP, "")
@@ -163,6 +175,57 @@ def _lp_row_kernel(
             tl.store(mean_ptr + row, mean)
         if TOP1:
             tl.store(top1_ptr + row, top1.to(tl.uint8))
+
+
+@triton.jit
+def _lp_partial_kernel(
+    # pointers
+    x_ptr,  # logits: this rank's block of n_cols classes of each row, unit class stride
+    target_ptr,  # global class indices (n_rows,), contiguous
+    parts_ptr,  # out: float32 (LP_STATS, n_rows): m, s, b, z_y, q, Z, (j's slot)
+    j_ptr,  # out: int32 view of the same buffer: j's row (the global first argmax, or -1)
+    # sizes
+    n_rows,
+    n_cols,
+    # strides, in elements
+    stride_x_row,
+    # scalars
+    class_offset,  # the block's first class
+    n_classes,  # the whole rows' classes (the targets' range)
+    ignore_index,
+    logit_mult,
+    softcap,
+    # flags
+    SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    LOG_SUM_SQ: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr,
+    TOP1: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """A vocab-sharded row's statistics over this rank's block of its classes (the merge
+    over the ranks is the caller's, ``eager.combine_log_prob_stats``). read n_cols, write
+    28 B a row."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x_row
+    y = tl.load(target_ptr + row).to(tl.int64)
+    ok, bad, _ = class_target(y, target_ptr, n_classes, ignore_index, False)
+    n_read = tl.where(ok, n_cols, 0)  # rows not counted read no logits
+    m, s, b, q, z_sum, j = _row_stats(x_row, n_read, n_cols, logit_mult, softcap, SOFTCAP,
+                                      ENTROPY, LOG_SUM_SQ, MEAN_LOGIT, TOP1, SINGLE_BLOCK,
+                                      BLOCK_SIZE)
+    local = y - class_offset
+    mine = ok & (local >= 0) & (local < n_cols)  # the target's class is in this block
+    z_y = tl.where(mine, logits(x_row + local, mine, logit_mult, softcap, SOFTCAP, ""), 0.0)
+    tl.store(parts_ptr + row, m)
+    tl.store(parts_ptr + n_rows + row, s)
+    tl.store(parts_ptr + 2 * n_rows + row, b)
+    tl.store(parts_ptr + 3 * n_rows + row, z_y)
+    tl.store(parts_ptr + 4 * n_rows + row, q)
+    tl.store(parts_ptr + 5 * n_rows + row, z_sum)
+    j_global = tl.where(j == NO_CLASS, -1, j.to(tl.int64) + class_offset)
+    tl.store(j_ptr + 6 * n_rows + row, j_global.to(tl.int32))
 
 
 @triton.jit
@@ -188,6 +251,8 @@ def _lp_grad_kernel(
     stride_g,  # 0 for an expanded upstream gradient (the backward of a sum)
     stride_g_h,
     # scalars
+    class_offset,  # the block's first class (a vocab-sharded head's; else 0)
+    n_classes,  # the whole rows' classes (the targets' range; else n_cols)
     ignore_index,
     logit_mult,
     softcap,
@@ -207,7 +272,7 @@ def _lp_grad_kernel(
     g_row = grad_ptr + outer * stride_grad_outer + inner * stride_grad_inner
     cols = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     y = tl.load(target_ptr + row).to(tl.int64)
-    ok, bad, _ = class_target(y, target_ptr, n_cols, ignore_index, False)
+    ok, bad, _ = class_target(y, target_ptr, n_classes, ignore_index, False)
     mask = cols < tl.where(ok, n_cols, 0)  # rows not counted read nothing (their gradient: 0)
     z = logits(x_row + cols, mask, logit_mult, softcap, SOFTCAP, "")
     m_safe = tl.load(stats_ptr + 2 * row)
@@ -220,7 +285,10 @@ def _lp_grad_kernel(
     if ENTROPY_GRAD:
         g_h = tl.load(g_h_ptr + row * stride_g_h).to(tl.float32)
         h = tl.load(entropy_ptr + row)
-    d = log_prob_grad_block(z, cols, y.to(tl.int32), m_safe, log2_s, h, g, g_h, ok, bad,
+    # the target's column in this block (outside it where the target's class is elsewhere:
+    # a counted target is below n_classes, so the difference fits an int32)
+    y_col = tl.where(ok, y - class_offset, -1).to(tl.int32)
+    d = log_prob_grad_block(z, cols, y_col, m_safe, log2_s, h, g, g_h, ok, bad,
                             logit_mult, softcap, SOFTCAP, LOG_PROB_GRAD, ENTROPY_GRAD)
     tl.store(g_row + cols, d.to(g_row.dtype.element_ty), mask=cols < n_cols)
 
@@ -284,10 +352,13 @@ def row_log_probs(x, target, opts: eager.Options, *, outputs: tuple = (), out=No
     return rows, stats
 
 
-def log_prob_grad(x, target, stats, h, g, g_h, opts: eager.Options, *, grad) -> None:
+def log_prob_grad(x, target, stats, h, g, g_h, opts: eager.Options, *, grad,
+                  class_offset: int = 0, n_classes: int | None = None) -> None:
     """Write d out / d x into ``grad`` (rows like x's, any float dtype; x itself for in
     place) for the upstream gradients ``g`` of log p_y and ``g_h`` of the entropy ``h``
-    (None: no such term), from the rows' ``stats`` (``row_log_probs``)."""
+    (None: no such term), from the rows' ``stats`` (``row_log_probs``). ``class_offset``,
+    ``n_classes``: x is the block of classes ``[class_offset, class_offset + C)`` of rows of
+    ``n_classes`` (a vocab-sharded head's), the statistics the whole rows'."""
     x3, grad3 = _rows3(x), _rows3(grad)
     n_outer, n_inner, n_cols = x3.shape
     n_rows = n_outer * n_inner
@@ -318,10 +389,48 @@ def log_prob_grad(x, target, stats, h, g, g_h, opts: eager.Options, *, grad) -> 
         stride_grad_inner=grad3.stride(1),
         stride_g=g.stride(0) if g is not None else 0,
         stride_g_h=g_h.stride(0) if g_h is not None else 0,
+        class_offset=class_offset,
+        n_classes=n_cols if n_classes is None else n_classes,
         ignore_index=opts.ignore_index,
         **transform(opts),
         LOG_PROB_GRAD=g is not None,
         ENTROPY_GRAD=g_h is not None,
+        BLOCK_SIZE=block,
+        num_warps=num_warps_for(block),
+    )
+
+
+def log_prob_partial_stats(x, target, opts: eager.Options, *, class_offset: int,
+                           n_classes: int, outputs: tuple, out: torch.Tensor) -> None:
+    """``eager.log_prob_partial_stats``' contract: the ``eager.LP_STATS`` statistics of the
+    block of classes ``[class_offset, class_offset + C)`` of rows ``x`` (R, C) (unit class
+    stride) of ``n_classes``, into ``out`` (LP_STATS, R) float32, contiguous."""
+    n_rows, n_cols = x.shape
+    if n_rows == 0 or n_cols == 0:
+        eager.log_prob_partial_stats(x, target, opts, class_offset=class_offset,
+                                     n_classes=n_classes, outputs=outputs, out=out)
+        return
+    block = min(ROW_BLOCK, next_power_of_2(n_cols))
+    launch(
+        _lp_partial_kernel,
+        (n_rows,),
+        writes=("parts_ptr", "j_ptr"),
+        x_ptr=x,
+        target_ptr=target,
+        parts_ptr=out,
+        j_ptr=out.view(torch.int32),
+        n_rows=n_rows,
+        n_cols=n_cols,
+        stride_x_row=x.stride(0),
+        class_offset=class_offset,
+        n_classes=n_classes,
+        ignore_index=opts.ignore_index,
+        **transform(opts),
+        ENTROPY="entropy" in outputs,
+        LOG_SUM_SQ="log_sum_sq_probs" in outputs,
+        MEAN_LOGIT="mean_logits" in outputs,
+        TOP1="is_top1" in outputs,
+        SINGLE_BLOCK=block >= n_cols,
         BLOCK_SIZE=block,
         num_warps=num_warps_for(block),
     )

@@ -193,7 +193,7 @@ def _variants():
     calls.append(("bce", (64, 8192), torch.bfloat16, torch.float32, "mean", "full", "col", True))
     # log-probabilities and entropy: rows in registers and looped; every upstream (log p,
     # entropy, both); softcap; float32 logits with a bfloat16 gradient (the LM head's chunks)
-    from fused_losses.kernels import log_probs
+    from fused_losses.kernels import eager, log_probs
 
     for n_cols in (1000, log_probs.ROW_BLOCK, log_probs.ROW_BLOCK + 1):
         for dtype in (torch.bfloat16, torch.float32):
@@ -204,6 +204,10 @@ def _variants():
             # TRL's other statistics too (log sum p^2, mean logit, is-top-1)
             calls.append(("lp", n_cols, dtype, dtype, 30.0, "all outputs"))
         calls.append(("lp", n_cols, torch.float32, torch.bfloat16, None, "both"))
+        # the vocab-sharded head's block (float32 chunks): partial statistics of each set of
+        # outputs, the gradient with a class offset
+        for outputs in ((), ("entropy",), eager.EXTRA_OUTPUTS):
+            calls.append(("lp_shard", n_cols, outputs, 30.0 if outputs else None))
     # distillation: each beta's mode, with and without the gradient; a row in one block and
     # looped; bf16 given logits, and float32 chunks (the LM head) with each head's softcap
     from fused_losses.kernels import distillation
@@ -293,6 +297,23 @@ def _run_lp(n_cols, dtype, grad_dtype, softcap, which):
     log_probs.log_prob_grad(x, t, stats, h, g, g_h, opts, grad=grad)
 
 
+def _run_lp_shard(n_cols, outputs, softcap):
+    """A vocab-sharded head's block of ``n_cols`` classes at offset 5 of rows of
+    ``n_cols + 9``: partial statistics, then the gradient from (made-up) whole-row ones."""
+    from fused_losses.kernels import eager, log_probs
+
+    opts = eager.Options(softcap=softcap, temperature=0.7)
+    x = torch.randn(2, n_cols)
+    t = torch.randint(0, n_cols + 9, (2,))
+    parts = torch.empty(eager.LP_STATS, 2)
+    log_probs.log_prob_partial_stats(x, t, opts, class_offset=5, n_classes=n_cols + 9,
+                                     outputs=outputs, out=parts)
+    stats = torch.zeros(2, 2)
+    h = torch.rand(2) if outputs else None
+    log_probs.log_prob_grad(x, t, stats, h, torch.rand(2), h, opts, grad=x, class_offset=5,
+                            n_classes=n_cols + 9)
+
+
 def _run_distill(n_cols, dtype, beta, grad, softcap):
     from fused_losses.kernels import distillation, eager
 
@@ -305,6 +326,7 @@ def _run_distill(n_cols, dtype, beta, grad, softcap):
 
 
 _RUNNERS = {"ce": _run_ce, "bce": _run_bce, "huber": _run_huber, "lp": _run_lp,
+            "lp_shard": _run_lp_shard,
             "distill": _run_distill}
 
 
