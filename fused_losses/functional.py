@@ -136,8 +136,8 @@ def cross_entropy(
         return (loss, torch.zeros_like(loss)) if return_z_loss else loss
     if _dispatch.is_dtensor(input):
         # logits sharded by class over a device mesh (torch's loss_parallel): the
-        # vocab-parallel loss, one all-gather of per-row statistics (distributed.py)
-        from .distributed import dtensor_cross_entropy
+        # vocab-parallel loss, one all-gather of per-row statistics (distributed/vocab_parallel.py)
+        from .distributed.dtensor import dtensor_cross_entropy
 
         return dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
                                      label_smoothing, softcap, z_loss, return_z_loss,

@@ -7,7 +7,7 @@ per chunk, in which dtypes, on which backend — and the autograd Function that 
 
 With ``process_group=`` the weight is this rank's block of a head sharded by vocabulary (the
 tensor-parallel LM head): the same chunks, each chunk's rows merged over the group by
-``fused_losses/distributed.py`` (``ShardedChunks``, the per-chunk cross-entropy it hands the
+``fused_losses/distributed/lm_head.py`` (``ShardedChunks``, the per-chunk cross-entropy it hands the
 Function). DTensor operands go to ``distributed.dtensor_linear_cross_entropy`` first.
 """
 
@@ -137,7 +137,7 @@ def linear_cross_entropy(
     """
     if (_dispatch.is_dtensor(input) or _dispatch.is_dtensor(linear_weight)
             or _dispatch.is_dtensor(linear_bias)):
-        from .distributed import dtensor_linear_cross_entropy
+        from .distributed.dtensor import dtensor_linear_cross_entropy
 
         return dtensor_linear_cross_entropy(
             linear_cross_entropy, input, linear_weight, target, linear_bias, weight,
@@ -222,7 +222,7 @@ def linear_cross_entropy(
                     raise
                 # a rank's own error: raised after the first all-gather (every rank reaches
                 # it, and the others learn of it there), after any found before
-                from .distributed import BAD_TARGET
+                from .distributed.protocol import BAD_TARGET
 
                 tp = (*tp[:2], tp[2] or (BAD_TARGET, e))
         elif uint8_weighted_smoothed_mean(target, spec, weight, reduction):
@@ -277,7 +277,7 @@ def linear_cross_entropy(
                      budget_classes=None if tp is None else max(tp[1].widths))
         chunk_ce = None
         if tp is not None:
-            from .distributed import ShardedChunks
+            from .distributed.lm_head import ShardedChunks
 
             chunk_ce = ShardedChunks(*tp[:2], kernels, tp[2], None if accum_dtype is None
                                      else torch.promote_types(accum_dtype, x.dtype))
@@ -324,7 +324,7 @@ def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, ta
                             reduction, ignore_index, label_smoothing, z_loss, transform):
     """(group, this rank's VocabShard, None or its deferred error) of a tensor-parallel head,
     after the checks every rank makes alike (raised before any collective)."""
-    from .distributed import lm_head_layout
+    from .distributed.lm_head import lm_head_layout
 
     fn = "linear_cross_entropy"
     if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):

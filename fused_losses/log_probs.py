@@ -332,7 +332,7 @@ def linear_log_probs(
                 raise
             # this rank's own error: raised after the first all-gather, which every rank
             # reaches (the others learn of it there)
-            from .distributed import BAD_TARGET
+            from .distributed.protocol import BAD_TARGET
 
             tp = (*tp[:2], tp[2] or (BAD_TARGET, e))
 
@@ -370,7 +370,7 @@ def linear_log_probs(
         if tp is None:
             loss = LogProbChunks(opts, kernels, requested)
         else:
-            from .distributed import ShardedLogProbChunks
+            from .distributed.lm_head import ShardedLogProbChunks
 
             t = t.long()  # (the protocol's fingerprint and kernels read int64 targets)
             loss = ShardedLogProbChunks(opts, kernels, requested, *tp, input.dtype,
@@ -386,7 +386,7 @@ def _sharded_layout(fn: str, process_group, shard_sizes, input, linear_weight, t
                     opts: eager.Options, requested: tuple):
     """(group, this rank's VocabShard, None or its deferred error) of a vocab-sharded head,
     after the checks every rank makes alike (raised before any collective)."""
-    from .distributed import ShardedLogProbChunks
+    from .distributed.lm_head import ShardedLogProbChunks
 
     if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):
         raise NotImplementedError(f"{fn} over a process group runs neither under "

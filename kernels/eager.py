@@ -581,7 +581,7 @@ def _functorch_wrapped(x: torch.Tensor) -> bool:
 # ``partial_stats``, ``combine_stats``, ``grad_from_stats``, ``denominators``, with their
 # contracts and their arithmetic (``_ce_math.py`` writes it out), for the callers that split a
 # row's classes among blocks on the eager backend: the vocab-parallel loss
-# (``fused_losses/distributed.py``) and anything else that merges statistics of several
+# (``fused_losses/distributed/``) and anything else that merges statistics of several
 # blocks. Also the reductions both backends share (``reduce_rows``, ``upstream_scales``).
 #
 # A block's statistics, for rows of ``n_classes`` and the block's classes ``[class_offset,

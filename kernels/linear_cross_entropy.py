@@ -23,7 +23,7 @@ Design (see ../shared/PERFORMANCE.md, "The LM head"):
 - The per-chunk cross-entropy is an object with a small protocol: ``call_denominators``,
   ``chunk_loss``, ``scale_grad_`` (the kernels' file or ``eager.py``, as ``_ce`` picks). A
   caller may hand the Function its own (``chunk_ce``): the tensor-parallel head does
-  (``fused_losses/distributed.py``), whose weight is this rank's block of the vocabulary and
+  (``fused_losses/distributed/lm_head.py``), whose weight is this rank's block of the vocabulary and
   whose chunks' rows are merged over the group. Such an object's ``chunk_loss`` also gets the
   chunk's rows (``rows=``, a slice of the call's rows of C classes: it keeps what the forward
   learned of them for the backward's recompute), and ``reduce_input_grad_`` is called once

@@ -331,7 +331,7 @@ def check_row_losses_in_place(rank, world):
     losses over the group, the gradient written into the logits block itself."""
     from fused_losses.kernels import eager
 
-    from fused_losses import distributed
+    from fused_losses.distributed import protocol, vocab_parallel
 
     widths = (6, 7, 2, 5)[:world]
     full = random_logits((N, sum(widths)), torch.float32, "cpu")
@@ -341,14 +341,14 @@ def check_row_losses_in_place(rank, world):
     ref_x = full.double().requires_grad_(True)
     ref = reference_cross_entropy(ref_x, t, **kwargs)
     ref.backward()
-    shard = distributed._shard(widths, rank, "test")
+    shard = protocol._shard(widths, rank, "test")
     block = slice(shard.offset, shard.offset + shard.width)
     for kernels in (True, False):
         _backend("triton" if kernels else "torch")
         x = full[:, block].clone()
         scales = eager.upstream_scales(opts, None, N, None, x.device)
-        loss, z, stats = distributed.row_losses(x, t, None, opts, shard, dist.group.WORLD,
-                                                kernels=kernels, grad=x, scales=scales)
+        loss, z, stats = vocab_parallel.row_losses(x, t, None, opts, shard, dist.group.WORLD,
+                                                   kernels=kernels, grad=x, scales=scales)
         assert stats.shape == (3, N)
         out, _ = eager.reduce_rows(loss, z, opts, None, N)
         assert_close(out, ref, torch.float32, "row_losses")
@@ -418,10 +418,11 @@ def check_device_side_checks(rank, world):
     """The GPU's steady state, on the CPU: the headers checked on the device, no host read;
     a rank that disagrees makes the loss and the gradient NaN instead of wrong."""
     from fused_losses import distributed
+    from fused_losses.distributed import protocol
 
     widths = (4, 5, 3)[:world]
     t = targets(sum(widths))
-    distributed.CHECK_ON_HOST = False
+    protocol.CHECK_ON_HOST = False
     try:
         for backend in BACKENDS:
             _backend(backend)
@@ -433,7 +434,7 @@ def check_device_side_checks(rank, world):
             loss.backward()
             assert loss.isnan() and x.grad.isnan().any(), (backend, loss)
     finally:
-        distributed.CHECK_ON_HOST = None
+        protocol.CHECK_ON_HOST = None
 
 
 def check_dtensor(rank, world):

@@ -1,0 +1,201 @@
+"""The tensor-parallel LM head: the per-chunk losses of a head whose weight is this rank's
+block of the vocabulary, over the chunked-head drivers (``kernels/linear_cross_entropy.py``'s
+for the cross-entropy, ``kernels/chunked_head.py``'s for the log-probs): ``ShardedChunks``
+(``linear_cross_entropy(..., process_group=)``) and ``ShardedLogProbChunks``
+(``linear_log_probs(..., process_group=)``). One all-gather of row statistics per chunk in
+the forward, none in the backward, one all-reduce of the input's gradient per backward."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch
+from ..kernels import eager
+from ..kernels.linear_log_probs import LogProbChunks
+from .protocol import (
+    HEADER_WORDS,
+    VocabShard,
+    _backend,
+    _dist,
+    _group,
+    _signature,
+    check_backend,
+    exchange,
+    vocab_shard,
+)
+from .vocab_parallel import row_losses
+
+# ------------------------------------------------------------------------------------------
+# the tensor-parallel LM head: linear_cross_entropy with a vocabulary-sharded weight
+# ------------------------------------------------------------------------------------------
+
+
+def lm_head_layout(process_group, shard_sizes, device, width: int, n_rows: int,
+                   opts: eager.Options, weight, dtype: torch.dtype, extra: tuple = ()):
+    """(group, this rank's VocabShard, None or its deferred (status, error)) of a
+    tensor-parallel head whose weight holds ``width`` classes here, for ``n_rows`` rows;
+    raises what every rank raises alike (no torch.distributed, a backend that cannot serve
+    ``device``, bad ``shard_sizes``) before any collective. ``extra``: ``_signature``'s."""
+    group, rank, world = _group(process_group)
+    check_backend(group, device)
+    shard, error = vocab_shard(group, rank, world, width, device, shard_sizes=shard_sizes,
+                               signature=_signature(opts, weight, dtype, extra), n_rows=n_rows)
+    return group, shard, error
+
+
+class ShardedChunks:
+    """The per-chunk cross-entropy of the tensor-parallel LM head, in the protocol of
+    ``kernels/linear_cross_entropy.py`` (``call_denominators``, ``chunk_loss``,
+    ``scale_grad_``, ``reduce_input_grad_``), for one call.
+
+    Each chunk's logits are this rank's block of the classes of the chunk's rows:
+    ``row_losses`` merges them over the group (one all-gather per chunk) and, for a reduction
+    to one value, writes the block's gradient over the logits. The rows' statistics (3 per
+    row) are kept, so a backward that recomputes (``none``, a second backward) writes the
+    gradient from them with ``grad_from_stats``, with no collective. The input's gradient of
+    each rank is its block's share; ``reduce_input_grad_`` sums the shares over the group:
+    one all-reduce per backward, in ``input_grad_dtype`` (the call's ``accum_dtype``, so a
+    half-precision input's gradient is rounded once, after the sum)."""
+
+    def __init__(self, group, shard: VocabShard, kernels: bool, error,
+                 input_grad_dtype: torch.dtype | None):
+        self.group, self.shard, self.kernels = group, shard, kernels
+        self.error = error  # this rank's own error, raised after the first chunk's gather
+        self.input_grad_dtype = input_grad_dtype
+        self.ops = _backend(kernels)
+        self.stats: dict = {}  # (first row, end) -> the chunk's rows' statistics (3, rows)
+        self.scales = None  # the forward's upstream factors (one upstream gradient of 1)
+
+    def call_denominators(self, target, weight, opts: eager.Options, n_classes: int):
+        """The mean's denominators over the whole vocabulary (``n_classes`` is the block's)."""
+        if opts.reduction != "mean":
+            return None
+        return self.ops.denominators(target, weight, opts.ignore_index, self.shard.vocab_size)
+
+    def chunk_loss(self, logits, target, weight, opts: eager.Options, denom, n_rows: int,
+                   grad_out=None, write_grad: bool = False, grad_target=None, *, rows: slice):
+        """The forward (``grad_out`` None): the chunk's part of the reduced loss and z-loss
+        term, the gradient over ``logits`` with ``write_grad``. The backward: the gradient
+        over ``logits`` for ``grad_out``, from the statistics the forward kept."""
+        shard, key = self.shard, (rows.start, rows.stop)
+        if grad_out is None:
+            scales = None
+            if write_grad:
+                if self.scales is None:
+                    self.scales = eager.upstream_scales(opts, denom, n_rows, None,
+                                                              logits.device)
+                scales = self.scales
+            error, self.error = self.error, None
+            loss, z, stats = row_losses(logits, target, weight, opts, shard, self.group,
+                                        kernels=self.kernels,
+                                        grad=logits if write_grad else None, scales=scales,
+                                        error=error)
+            self.stats[key] = stats
+            return eager.reduce_rows(loss, z, opts, denom, n_rows)
+        if write_grad and logits.numel():
+            scales = eager.upstream_scales(opts, denom, n_rows, grad_out, logits.device)
+            plan = ({"n_splits": self.ops.split_plan(*logits.shape, logits.device)}
+                    if self.kernels else {})
+            x3 = logits.unsqueeze(0)
+            self.ops.grad_from_stats(x3, target, weight, self.stats[key], scales, opts,
+                                     grad=x3, class_offset=shard.offset,
+                                     n_classes=shard.vocab_size, **plan)
+        return None
+
+    def scale_grad_(self, grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        if grad.numel():
+            (_dispatch.kernels("cross_entropy") if self.kernels else eager).scale_grad_(
+                grad, grad_out)
+        return grad
+
+    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
+        """This rank's share of the input's gradient summed over the group, in place."""
+        _dist().all_reduce(grad, group=self.group)
+
+
+def _log_prob_extra(outputs: tuple) -> tuple:
+    """What the RL head's ranks must ask alike besides ``Options`` (``_signature``)."""
+    return ("linear_log_probs", tuple(outputs))
+
+
+class ShardedLogProbChunks(LogProbChunks):
+    """The per-chunk log-probabilities (and requested outputs) of the tensor-parallel LM head
+    (``linear_log_probs(..., process_group=)``), a ``chunked_head.ChunkLoss``: each chunk's
+    logits are this rank's block of the classes of the chunk's rows.
+
+    Forward, per chunk: the block's statistics of each row (``eager.LP_STATS``: max, sum of
+    exponentials, the entropy's b, the target's logit where the target is in the block, and
+    the requested q, Z, first argmax), **one all-gather** (``exchange``: the protocol's
+    header, so an error on one rank is raised on every rank), then every rank merges them
+    alike (``eager.combine_log_prob_stats``): the same log p and outputs on every rank, and
+    each row's (m~, log2 s) kept for the backward as on one process. Backward: no
+    collective: the gradient of the block's logits from the kept statistics and entropy
+    (the log-prob head's row gradient with the block's class offset), then the driver's
+    GEMMs; the input's gradient is this rank's share, summed over the group once per
+    backward (``reduce_input_grad_``, float32 for a half-precision input: rounded once,
+    after the sum). The weight's and bias's gradients are the block's."""
+
+    def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple, group,
+                 shard: VocabShard, error, dtype: torch.dtype, input_grad_dtype):
+        """``dtype``: the operands' (the arguments' hash); ``error``: this rank's own, found
+        before the first all-gather (raised after it); ``input_grad_dtype``: the input's
+        gradient summed in it."""
+        super().__init__(opts, kernels, outputs)
+        self.group, self.shard, self.error = group, shard, error
+        self.signature = _signature(opts, None, dtype, _log_prob_extra(outputs))
+        self.input_grad_dtype = input_grad_dtype
+
+    @staticmethod
+    def layout(process_group, shard_sizes, device, width: int, n_rows: int,
+               opts: eager.Options, dtype: torch.dtype, outputs: tuple):
+        """``lm_head_layout`` of the RL head (its arguments' hash has its outputs)."""
+        return lm_head_layout(process_group, shard_sizes, device, width, n_rows, opts, None,
+                              dtype, _log_prob_extra(outputs))
+
+    def workspace(self, logits, operands, backward):
+        """The eager backward's scratch (``eager.chunk_log_prob_grad_``'s two buffers)."""
+        if self.kernels or not backward:
+            return None
+        return tuple(torch.empty_like(logits) for _ in range(2))
+
+    def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
+        (target,) = operands
+        target = target[rows]
+        shard, n_rows, dtype = self.shard, logits.shape[0], logits.dtype
+        h = HEADER_WORDS * 4 // dtype.itemsize
+        block = torch.empty(h + eager.LP_STATS * n_rows, dtype=dtype, device=logits.device)
+        parts = block[h:].view(eager.LP_STATS, n_rows)
+        # (a rank with its own error sends empty statistics: it raises after the gather)
+        x = logits if self.error is None else logits[:, :0]
+        ops = _dispatch.kernels("log_probs") if self.kernels and dtype == torch.float32 \
+            else eager
+        ops.log_prob_partial_stats(x, target, self.opts, class_offset=shard.offset,
+                                   n_classes=shard.vocab_size, outputs=self.requested,
+                                   out=parts)
+        partials = exchange(block, h, target, self.signature, shard, self.group, self.error)
+        *fields, stats = (None if t is None else t[rows] for t in buffers)
+        eager.combine_log_prob_stats(partials.view(-1, eager.LP_STATS, n_rows), target,
+                                     self.opts, shard.vocab_size, self.requested,
+                                     out=(eager.RowOutputs(*fields), stats))
+
+    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
+        (target,), (stats, h) = operands, saved
+        g = upstream[0]
+        g_h = upstream[1] if h is not None else None  # the entropy comes right after log p
+        args = (logits, target[rows], stats[rows], None if h is None else h[rows],
+                None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
+        where = dict(class_offset=self.shard.offset, n_classes=self.shard.vocab_size)
+        if self.kernels:
+            _dispatch.kernels("log_probs").log_prob_grad(*args, grad=dlogits, **where)
+        else:
+            eager.chunk_log_prob_grad_(*args, grad=dlogits,
+                                       work=tuple(t[:logits.shape[0]] for t in work), **where)
+
+    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
+        """This rank's share of the input's gradient summed over the group, in place."""
+        _dist().all_reduce(grad, group=self.group)
+
+    def differentiable(self, logits, operands):
+        raise RuntimeError(
+            "linear_log_probs over a process group does not support create_graph=True: "
+            "second derivatives would need the other ranks' logits")
