@@ -88,10 +88,16 @@ class LogProbChunks(ChunkLoss):
         args = (logits, target[rows], stats[rows], None if h is None else h[rows],
                 None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
         if self.kernels:
-            _ops(True).log_prob_grad(*args, grad=dlogits)
+            _ops(True).log_prob_grad(*args, grad=dlogits, **self.columns())
         else:
             eager.chunk_log_prob_grad_(*args, grad=dlogits,
-                                       work=tuple(t[:logits.shape[0]] for t in work))
+                                       work=tuple(t[:logits.shape[0]] for t in work),
+                                       **self.columns())
+
+    def columns(self) -> dict:
+        """Where the chunk's columns lie among the classes (the gradient's ``class_offset``
+        and ``n_classes``): here the whole vocabulary; a vocab-sharded head's block says."""
+        return {}
 
     def differentiable(self, logits, operands):
         rows, _ = eager.row_log_probs(logits, operands[0], self.opts, outputs=self.requested)

@@ -178,18 +178,9 @@ class ShardedLogProbChunks(LogProbChunks):
                                      self.opts, shard.vocab_size, self.requested,
                                      out=(eager.RowOutputs(*fields), stats))
 
-    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
-        (target,), (stats, h) = operands, saved
-        g = upstream[0]
-        g_h = upstream[1] if h is not None else None  # the entropy comes right after log p
-        args = (logits, target[rows], stats[rows], None if h is None else h[rows],
-                None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
-        where = dict(class_offset=self.shard.offset, n_classes=self.shard.vocab_size)
-        if self.kernels:
-            _dispatch.kernels("log_probs").log_prob_grad(*args, grad=dlogits, **where)
-        else:
-            eager.chunk_log_prob_grad_(*args, grad=dlogits,
-                                       work=tuple(t[:logits.shape[0]] for t in work), **where)
+    def columns(self) -> dict:
+        """This rank's block of the classes: the gradient's target test and range."""
+        return dict(class_offset=self.shard.offset, n_classes=self.shard.vocab_size)
 
     def reduce_input_grad_(self, grad: torch.Tensor) -> None:
         """This rank's share of the input's gradient summed over the group, in place."""
