@@ -9,7 +9,10 @@ one chunk into the driver's steps, so that the gap has a name:
   chunk's float32 logits;
 - the backward's gradient pass (``log_probs.log_prob_grad``: float32 logits in, bfloat16
   gradient out, with and without the entropy's term);
-- the two gradient GEMMs (``dlogits @ W`` and ``dlogits.T @ x``).
+- the two gradient GEMMs (``dlogits @ W`` and ``dlogits.T @ x``; the second adds into the
+  weight's float32 gradient, read and written whole once per chunk: 8 V H bytes, which on
+  the H200 explained the LM heads' gaps to their GEMMs, e.g. 16 chunks x 4.2 GB = 16 ms of
+  the RL head's 17.7 ms at N=8192, H=4096, V=128256).
 
 Each line gives the median time, and for the passes over memory the bytes they must move
 over the copy bandwidth measured here (their roofline). Then the sum of one chunk's steps
@@ -120,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         ("grad pass: log p", lambda: grad(False), 6 * r * v),
         ("grad pass: log p + entropy", lambda: grad(True), 6 * r * v),
         ("GEMM dlogits @ W (grad x)", lambda: _mm(gx, d16, w, accumulate=False), None),
-        ("GEMM dlogits^T @ x (grad W)", lambda: _mm(gw, d16.t(), xc, accumulate=True), None),
+        # (its float32 accumulator read and written once per chunk: 8 V H bytes)
+        ("GEMM dlogits^T @ x (grad W)", lambda: _mm(gw, d16.t(), xc, accumulate=True),
+         8 * v * h + 2 * r * v + 2 * r * h),
     ]
     n_chunks = -(-n // r)
     print(f"{dev}: N={n} H={h} V={v} bf16, chunk {r} tokens ({n_chunks} chunks), T=0.7; "
@@ -152,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sum of the steps (log p + H)':32s} {ours:9.2f} ms; the whole head {whole:.2f} ms "
           f"(the rest: {whole - ours:.2f} ms of casts, launches, allocations); 4 bf16 GEMMs "
           f"{four:.2f} ms")
+    acc = n_chunks * 8 * v * h
+    print(f"the weight gradient's float32 accumulator, read and written once a chunk: "
+          f"{n_chunks} x {8 * v * h / 1e9:.2f} GB = {acc / 1e9:.1f} GB, "
+          f"{acc / gbps / 1e6:.2f} ms at the copy bandwidth (fewer, larger chunks: less)")
     return 0
 
 

@@ -238,7 +238,7 @@ def linear_distillation_loss(
         beta, temperature, ignore_index, reduction, num_items_in_batch: as
             :func:`distillation_loss`.
         chunk_size (int, optional, keyword-only): tokens per chunk. Default: the most whose
-            float32 logits fit 256 MiB on a GPU (16 MiB on a CPU), at most an eighth of the
+            float32 logits fit 1 GiB on a GPU (64 MiB on a CPU), at most an eighth of the
             tokens from 1,024 tokens on.
 
     Gradients flow to the student's input, weight and bias; the teacher's tensors are

@@ -323,11 +323,13 @@ def test_confident_rows_keep_their_digits(backend, device):
 @pytest.mark.parametrize(
     ("n", "v", "dtype", "device", "chunk"),
     [
-        (8192, 128256, torch.bfloat16, "cuda", 1024),  # Llama 3: 263 MB of logits a chunk
-        (16384, 262144, torch.bfloat16, "cuda", 512),  # Gemma: the byte budget
+        (8192, 128256, torch.bfloat16, "cuda", 1024),  # Llama 3: an eighth of the tokens
+        (32768, 128256, torch.bfloat16, "cuda", 2092),  # the 512 MiB budget
+        (16384, 262144, torch.bfloat16, "cuda", 1024),  # Gemma: the byte budget
         (1024, 32000, torch.bfloat16, "cuda", 128),  # an eighth of the tokens
         (512, 32000, torch.bfloat16, "cuda", 512),  # fewer: all of them, in budget
-        (4096, 32000, torch.float32, "cpu", 131),  # the CPU's 16 MiB
+        (4096, 32000, torch.float32, "cpu", 512),  # an eighth (the CPU's 64 MiB: 524)
+        (16384, 32000, torch.float32, "cpu", 524),  # the CPU's 64 MiB
     ],
 )
 def test_chunk_plan(n, v, dtype, device, chunk):

@@ -396,3 +396,18 @@ def test_masked_vocabulary(backend, device):
     check(x, w, t, b.detach(), "both", chunk_size=4, temperature=0.9)
     lp, h = fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True)
     assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(h).all())
+
+
+@pytest.mark.parametrize(("n", "v", "device", "chunk"), [
+    (8192, 128256, "cuda", 1024),  # an eighth of the tokens (1 GiB would hold 2,092)
+    (16384, 151936, "cuda", 1766),  # the 1 GiB budget of float32 logits
+    (512, 32000, "cuda", 512),  # fewer than 1,024 tokens: all of them, in budget
+    (4096, 32000, "cpu", 512),  # an eighth (the CPU's 64 MiB: 524)
+    (16384, 32000, "cpu", 524),  # the CPU's 64 MiB
+])
+def test_default_chunk(n, v, device, chunk):
+    """The fewest chunks the memory rule allows: each one reads and writes the weight's
+    float32 gradient once (fused_losses/log_probs.py's CHUNK_BYTES)."""
+    from fused_losses.log_probs import _chunk
+
+    assert _chunk(n, v, device, None) == chunk
