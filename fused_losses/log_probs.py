@@ -278,6 +278,12 @@ def linear_log_probs(
             every rank's block width in rank order (else exchanged on the group's first
             call and cached). Default: ``None``
 
+    DTensor operands are taken as :func:`fused_losses.linear_cross_entropy` takes them: a
+    replicated input with the weight (and bias) sharded ``Shard(0)`` over one mesh dimension
+    is the sharded head over that dimension's group (the outputs replicated DTensors); a
+    plain input with a DTensor weight (FSDP2's parameter outside its module's forward) has
+    the weight gathered as FSDP2 gathers it, its gradient reduce-scattered and averaged.
+
     Returns:
         float32 log-probabilities of the target's shape (float64 for float64 operands), or
         ``LogProbs(log_probs, entropy)``, or with ``outputs`` ``LogProbOutputs``.
@@ -296,7 +302,14 @@ def linear_log_probs(
     opts = _options(fn, temperature, softcap, logit_scale, ignore_index)
     requested = _requested(fn, return_entropy, outputs)
     if any(_dispatch.is_dtensor(t) for t in (input, linear_weight, linear_bias)):
-        raise NotImplementedError(f"{fn} does not take DTensor operands; pass local tensors")
+        # tensor parallelism over the weight's mesh, or FSDP2's gather (distributed/dtensor)
+        from .distributed.dtensor import dtensor_linear_head
+
+        return dtensor_linear_head(
+            linear_log_probs, fn, input, linear_weight, target, linear_bias,
+            dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                 ignore_index=ignore_index, return_entropy=return_entropy, outputs=outputs,
+                 chunk_size=chunk_size, process_group=process_group, shard_sizes=shard_sizes))
     if process_group is None and shard_sizes is not None:
         raise ValueError(f"{fn}: shard_sizes is the layout of a sharded head: pass its "
                          "process_group too")

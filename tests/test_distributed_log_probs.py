@@ -28,7 +28,7 @@ from test_distributed import (
 )
 from test_distributed import run_world as run_distributed_world
 from test_linear_log_probs import operands, reference, run
-from test_log_probs import ALL_OUTPUTS, check_extras
+from test_log_probs import ALL_OUTPUTS, backward, check_extras, upstream
 
 BACKENDS = ("triton", "torch")
 N, H, CHUNK = 5, 4, 2  # tokens, hidden size, tokens per chunk: 3 chunks
@@ -255,6 +255,73 @@ def check_errors(rank, world):
     assert torch.isfinite(lp).all() and torch.isfinite(h).all()
 
 
+def check_dtensor(rank, world):
+    """DTensor operands, the two ways a DTensor lm_head weight reaches the RL head: tensor
+    parallelism (a replicated input, weight and bias Shard(0): the sharded head over
+    DTensor's blocks, log p and entropy replicated DTensors) and FSDP2's gather (a plain
+    input, each rank its batch: the weight gathered, its gradient reduce-scattered and
+    averaged over the ranks)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.device_mesh import init_device_mesh
+
+    import fused_losses as fl
+
+    mesh = init_device_mesh("cpu", (world,))
+    v = 11  # DTensor's blocks over 3 ranks: 4, 4, 3
+    x, w, b, t = operands((N,), H, v, torch.float32, "cpu")
+    t[1] = -100
+    opts = dict(temperature=0.7, softcap=4.0)
+    ref_lp, ref_h, ref_grads = run(reference, x.double(), w.double(), t, b.double(), "both",
+                                   **opts)
+    g_lp, g_h = upstream(t.shape, "both")
+    for backend in BACKENDS:
+        _backend(backend)
+        # tensor parallelism
+        dx = distribute_tensor(x, mesh, [Replicate()]).requires_grad_(True)
+        dw = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
+        db = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_(True)
+        out = fl.linear_log_probs(dx, dw, t, linear_bias=db, return_entropy=True,
+                                  chunk_size=CHUNK, **opts)
+        assert type(out).__name__ == "LogProbs"
+        assert all(isinstance(o, DTensor) and o.placements == (Replicate(),) for o in out)
+        backward(out.log_probs, out.entropy, distribute_tensor(g_lp.float(), mesh,
+                                                               [Replicate()]),
+                 distribute_tensor(g_h.float(), mesh, [Replicate()]))
+        what = f"DTensor TP, {backend}"
+        assert_close(out.log_probs.to_local(), ref_lp, torch.float32, what)
+        assert_close(out.entropy.to_local(), ref_h, torch.float32, what)
+        assert dw.grad.placements == (Shard(0),) and dx.grad.placements == (Replicate(),)
+        for got, want in zip((dx.grad.to_local(), dw.grad.full_tensor(),
+                              db.grad.full_tensor()), ref_grads, strict=True):
+            assert_close(got, want, torch.float32, f"{what}: gradients")
+        # FSDP2's gather: this rank's own batch, the mean of the ranks' losses
+        xs = [operands((N,), H, v, torch.float32, "cpu", seed=10 + r)[0] for r in range(world)]
+        ts = [operands((N,), H, v, torch.float32, "cpu", seed=20 + r)[3] for r in range(world)]
+        ref_w = w.double().requires_grad_(True)
+        mine = None
+        total = 0.0
+        for r in range(world):
+            lp_r, h_r = reference(xs[r].double(), ref_w, ts[r], **opts)
+            loss_r = (lp_r * g_lp).sum() + (h_r * g_h).sum()
+            total = total + loss_r / world
+            if r == rank:
+                mine = (lp_r.detach(), h_r.detach())
+        total.backward()
+        dw = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
+        lp, h = fl.linear_log_probs(xs[rank], dw, ts[rank], return_entropy=True,
+                                    chunk_size=CHUNK, **opts)
+        assert not isinstance(lp, DTensor)
+        assert_close(lp, mine[0], torch.float32, f"FSDP gather, {backend}")
+        assert_close(h, mine[1], torch.float32, f"FSDP gather, {backend}")
+        ((lp * g_lp.float()).sum() + (h * g_h.float()).sum()).backward()
+        assert dw.grad.placements == (Shard(0),)
+        assert_close(dw.grad.full_tensor(), ref_w.grad, torch.float32,
+                     f"FSDP gather, {backend}: grad W")
+    with pytest.raises(NotImplementedError, match="replicated over its mesh"):
+        fl.linear_log_probs(distribute_tensor(x, mesh, [Shard(0)]),
+                            distribute_tensor(w, mesh, [Shard(0)]), t)
+
+
 def test_world_2(tmp_path):
     run_world(2, ["check_world_2", "check_errors"], tmp_path)
 
@@ -312,3 +379,7 @@ def test_partial_stats_merge_to_whole_rows(backend, widths, softcap):
     assert rows.is_top1.tolist()[1:4] == [False, False, True]
     assert_close(merged_stats[:, 0] + merged_stats[:, 1] * eager.LN2,
                  (stats[:, 0] + stats[:, 1] * eager.LN2).double(), torch.float32, "lse")
+
+
+def test_dtensor(tmp_path):
+    run_world(3, ["check_dtensor"], tmp_path)

@@ -111,8 +111,17 @@ def _gathered_as_fsdp(t):
 
 def dtensor_linear_cross_entropy(call, input, linear_weight, target, linear_bias, weight,
                                  kwargs: dict):
-    """``linear_cross_entropy`` with DTensor operands, either way a DTensor weight reaches a
-    loss outside its module's forward:
+    """``linear_cross_entropy`` with DTensor operands (``dtensor_linear_head``); ``weight``:
+    the class weights, a plain tensor or a replicated DTensor."""
+    return dtensor_linear_head(call, "linear_cross_entropy", input, linear_weight, target,
+                               linear_bias, dict(kwargs, weight=_replicated_local(weight,
+                                                                                  "weight")))
+
+
+def dtensor_linear_head(call, fn: str, input, linear_weight, target, linear_bias,
+                        kwargs: dict):
+    """An LM-head loss ``fn`` (``linear_cross_entropy``, ``linear_log_probs``) with DTensor
+    operands, either way a DTensor weight reaches a loss outside its module's forward:
 
     - **Tensor parallelism**: a DTensor ``input`` replicated over its mesh and the weight (and
       bias) sharded by class, ``Shard(0)``, over one dimension of the same mesh (replicated
@@ -123,16 +132,17 @@ def dtensor_linear_cross_entropy(call, input, linear_weight, target, linear_bias
       gathered as FSDP2 does (``_gathered_as_fsdp``), the loss of this rank's batch a plain
       tensor, the weight's gradient reduce-scattered and averaged over the mesh as FSDP2's.
 
-    ``call``: ``linear_cross_entropy`` on plain tensors; ``kwargs``: its other arguments.
-    Target and class weight: plain tensors or replicated DTensors."""
+    ``call``: ``fn`` on plain tensors; ``kwargs``: its other arguments. The target: a plain
+    tensor or a replicated DTensor. What ``call`` returns, a tensor or a tuple of them (a
+    named one stays named; None stays None), comes back as replicated DTensors in the
+    tensor-parallel case."""
     if kwargs.get("process_group") is not None or kwargs.get("shard_sizes") is not None:
-        raise ValueError("linear_cross_entropy with DTensor operands takes their layout from "
-                         "their meshes: pass no process_group or shard_sizes")
+        raise ValueError(f"{fn} with DTensor operands takes their layout from their meshes: "
+                         "pass no process_group or shard_sizes")
     target = _replicated_local(target, "target")
-    weight = _replicated_local(weight, "weight")
     if not _dispatch.is_dtensor(input):
         return call(input, _gathered_as_fsdp(linear_weight), target,
-                    linear_bias=_gathered_as_fsdp(linear_bias), weight=weight, **kwargs)
+                    linear_bias=_gathered_as_fsdp(linear_bias), **kwargs)
 
     from torch.distributed.tensor import DTensor, Replicate
 
@@ -149,20 +159,22 @@ def dtensor_linear_cross_entropy(call, input, linear_weight, target, linear_bias
                                      and tuple(linear_bias.placements) == placements)))
     if not tensor_parallel:
         raise NotImplementedError(
-            "linear_cross_entropy with a DTensor input takes it replicated over its mesh and "
+            f"{fn} with a DTensor input takes it replicated over its mesh and "
             "the weight (and bias) sharded by class (Shard(0)) over one dimension of the same "
             f"mesh: got input placements {tuple(input.placements)}, weight placements "
             f"{placements or type(linear_weight).__name__}; pass a plain input for FSDP's "
             "gather, or local tensors with process_group=")
     mesh_dim = sharded[0]
     widths = dtensor_widths(linear_weight.shape[0], mesh.size(mesh_dim))
-    loss = call(input.to_local(), linear_weight.to_local(), target,
-                linear_bias=None if linear_bias is None else linear_bias.to_local(),
-                weight=weight, **dict(kwargs, process_group=mesh.get_group(mesh_dim),
-                                      shard_sizes=widths))
+    out = call(input.to_local(), linear_weight.to_local(), target,
+               linear_bias=None if linear_bias is None else linear_bias.to_local(),
+               **dict(kwargs, process_group=mesh.get_group(mesh_dim), shard_sizes=widths))
     replicated = [Replicate()] * mesh.ndim
 
     def wrap(t):
-        return DTensor.from_local(t, mesh, replicated, run_check=False)
+        return None if t is None else DTensor.from_local(t, mesh, replicated, run_check=False)
 
-    return tuple(map(wrap, loss)) if isinstance(loss, tuple) else wrap(loss)
+    if not isinstance(out, tuple):
+        return wrap(out)
+    wrapped = [wrap(t) for t in out]
+    return type(out)(*wrapped) if hasattr(out, "_fields") else tuple(wrapped)
