@@ -307,17 +307,27 @@ def _plan(n_tokens: int, device_type: str, compute: torch.dtype, weight_dtype: t
                                                                          weight_dtype)
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
+    classes = n_classes if budget_classes is None else budget_classes
+    chunk = chunk_tokens(n_tokens, n_out * classes * compute.itemsize, device_type, chunk_size,
+                         "linear_cross_entropy", CHUNK_BYTES)
+    return Plan(n_classes, n_out, chunk, compute, accum, kernels)
+
+
+def chunk_tokens(n_tokens: int, token_bytes: int, device_type: str, chunk_size, fn: str,
+                 budgets: dict) -> int:
+    """Tokens per chunk of an LM head: ``chunk_size`` checked, else the most whose logits
+    (``token_bytes`` a token) fit ``budgets``' bytes for the device, at most an eighth of the
+    tokens from ``EIGHTH_FROM`` on; never more than the tokens there are."""
     if chunk_size is None:
-        budget = CHUNK_BYTES["cuda" if device_type == "cuda" else "cpu"]
-        classes = n_classes if budget_classes is None else budget_classes
-        chunk_size = max(1, budget // max(1, n_out * classes * compute.itemsize))
+        budget = budgets["cuda" if device_type == "cuda" else "cpu"]
+        chunk_size = max(1, budget // max(1, token_bytes))
         if n_tokens >= EIGHTH_FROM:
             chunk_size = min(chunk_size, n_tokens // 8)
     else:
-        chunk_size = check_int("linear_cross_entropy", "chunk_size", 0, chunk_size)
+        chunk_size = check_int(fn, "chunk_size", 0, chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    return Plan(n_classes, n_out, max(1, min(chunk_size, n_tokens)), compute, accum, kernels)
+    return max(1, min(chunk_size, n_tokens))
 
 
 def _uint8_smoothing_quirk(target, smoothing: float, ignore_index: int) -> bool:

@@ -26,6 +26,7 @@ from ._validation import (
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode
+from .linear_cross_entropy import chunk_tokens
 
 __all__ = ["LogProbOutputs", "LogProbs", "linear_log_probs", "log_probs"]
 
@@ -181,29 +182,20 @@ def log_probs(
 # --------------------------------------------------------------------------------------
 
 # The float32 logits of a chunk take at most this many bytes (2,048 tokens of Llama 3's
-# vocabulary on a GPU); from EIGHTH_FROM tokens on a chunk is at most an eighth of them. As
+# vocabulary on a GPU); from 1,024 tokens on a chunk is at most an eighth of them. As
 # linear_cross_entropy's: each chunk reads and writes the weight's float32 gradient once
 # (8 V H bytes), so the fewer chunks the memory rule allows, the faster (on the H200, 256 MiB
 # chunks of 523 tokens made the RL head's 16 chunks cost 16 ms of its 17.7 over 4 GEMMs at
 # N=8192, H=4096, V=128256; 1 GiB makes 8). On the CPU likewise: the RL head at 4096 x 512 x
 # 32000 took 4.49 s a step in 16 MiB chunks (131 tokens), 3.36 s in 64 MiB ones (512).
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
-EIGHTH_FROM = 1024
 
 
 def _chunk(n_tokens: int, n_classes: int, device_type: str, chunk_size,
            fn: str = "linear_log_probs") -> int:
-    """Tokens per chunk of the chunked head: ``chunk_size`` checked, or the budget's."""
-    if chunk_size is None:
-        budget = CHUNK_BYTES["cuda" if device_type == "cuda" else "cpu"]
-        chunk_size = max(1, budget // max(1, 4 * n_classes))
-        if n_tokens >= EIGHTH_FROM:
-            chunk_size = min(chunk_size, n_tokens // 8)
-    else:
-        chunk_size = check_int(fn, "chunk_size", 0, chunk_size)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    return max(1, min(chunk_size, n_tokens))
+    """Tokens per chunk of the chunked head (float32 logits): ``chunk_size`` checked, or
+    the budget's (``linear_cross_entropy.chunk_tokens``)."""
+    return chunk_tokens(n_tokens, 4 * n_classes, device_type, chunk_size, fn, CHUNK_BYTES)
 
 
 def linear_log_probs(
