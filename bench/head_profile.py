@@ -27,36 +27,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 from fused_losses.kernels import eager
 
 import fused_losses as fl
 
+from .run import copy_gbps, sample
+
 
 def _timer(device: str):
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=5, rep=60, return_mode="median")
-
-    def cpu(fn):
+    """The median of a step's samples (``bench.run.sample``: CUDA events, or five host-timed
+    calls on the CPU), after a first call."""
+    def ms_of(fn):
         fn()
-        samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        rounds = 1 if device == "cuda" else 5
+        return statistics.median(t for _ in range(rounds) for t in sample(device, fn, 60))
 
-    return cpu
-
-
-def _copy_gbps(device: str, ms_of) -> float:
-    a = torch.empty(1 << 28 if device == "cuda" else 1 << 24, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / (ms_of(lambda: b.copy_(a)) * 1e-3) / 1e9
+    return ms_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.randn(n, device=dev)
     opts = eager.Options(temperature=0.7)
     ms_of = _timer(dev)
-    gbps = _copy_gbps(dev, ms_of)
+    gbps = copy_gbps() if dev == "cuda" else None  # (no roofline on the CPU)
 
     # the head's chunk: ask it (the public default) unless given
     chunk = a.chunk
@@ -129,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     n_chunks = -(-n // r)
     print(f"{dev}: N={n} H={h} V={v} bf16, chunk {r} tokens ({n_chunks} chunks), T=0.7; "
-          f"copy bandwidth {gbps:.0f} GB/s")
+          f"copy bandwidth {'-' if gbps is None else f'{gbps:.0f} GB/s'}")
     print(f"{'step (one chunk)':32s} {'ms':>9s} {'x chunks':>9s} {'roofline':>9s}")
     times = {}
     for name, fn, nbytes in steps:
         ms = ms_of(fn)
         times[name] = ms
-        roof = "" if nbytes is None else f"{ms / (nbytes / gbps / 1e6):8.2f}x"
+        roof = "" if nbytes is None or gbps is None else f"{ms / (nbytes / gbps / 1e6):8.2f}x"
         print(f"{name:32s} {ms:9.3f} {ms * n_chunks:9.2f} {roof:>9s}", flush=True)
 
     x_l, w_l = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -158,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
           f"(the rest: {whole - ours:.2f} ms of casts, launches, allocations); 4 bf16 GEMMs "
           f"{four:.2f} ms")
     acc = n_chunks * 8 * v * h
+    at = "" if gbps is None else f", {acc / gbps / 1e6:.2f} ms at the copy bandwidth"
     print(f"the weight gradient's float32 accumulator, read and written once a chunk: "
-          f"{n_chunks} x {8 * v * h / 1e9:.2f} GB = {acc / 1e9:.1f} GB, "
-          f"{acc / gbps / 1e6:.2f} ms at the copy bandwidth (fewer, larger chunks: less)")
+          f"{n_chunks} x {8 * v * h / 1e9:.2f} GB = {acc / 1e9:.1f} GB{at} (fewer, larger "
+          "chunks: less)")
     return 0
 
 

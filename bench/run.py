@@ -113,6 +113,16 @@ def sample(device: str, step, rep_ms: float) -> list[float]:
     return [(time.perf_counter() - start) * 1e3]
 
 
+def copy_gbps() -> float:
+    """The roofline's bandwidth on CUDA: a 1 GiB copy, bytes read + written, in GB/s."""
+    from triton.testing import do_bench
+
+    src = torch.randn(1 << 28, device="cuda")  # random, never zeros
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
 def round_robin(steps: dict, device: str, settings, rows: dict) -> dict[str, list[float]]:
     """Samples of every step, interleaved, for ``seconds`` and at least ``min_rounds`` rounds
     (at least 3 where those take over 5x ``seconds``); a step that fails is dropped with an
@@ -346,14 +356,8 @@ def sweep(args) -> int:
         n += 1
         path = args.out / f"{stem(run['device'], when)}-{n}.json"
     start = time.monotonic()
-    if device == "cuda":  # the roofline's bandwidth: a 1 GiB copy, bytes read + written
-        from triton.testing import do_bench
-
-        src = torch.randn(1 << 28, device="cuda")  # random, never zeros
-        dst = torch.empty_like(src)
-        ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-        run["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6
-        del src, dst
+    if device == "cuda":
+        run["copy_gbps"] = copy_gbps()
     print(f"{run['device']['name']}: {len(cases)} cases; writing {path}", flush=True)
     old = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops it like Ctrl-C
     status = 0
