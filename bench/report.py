@@ -11,7 +11,7 @@ import statistics
 import textwrap
 from pathlib import Path
 
-from .cases import DTYPES, LOSSES, TARGETS, Case
+from .cases import DTYPES, LOSSES, TARGETS, Case, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -194,18 +194,28 @@ def group_table(run: dict, loss: str, rows: list[dict], only: tuple | None = Non
                                            for reason, names in why.items()] if why else [])
 
 
+def _target_rows(run: dict, t: Target):
+    """(fused_losses's row, the rows measured of those ``t`` compares with, the case)."""
+    by = {r["provider"]: r for r in run["results"] if r["case"]["loss"] == t.loss
+          and r["case"]["dtype"] == t.dtype and tuple(r["case"]["shape"]) == t.shape}
+    peers = [by[a] for a in t.against if ok(by.get(a))]
+    return by.get("fused_losses"), peers, Case(t.loss, t.shape, t.dtype, t.device)
+
+
+def _measured(ours, peers, t: Target) -> bool:
+    """Whether a run has what target ``t`` needs: ours, and one of what it compares with."""
+    return ok(ours) and bool(peers or not t.against)
+
+
 def target_lines(run: dict) -> list[str]:
     """Where fused_losses stands against each target of this device, in words."""
     lines = []
     for t in TARGETS:
         if t.device != run["device"]["type"]:
             continue
-        by = {r["provider"]: r for r in run["results"] if r["case"]["loss"] == t.loss
-              and r["case"]["dtype"] == t.dtype and tuple(r["case"]["shape"]) == t.shape}
-        case = Case(t.loss, t.shape, t.dtype, t.device)
+        ours, peers, case = _target_rows(run, t)
         name = f"{LOSSES[t.loss].title} {t.dtype} {case.label}"
-        ours, peers = by.get("fused_losses"), [by[a] for a in t.against if ok(by.get(a))]
-        if not ok(ours) or (t.against and not peers):
+        if not _measured(ours, peers, t):
             why = "not run" if ours is None else ours["reason"] or ours["status"]
             if ok(ours):
                 why = f"no {' / '.join(t.against)} measured"
@@ -285,8 +295,8 @@ def newest(results: Path = RESULTS) -> Path | None:
     for path in results.glob("*.json"):
         try:
             run = load(path)
-            complete = not any(line.endswith(")") and " not measured (" in line
-                               for line in target_lines(run))
+            complete = all(_measured(*_target_rows(run, t)[:2], t)
+                           for t in TARGETS if t.device == run["device"]["type"])
             found.append((run["device"]["type"] == "cuda", complete, run["date"], path))
         except (ValueError, KeyError, OSError):
             continue
