@@ -120,8 +120,8 @@ print(p.name, f"{p.total_memory / 2**30:.1f} GiB,", p.multi_processor_count, "SM
     free -g | head -2
     return "$rc"
 }
-export -f install_project record_env step verdict
-export SITE STEPS DEADLINE
+export -f install_project record_env
+export SITE
 
 main() {
     echo "gpu_check: $(date -u +%FT%TZ) on $(hostname), commit ${BENCH_GIT_COMMIT:-unknown}, out $OUT_DIR"
