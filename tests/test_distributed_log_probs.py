@@ -255,6 +255,36 @@ def check_errors(rank, world):
     assert torch.isfinite(lp).all() and torch.isfinite(h).all()
 
 
+def check_group_released(rank, world):
+    """Outputs of both sharded LM heads kept past ``destroy_process_group`` do not keep the
+    group alive (their autograd graph reaches the heads' per-chunk losses): a destroyed gloo
+    group torn down at the interpreter's exit aborts the process."""
+    import gc
+    import weakref
+
+    import fused_losses as fl
+
+    group = dist.new_group(list(range(world)), backend="gloo")
+    v = 9
+    block = slice(4 * rank, 4 * rank + (4 if rank == 0 else 5))
+    x, w, b, t = operands((N,), H, v, torch.float32, "cpu")
+    kept = []
+    for backend in BACKENDS:
+        _backend(backend)
+        xl = x.clone().requires_grad_(True)
+        lp = fl.linear_log_probs(xl, w[block], t, process_group=group, chunk_size=CHUNK)
+        ce = fl.linear_cross_entropy(xl, w[block].clone().requires_grad_(True), t,
+                                     process_group=group, chunk_size=CHUNK)
+        (lp.sum() + ce).backward()
+        kept += [lp, ce]  # (their grad_fn's contexts hold the heads' chunk losses)
+    alive = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    assert alive() is None, gc.get_referrers(alive())
+    assert all(k.grad_fn is not None for k in kept)
+
+
 def check_dtensor(rank, world):
     """DTensor operands, the two ways a DTensor lm_head weight reaches the RL head: tensor
     parallelism (a replicated input, weight and bias Shard(0): the sharded head over
@@ -323,7 +353,7 @@ def check_dtensor(rank, world):
 
 
 def test_world_2(tmp_path):
-    run_world(2, ["check_world_2", "check_errors"], tmp_path)
+    run_world(2, ["check_world_2", "check_errors", "check_group_released"], tmp_path)
 
 
 def test_world_3(tmp_path):

@@ -7,6 +7,8 @@ the forward, none in the backward, one all-reduce of the input's gradient per ba
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import _dispatch
@@ -43,7 +45,33 @@ def lm_head_layout(process_group, shard_sizes, device, width: int, n_rows: int,
     return group, shard, error
 
 
-class ShardedChunks:
+class _OnGroup:
+    """What both sharded heads' per-chunk losses share: their process group, held weakly,
+    and the input gradient's sum over it.
+
+    The group is reached through the call's autograd graph (its Function's context keeps the
+    loss object), so an output a user keeps past ``destroy_process_group`` would keep a
+    destroyed group alive; a gloo group torn down at the interpreter's exit aborts the
+    process ("terminate called without an active exception"). A weak reference leaves the
+    group's lifetime to torch.distributed."""
+
+    def _hold(self, group) -> None:
+        self._group = weakref.ref(group)
+
+    @property
+    def group(self):
+        group = self._group()
+        if group is None:
+            raise RuntimeError("the process group of this vocab-sharded LM head was destroyed "
+                               "before its backward")
+        return group
+
+    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
+        """This rank's share of the input's gradient summed over the group, in place."""
+        _dist().all_reduce(grad, group=self.group)
+
+
+class ShardedChunks(_OnGroup):
     """The per-chunk cross-entropy of the tensor-parallel LM head, in the protocol of
     ``kernels/linear_cross_entropy.py`` (``call_denominators``, ``chunk_loss``,
     ``scale_grad_``, ``reduce_input_grad_``), for one call.
@@ -59,7 +87,8 @@ class ShardedChunks:
 
     def __init__(self, group, shard: VocabShard, kernels: bool, error,
                  input_grad_dtype: torch.dtype | None):
-        self.group, self.shard, self.kernels = group, shard, kernels
+        self._hold(group)
+        self.shard, self.kernels = shard, kernels
         self.error = error  # this rank's own error, raised after the first chunk's gather
         self.input_grad_dtype = input_grad_dtype
         self.ops = _backend(kernels)
@@ -108,17 +137,13 @@ class ShardedChunks:
                 grad, grad_out)
         return grad
 
-    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
-        """This rank's share of the input's gradient summed over the group, in place."""
-        _dist().all_reduce(grad, group=self.group)
-
 
 def _log_prob_extra(outputs: tuple) -> tuple:
     """What the RL head's ranks must ask alike besides ``Options`` (``_signature``)."""
     return ("linear_log_probs", tuple(outputs))
 
 
-class ShardedLogProbChunks(LogProbChunks):
+class ShardedLogProbChunks(_OnGroup, LogProbChunks):
     """The per-chunk log-probabilities (and requested outputs) of the tensor-parallel LM head
     (``linear_log_probs(..., process_group=)``), a ``chunked_head.ChunkLoss``: each chunk's
     logits are this rank's block of the classes of the chunk's rows.
@@ -141,7 +166,8 @@ class ShardedLogProbChunks(LogProbChunks):
         before the first all-gather (raised after it); ``input_grad_dtype``: the input's
         gradient summed in it."""
         super().__init__(opts, kernels, outputs)
-        self.group, self.shard, self.error = group, shard, error
+        self._hold(group)
+        self.shard, self.error = shard, error
         self.signature = _signature(opts, None, dtype, _log_prob_extra(outputs))
         self.input_grad_dtype = input_grad_dtype
 
@@ -181,10 +207,6 @@ class ShardedLogProbChunks(LogProbChunks):
     def columns(self) -> dict:
         """This rank's block of the classes: the gradient's target test and range."""
         return dict(class_offset=self.shard.offset, n_classes=self.shard.vocab_size)
-
-    def reduce_input_grad_(self, grad: torch.Tensor) -> None:
-        """This rank's share of the input's gradient summed over the group, in place."""
-        _dist().all_reduce(grad, group=self.group)
 
     def differentiable(self, logits, operands):
         raise RuntimeError(
