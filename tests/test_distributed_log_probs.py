@@ -175,6 +175,33 @@ def check_collectives(rank, widths):
         restore_collectives()
 
 
+def check_layouts(rank, widths):
+    """Every tensor argument of the sharded head as a view: the input a column slice of a
+    transposed buffer, the weight's block transposed in memory, the bias's block strided,
+    the targets a strided column: the same outputs and gradients as contiguous operands."""
+    v = sum(widths)
+    block = slice(sum(widths[:rank]), sum(widths[:rank + 1]))
+    x, w, b, t = operands((N,), H, v, torch.float32, "cpu")
+    opts = dict(temperature=0.7, shard_sizes=widths)
+    for backend in BACKENDS:
+        _backend(backend)
+        want = run(sharded, x, w[block], t, b[block], "both", **opts)
+        xv = torch.zeros(H + 3, N).t()[:, 1:H + 1].copy_(x).requires_grad_(True)
+        wv = w[block].t().contiguous().t().requires_grad_(True)
+        bv = torch.zeros(2 * widths[rank])[::2].copy_(b[block]).requires_grad_(True)
+        tv = torch.stack([t, t], 1)[:, 1]
+        assert not (xv.is_contiguous() or wv.is_contiguous() or bv.is_contiguous()
+                    or tv.is_contiguous())
+        lp, h = sharded(xv, wv, tv, bv, **opts)
+        g_lp, g_h = upstream(t.shape, "both")
+        backward(lp, h, g_lp, g_h)
+        what = f"views, rank {rank}, {backend}"
+        assert_close(lp, want[0].double(), torch.float32, what)
+        assert_close(h, want[1].double(), torch.float32, what)
+        for got, ref in zip((xv.grad, wv.grad, bv.grad), want[2], strict=True):
+            assert_close(got, ref.double(), torch.float32, f"{what}: gradients")
+
+
 def check_world_2(rank, world):
     sweep(rank, (5, 8))
     _backend("triton")  # bfloat16 operands on the kernels: float32 logits and sums
@@ -184,6 +211,7 @@ def check_world_2(rank, world):
     check_float64(rank, (5, 8))
     check_outputs(rank, (5, 8))
     check_collectives(rank, (5, 8))
+    check_layouts(rank, (5, 8))
 
 
 def check_world_3(rank, world):
