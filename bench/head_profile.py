@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from fused_losses.kernels import log_probs as ops
     else:
         ops = eager
-    from fused_losses.kernels.linear_cross_entropy import _mm
+    from fused_losses.kernels.chunked_head import _mm
 
     torch.manual_seed(0)
     n, h, v = a.tokens, a.hidden, a.vocab

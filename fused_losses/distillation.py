@@ -27,6 +27,8 @@ from ._validation import (
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode, output_as
+from .kernels.chunked_head import ChunkedHeadFunction, Plan
+from .kernels.linear_distillation import DistillationChunks
 from .log_probs import _INDEX_DTYPES, _chunk
 
 __all__ = ["distillation_loss", "linear_distillation_loss"]
@@ -338,10 +340,6 @@ def linear_distillation_loss(
         rows = torch.where(counted, eager.divergence_rows(s_logits, t_logits, opts), 0.0)
         out = rows.sum() if reduced else rows
     else:
-        from .kernels.chunked_head import ChunkedHeadFunction
-        from .kernels.linear_cross_entropy import Plan
-        from .kernels.linear_distillation import DistillationChunks
-
         accum = torch.float64 if wide else torch.float32
         chunk = _chunk(n_tokens, n_vocab, student_input.device.type, chunk_size, fn)
         plan = Plan(n_vocab, 1, chunk, compute, accum, kernels)

@@ -32,7 +32,8 @@ from ._validation import (
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode
-from .kernels.linear_cross_entropy import LinearCrossEntropyFunction, Plan
+from .kernels.chunked_head import ChunkedHeadFunction, Plan
+from .kernels.linear_cross_entropy import CrossEntropyChunks
 
 __all__ = ["linear_cross_entropy"]
 
@@ -281,15 +282,20 @@ def linear_cross_entropy(
                      chunk_size, options, accum_dtype,
                      # the chunks' rows agree across a group (one all-gather size)
                      budget_classes=None if tp is None else max(tp[1].widths))
-        chunk_ce = None
-        if tp is not None:
+        x, w, b, t, weight = detached_without_grad_mode(x, w, b, t, weight)
+        # class targets and class weights contiguous, as the kernels read them (small: a
+        # copy of a strided one costs nothing next to the GEMMs); probability targets as
+        # they are, copied a chunk at a time where strided
+        t = t if spec.prob_target else t.contiguous()
+        weight = None if weight is None else weight.contiguous()
+        if tp is None:
+            loss_chunks = CrossEntropyChunks(opts, plan, out_dtype)
+        else:
             from .distributed.lm_head import ShardedChunks
 
-            chunk_ce = ShardedChunks(*tp[:2], kernels, tp[2], None if accum_dtype is None
-                                     else torch.promote_types(accum_dtype, x.dtype))
-        x, w, b, t, weight = detached_without_grad_mode(x, w, b, t, weight)
-        loss, z = LinearCrossEntropyFunction.apply(x, w, b, t, weight, opts, plan, out_dtype,
-                                                   chunk_ce)
+            loss_chunks = ShardedChunks(opts, plan, out_dtype, *tp, None if accum_dtype is None
+                                        else torch.promote_types(accum_dtype, x.dtype))
+        loss, z = ChunkedHeadFunction.apply(x, w, b, plan, loss_chunks, t, weight)
     if reduction == "none":
         out_shape = tuple(target.shape) if not spec.prob_target else (*n_batch, *out_features)
         loss, z = loss.reshape(out_shape), z.reshape(out_shape)

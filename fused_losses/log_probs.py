@@ -26,6 +26,8 @@ from ._validation import (
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode
+from .kernels.chunked_head import ChunkedHeadFunction, Plan
+from .kernels.linear_log_probs import LogProbChunks
 from .linear_cross_entropy import chunk_tokens
 
 __all__ = ["LogProbOutputs", "LogProbs", "linear_log_probs", "log_probs"]
@@ -365,10 +367,6 @@ def linear_log_probs(
             None if linear_bias is None else linear_bias.to(compute))
         rows, _ = eager.row_log_probs(logits, t, opts, outputs=requested)
     else:
-        from .kernels.chunked_head import ChunkedHeadFunction
-        from .kernels.linear_cross_entropy import Plan
-        from .kernels.linear_log_probs import LogProbChunks
-
         accum = torch.float64 if wide else torch.float32
         # a sharded head's chunks: the same rows on every rank (one all-gather size), planned
         # from the widest block

@@ -1,33 +1,38 @@
 """The chunked LM head's driver: chunks of tokens, a GEMM per chunk, a per-chunk loss.
 
 ``x @ W.T + b`` is never formed whole. The driver (``ChunkedHeadFunction``) owns what every
-head shares: the chunks, each chunk's logits **in float32** from one GEMM (cuBLAS's float32
-result from bfloat16 operands where torch has it, the chunk upcast elsewhere: never rounded to
-bfloat16), and in the backward the logits formed again, their gradient written by the loss,
-then ``grad_x[chunk] = dlogits @ W`` and ``grad_W += dlogits.T @ x[chunk]`` (float32
-accumulation; the bias's sum too). What a head computes of a chunk's rows is a per-chunk loss,
-one class over this interface (``ChunkLoss``). Its object holds the call's options only and
-is never mutated (torch.compile traces the Function, and refuses side effects on an object
-from outside it): the tensors it reads (``operands``: the targets) come as arguments, and
-what it writes are buffers the driver allocates and hands back.
+head shares: the chunks, each chunk's logits from one GEMM (in float32 by default: cuBLAS's
+float32 result from bfloat16 operands where torch has it, the chunk upcast elsewhere; never
+rounded to bfloat16), and in the backward the logits formed again, their gradient written by
+the loss, then ``grad_x[chunk] = dlogits @ W`` and ``grad_W += dlogits.T @ x[chunk]``
+(float32 accumulation; the bias's sum too). What a head computes of a chunk's rows is a
+per-chunk loss, one class over this interface (``ChunkLoss``). Its object holds the call's
+options only and is never mutated (torch.compile traces the Function, and refuses side
+effects on an object from outside it): the tensors it reads (``operands``: the targets) come
+as arguments, and what it writes are buffers the driver allocates and hands back.
 
-- ``allocate(n_tokens, dtype, device)``: the call's per-token buffers (a tuple; None for one
-  not requested);
-- ``workspace(logits, operands, backward)``: scratch the chunks share (None: none), made
-  once a pass from the first (the largest) chunk's logits and the operands;
+- ``logits_dtype(plan)``: the chunks' logits' dtype (float32; float64 for float64 GEMMs);
+- ``allocate(n_tokens, dtype, device, operands)``: the call's per-token buffers (a tuple;
+  None for one not requested);
+- ``workspace(logits, operands, backward)``: what the chunks of one pass share (scratch,
+  the call's denominators; None: nothing), made once a pass from the first (the largest)
+  chunk's logits and the operands;
 - ``forward_chunk(logits, rows, operands, buffers, work, dlogits)``: the results of tokens
   ``rows`` from their logits (R, V) (scratch: the loss may overwrite them), written into the
-  buffers' rows; and where ``dlogits`` is given (``fuses_gradient``, below), d out / d
-  logits for an upstream gradient of 1 into it;
+  buffers; and where ``dlogits`` is given (``fuses_gradient``, below), d out / d logits for
+  an upstream gradient of 1 into it;
 - ``outputs(buffers)``: what the Function returns (None for an output not requested);
-  ``non_differentiable(buffers)``: those of them that carry no gradient (statistics kept for
+  ``non_differentiable(outputs)``: those of them that carry no gradient (statistics kept for
   logging); ``saved(buffers)``: what the backward needs of them (through
   ``save_for_backward``);
-- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)``: d out / d
-  logits of
-  the chunk into ``dlogits`` (the logits themselves for float32 GEMMs) for the upstream
-  gradients of the outputs (None where none came: an output without a gradient costs
-  nothing);
+- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work, operand_grads)``:
+  d out / d logits of the chunk into ``dlogits`` (the logits themselves where they are in
+  the GEMMs' dtype; None where only an operand needs a gradient) for the upstream gradients
+  of the outputs (None where none came: an output without a gradient costs nothing), and
+  the chunk's rows of the operands' gradients into ``operand_grads`` (``operand_grads(
+  operands, needs)``' buffers: a cross-entropy's probability targets);
+- ``scale_grad_(grad, upstream)``: a gradient written in the forward times the upstream one
+  (on the device for the kernels: no host sync);
 - ``reduce_input_grad_(grad)``: once per backward (a vocab-sharded head sums the ranks'
   shares of the input's gradient there, in ``input_grad_dtype`` when set: float32 sums of
   a half-precision input's shares, rounded once after the sum); ``differentiable(logits,
@@ -36,32 +41,109 @@ what it writes are buffers the driver allocates and hands back.
 A loss whose output is one scalar (a reduced loss) sets ``fuses_gradient``: its upstream
 gradient is then one number, so the forward writes each chunk's gradient while it has the
 logits, the driver runs the two gradient GEMMs right away, and the backward only scales
-them: the forward's GEMM and the two gradients', no recompute (as ``linear_cross_entropy``).
-Not while torch.compile traces, nor for a second backward (``_autograd.may_fuse_gradient``):
-those recompute.
+them: the forward's GEMM and the two gradients', no recompute. Not while torch.compile
+traces, nor for a second backward (``_autograd.may_fuse_gradient``), nor when an operand
+needs a gradient (the probabilities' of a soft-target cross-entropy): those recompute.
 
-The log-probability head (``linear_log_probs.LogProbChunks``) and the distillation head
-(``linear_distillation.DistillationChunks``) are such classes. (The
-cross-entropy head, ``linear_cross_entropy.py``, still runs its own Function: it writes its
-gradients in the forward where the upstream gradient is one scalar.)
+The heads over it, one class each: the cross-entropy (``linear_cross_entropy.
+CrossEntropyChunks``), the log-probabilities (``linear_log_probs.LogProbChunks``), the
+distillation (``linear_distillation.DistillationChunks``), and the vocab-sharded heads
+(``fused_losses/distributed/lm_head.py``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from . import eager
 from ._autograd import may_fuse_gradient
-from .linear_cross_entropy import Plan, _Grads, _mm, _plan_dtypes
+
+
+class Plan(NamedTuple):
+    """How a call runs, worked out by the caller (the public API)."""
+
+    n_classes: int  # C: the classes of a row
+    rows_per_token: int  # rows of C classes per token: 1, or d1 * ... * dK
+    chunk: int  # tokens per chunk
+    compute_dtype: torch.dtype  # the GEMMs' dtype
+    accum_dtype: torch.dtype  # the weight's and bias's gradient accumulators
+    kernels: bool  # the Triton row kernels (else the eager formula) on each chunk
+
+
+def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` (or ``out += a @ b``) rounded once to ``out``'s dtype: in ``a``'s dtype
+    for a narrower ``out``; for a wider one (float32 sums of bfloat16 products), cuBLAS's
+    mixed-precision GEMM where torch has it, else the chunk's operands upcast."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    if out.dtype.itemsize < a.dtype.itemsize:  # a narrower result: one rounding at the end
+        out.add_(a @ b) if accumulate else out.copy_(a @ b)
+        return
+    if a.is_cuda:
+        try:
+            if accumulate:
+                torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, out=out)
+            else:
+                torch.ops.aten.mm.dtype_out(a, b, out.dtype, out=out)
+            return
+        except (RuntimeError, NotImplementedError, AttributeError):  # an older torch
+            pass
+    a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+class _Grads:
+    """The gradients a call accumulates over its chunks (the input's in ``x_dtype``, default
+    its own)."""
+
+    def __init__(self, x, w, b, needs, plan: Plan, x_dtype: torch.dtype | None = None):
+        self.x = None
+        if needs[0]:
+            # contiguous whatever the input's layout: the chunks' GEMMs write rows of it and
+            # the backward scales it as one block (a transposed input's empty_like would not)
+            self.x = torch.empty(x.shape, dtype=x_dtype or x.dtype, device=x.device)
+        self.w = self.b = None
+        if needs[1]:
+            # float32 accumulation straight into a float32 weight's gradient; a half one
+            # gets a float32 buffer, rounded once at the end
+            self.w = torch.zeros(w.shape, dtype=plan.accum_dtype, device=w.device)
+        if needs[2]:
+            self.b = torch.zeros(b.shape, dtype=plan.accum_dtype, device=b.device)
+
+    def add(self, rows: slice, x_chunk, dlogits, w_c) -> None:
+        """The chunk's share: ``dlogits`` (R, V) is d out / d logits of tokens ``rows``."""
+        if self.x is not None:
+            _mm(self.x[rows], dlogits, w_c, accumulate=False)
+        if self.w is not None:
+            _mm(self.w, dlogits.t(), x_chunk, accumulate=True)
+        if self.b is not None:
+            self.b += dlogits.sum(0, dtype=self.b.dtype)
+
+    def results(self, x, w, b):
+        """(grad_x, grad_w, grad_b) in the operands' dtypes."""
+        grad_x = None if self.x is None else self.x.to(x.dtype)
+        grad_w = None if self.w is None else self.w.to(w.dtype)
+        grad_b = None if self.b is None else self.b.to(b.dtype)
+        return grad_x, grad_w, grad_b
+
+
+def _plan_dtypes(x: torch.Tensor):
+    """The chunks' ops in the plan's dtypes: autocast off (the plan already chose
+    autocast's dtype for the GEMMs where it applies; the eager formula's are float32)."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def chunks(n_tokens: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
-
-
-def logits_dtype(plan: Plan) -> torch.dtype:
-    """float32 (float64 for float64 GEMMs): the dtype of the chunks' logits."""
-    return torch.promote_types(torch.float32, plan.compute_dtype)
 
 
 def chunk_logits(x_chunk, w_c, b_wide, dtype: torch.dtype,
@@ -83,8 +165,12 @@ class ChunkLoss:
 
     fuses_gradient = False  # one scalar output: its gradient written in the forward
     input_grad_dtype = None  # the input's gradient accumulated in it (None: the input's)
+    kernels = False  # the Triton kernels (else torch's ops) on each chunk
 
-    def allocate(self, n_tokens: int, dtype: torch.dtype, device) -> tuple:
+    def logits_dtype(self, plan: Plan) -> torch.dtype:
+        return torch.promote_types(torch.float32, plan.compute_dtype)
+
+    def allocate(self, n_tokens: int, dtype: torch.dtype, device, operands: tuple) -> tuple:
         raise NotImplementedError
 
     def workspace(self, logits: torch.Tensor, operands: tuple, backward: bool):
@@ -97,15 +183,28 @@ class ChunkLoss:
     def outputs(self, buffers: tuple):
         raise NotImplementedError
 
-    def non_differentiable(self, buffers: tuple) -> tuple:
+    def non_differentiable(self, outputs) -> tuple:
         return ()
 
     def saved(self, buffers: tuple) -> tuple:
         return ()
 
+    def operand_grads(self, operands: tuple, needs: tuple) -> tuple:
+        return (None,) * len(operands)
+
     def backward_chunk(self, logits, rows: slice, operands: tuple, saved: tuple,
-                       upstream: tuple, dlogits, work) -> None:
+                       upstream: tuple, dlogits, work, operand_grads: tuple) -> None:
         raise NotImplementedError
+
+    def scale_grad_(self, grad: torch.Tensor, upstream: torch.Tensor) -> None:
+        if not grad.numel():
+            return
+        if self.kernels:  # (the Triton file imported only here: eager runs without it)
+            from ._common import scale_by_upstream_
+
+            scale_by_upstream_(grad, upstream)
+        else:
+            eager.scale_grad_(grad, upstream.to(grad.dtype))
 
     def reduce_input_grad_(self, grad: torch.Tensor) -> None:
         pass
@@ -116,8 +215,8 @@ class ChunkLoss:
 
 def _dlogits(logits: torch.Tensor, dbuf: torch.Tensor | None, plan: Plan):
     """Where a chunk's gradient goes, and the buffer reused for it: the logits themselves
-    for float32 GEMMs (in place), else a buffer in the GEMMs' dtype (formed in float32 by the
-    loss, rounded once)."""
+    where they are in the GEMMs' dtype (in place), else a buffer in the GEMMs' dtype (formed
+    in float32 by the loss, rounded once)."""
     if plan.compute_dtype == logits.dtype:
         return logits, dbuf
     if dbuf is None:
@@ -125,23 +224,30 @@ def _dlogits(logits: torch.Tensor, dbuf: torch.Tensor | None, plan: Plan):
     return dbuf[:logits.shape[0]], dbuf
 
 
+def _logits_once(x, w, b, plan: Plan, dtype: torch.dtype):
+    """The GEMMs' weight and the bias as the chunks' logits add it: made once a pass. (The
+    bias rounded to the GEMMs' dtype first, as F.linear under autocast.)"""
+    w_c = w.to(plan.compute_dtype)
+    b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
+    return w_c, b_wide
+
+
 class ChunkedHeadFunction(torch.autograd.Function):
     """The outputs of ``loss`` (a ``ChunkLoss``) on the logits ``x @ w.T + b``, a chunk of
     ``plan.chunk`` tokens at a time. ``x``: (N, H); ``w``: (V, H); ``b``: (V,) or None;
-    ``operands``: the tensors the loss reads (per token: sliced by rows). Returns
+    ``operands``: the tensors the loss reads (the targets; None for one not given). Returns
     ``loss.outputs(...)``."""
 
     @staticmethod
     def forward(ctx, x, w, b, plan: Plan, loss: ChunkLoss, *operands):
         ctx.set_materialize_grads(False)
-        dtype = logits_dtype(plan)
-        buffers = loss.allocate(x.shape[0], dtype, x.device)
+        dtype = loss.logits_dtype(plan)
+        buffers = loss.allocate(x.shape[0], dtype, x.device, operands)
         needs = ctx.needs_input_grad[:3]
-        fused = loss.fuses_gradient and any(needs) and may_fuse_gradient()
+        fused = (loss.fuses_gradient and any(needs) and not any(ctx.needs_input_grad[5:])
+                 and may_fuse_gradient())
         grads = _Grads(x, w, b, needs, plan, loss.input_grad_dtype) if fused else None
-        w_c = w.to(plan.compute_dtype)
-        # (the bias rounded to the GEMMs' dtype first, as F.linear under autocast)
-        b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
+        w_c, b_wide = _logits_once(x, w, b, plan, dtype)
         buf = dbuf = work = None  # one chunk's logits, reused (the first chunk is the largest)
         with _plan_dtypes(x):
             for rows in chunks(x.shape[0], plan.chunk):
@@ -159,10 +265,11 @@ class ChunkedHeadFunction(torch.autograd.Function):
         saved = loss.saved(buffers)
         ctx.save_for_backward(x, w, b, *operands, *saved)
         ctx.plan, ctx.loss, ctx.n_operands, ctx.grads = plan, loss, len(operands), grads
-        constant = loss.non_differentiable(buffers)
+        outputs = loss.outputs(buffers)
+        constant = loss.non_differentiable(outputs)
         if constant:  # (not called without any: torch.compile refuses a scalar output then)
             ctx.mark_non_differentiable(*constant)
-        return loss.outputs(buffers)
+        return outputs
 
     @staticmethod
     def backward(ctx, *upstream):
@@ -170,37 +277,39 @@ class ChunkedHeadFunction(torch.autograd.Function):
         operands, saved = tuple(rest[:ctx.n_operands]), tuple(rest[ctx.n_operands:])
         plan, loss = ctx.plan, ctx.loss
         needs = ctx.needs_input_grad[:3]
-        none = (None,) * (2 + ctx.n_operands)
-        if all(g is None for g in upstream) or not any(needs):
-            return None, None, None, *none
+        op_needs = ctx.needs_input_grad[5:]
+        if all(g is None for g in upstream) or not any(needs + op_needs):
+            return (None,) * (5 + ctx.n_operands)
+        dtype = loss.logits_dtype(plan)
         if torch.is_grad_enabled():
             # create_graph=True: torch's ops on the whole logits, the only path that holds
             # them (second derivatives need them)
-            wrt = [t for t, need in zip((x, w, b), needs, strict=True) if need]
+            wrt = [t for t, need in zip((x, w, b, *operands), needs + op_needs, strict=True)
+                   if need]
             with torch.enable_grad(), _plan_dtypes(x):
                 logits = torch.nn.functional.linear(
                     x.to(plan.compute_dtype), w.to(plan.compute_dtype),
-                    None if b is None else b.to(plan.compute_dtype)).to(logits_dtype(plan))
+                    None if b is None else b.to(plan.compute_dtype)).to(dtype)
                 pairs = [(o, g) for o, g in zip(loss.differentiable(logits, operands),
                                                 upstream, strict=False)
                          if o is not None and g is not None]
                 grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt,
                                                  [g.reshape(o.shape) for o, g in pairs],
                                                  create_graph=True))
-            return (*(next(grads) if need else None for need in needs), *none)
+            got = [next(grads) if need else None for need in needs + op_needs]
+            return (*got[:3], None, None, *got[3:])
         if ctx.grads is not None:  # the first backward after a forward that wrote them
             grads, ctx.grads = ctx.grads, None
             for g in (grads.x, grads.w, grads.b):
                 if g is not None:
-                    eager.scale_grad_(g, upstream[0].to(g.dtype))
+                    loss.scale_grad_(g, upstream[0])
             if grads.x is not None:
                 loss.reduce_input_grad_(grads.x)
-            return (*grads.results(x, w, b), *none)
+            return (*grads.results(x, w, b), None, None, *(None,) * ctx.n_operands)
 
         grads = _Grads(x, w, b, needs, plan, loss.input_grad_dtype)
-        w_c = w.to(plan.compute_dtype)
-        dtype = logits_dtype(plan)
-        b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
+        operand_grads = loss.operand_grads(operands, op_needs)
+        w_c, b_wide = _logits_once(x, w, b, plan, dtype)
         buf = dbuf = work = None
         with _plan_dtypes(x):
             for rows in chunks(x.shape[0], plan.chunk):
@@ -210,9 +319,13 @@ class ChunkedHeadFunction(torch.autograd.Function):
                                       None if buf is None else buf[:r])
                 if buf is None:
                     buf, work = logits, loss.workspace(logits, operands, backward=True)
-                dlogits, dbuf = _dlogits(logits, dbuf, plan)
-                loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits, work)
-                grads.add(rows, x_chunk, dlogits, w_c)
+                dlogits = None
+                if any(needs):
+                    dlogits, dbuf = _dlogits(logits, dbuf, plan)
+                loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits, work,
+                                    operand_grads)
+                if dlogits is not None:
+                    grads.add(rows, x_chunk, dlogits, w_c)
         if grads.x is not None:
             loss.reduce_input_grad_(grads.x)
-        return (*grads.results(x, w, b), *none)
+        return (*grads.results(x, w, b), None, None, *operand_grads)

@@ -753,7 +753,7 @@ def chunk_loss(logits, target, weight, opts: Options, denom, n_rows: int, grad_o
     ``call_denominators``): (its part of the reduced loss, of the z-loss term or None). With
     ``write_grad``, d out / d logits is written into ``logits`` in place, and d out / d
     probabilities into ``grad_target``, for ``grad_out`` (None: 1; one value, or the block's
-    rows for ``none``). The LM head's chunks run through here (kernels/linear_cross_entropy.py).
+    rows for ``none``). The LM head's chunks run through here (``linear_cross_entropy.py``).
     """
     x = logits.unsqueeze(0)
     scales = None
@@ -767,9 +767,6 @@ def chunk_loss(logits, target, weight, opts: Options, denom, n_rows: int, grad_o
         grad_from_stats(x, target, weight, stats, scales, opts, grad=x if write_grad else None,
                         grad_target=grad_target)
     return eager.reduce_rows(loss, z, opts, denom, n_rows)
-
-
-scale_grad_ = scale_by_upstream_  # the LM head scales its gradients on the device, as here
 
 
 # ------------------------------------------------------------------------------------------

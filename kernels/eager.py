@@ -15,7 +15,7 @@ The kernels' building blocks have their eager twins here, with the same contract
 ``_ce_math.py``'s arithmetic: the row statistics of a block of classes and their merge
 (``partial_stats``, ``combine_stats``, ``grad_from_stats``, ``denominators``: split and
 sharded rows), the reductions both backends share (``reduce_rows``, ``upstream_scales``), the
-LM head's per-chunk steps (``call_denominators``, ``chunk_loss``, ``scale_grad_``), the
+LM head's per-chunk steps (``call_denominators``, ``chunk_loss``; ``scale_grad_``), the
 log-probabilities, entropy and TRL's other requested per-token statistics
 (``row_log_probs``, ``chunk_log_probs_``, ``log_prob_grad``), and the distillation
 divergence (``divergence_rows``, ``chunk_divergence_``).

@@ -40,7 +40,7 @@ class DistillationChunks(ChunkLoss):
         self.kernels = kernels
         self.fuses_gradient = reduced
 
-    def allocate(self, n_tokens, dtype, device):
+    def allocate(self, n_tokens, dtype, device, operands):
         return (torch.empty(n_tokens, dtype=dtype, device=device),)
 
     def workspace(self, logits, operands, backward):
@@ -81,7 +81,8 @@ class DistillationChunks(ChunkLoss):
         (loss,) = buffers
         return loss.sum() if self.reduced else loss
 
-    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
+    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
+                       operand_grads):
         counted = operands[3][rows].to(logits.dtype)
         g = upstream[0]
         scale = counted * (g.to(logits.dtype) if self.reduced else g[rows].to(logits.dtype))

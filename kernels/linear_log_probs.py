@@ -47,7 +47,7 @@ class LogProbChunks(ChunkLoss):
     def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple = ()):
         self.opts, self.kernels, self.requested = opts, kernels, outputs
 
-    def allocate(self, n_tokens, dtype, device):
+    def allocate(self, n_tokens, dtype, device, operands):
         """(the ``RowOutputs`` fields' buffers, the statistics (N, 2)) as one flat tuple."""
         rows, stats = eager.allocate_rows(n_tokens, self.requested, dtype, device)
         return (*rows, stats)
@@ -73,15 +73,16 @@ class LogProbChunks(ChunkLoss):
     def outputs(self, buffers):
         return eager.present(eager.RowOutputs(*buffers[:-1]))
 
-    def non_differentiable(self, buffers):
-        rows = eager.RowOutputs(*buffers[:-1])
+    def non_differentiable(self, outputs):
+        rows = eager.unpack(outputs, self.requested)
         return tuple(t for t in (getattr(rows, name) for name in eager.NON_DIFFERENTIABLE)
                      if t is not None)
 
     def saved(self, buffers):
         return buffers[-1], eager.RowOutputs(*buffers[:-1]).entropy  # (m~, log2 s), H
 
-    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work):
+    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
+                       operand_grads):
         (target,), (stats, h) = operands, saved
         g = upstream[0]
         g_h = upstream[1] if h is not None else None  # the entropy comes right after log p

@@ -61,8 +61,9 @@ Design points:
   place): the tensor-parallel LM head calls it per chunk of rows.
 - **The tensor-parallel LM head** (``linear_cross_entropy(..., process_group=)``): rank r
   holds rows ``[offset_r, offset_r + width_r)`` of the head's weight (and bias), the input is
-  replicated. ``ShardedChunks`` is the per-chunk cross-entropy the LM head's Function
-  (``kernels/linear_cross_entropy.py``) runs instead of its own: per chunk of tokens, the
+  replicated. ``ShardedChunks`` is the LM head's per-chunk cross-entropy
+  (``kernels/linear_cross_entropy.py``'s class) with its rows merged over the group, on the
+  same chunked-head driver (``kernels/chunked_head.py``): per chunk of tokens, the
   local logits (one GEMM, never more than a chunk of them) go through ``row_losses`` (one
   all-gather per chunk), the rows' statistics are kept (3 per row), and the forward writes
   the gradient over the logits for the three GEMMs as on one process. The backward needs no

@@ -1,6 +1,6 @@
 """The tensor-parallel LM head: the per-chunk losses of a head whose weight is this rank's
-block of the vocabulary, over the chunked-head drivers (``kernels/linear_cross_entropy.py``'s
-for the cross-entropy, ``kernels/chunked_head.py``'s for the log-probs): ``ShardedChunks``
+block of the vocabulary, over the chunked head's driver (``kernels/chunked_head.py``), each
+the single-process head's class with its chunks' rows merged over the group: ``ShardedChunks``
 (``linear_cross_entropy(..., process_group=)``) and ``ShardedLogProbChunks``
 (``linear_log_probs(..., process_group=)``). One all-gather of row statistics per chunk in
 the forward, none in the backward, one all-reduce of the input's gradient per backward."""
@@ -13,6 +13,7 @@ import torch
 
 from .. import _dispatch
 from ..kernels import eager
+from ..kernels.linear_cross_entropy import CrossEntropyChunks
 from ..kernels.linear_log_probs import LogProbChunks
 from .protocol import (
     HEADER_WORDS,
@@ -71,71 +72,84 @@ class _OnGroup:
         _dist().all_reduce(grad, group=self.group)
 
 
-class ShardedChunks(_OnGroup):
-    """The per-chunk cross-entropy of the tensor-parallel LM head, in the protocol of
-    ``kernels/linear_cross_entropy.py`` (``call_denominators``, ``chunk_loss``,
-    ``scale_grad_``, ``reduce_input_grad_``), for one call.
+class ShardedChunks(_OnGroup, CrossEntropyChunks):
+    """The per-chunk cross-entropy of the tensor-parallel LM head
+    (``linear_cross_entropy(..., process_group=)``), a ``chunked_head.ChunkLoss``: each
+    chunk's logits are this rank's block of the classes of the chunk's rows.
 
-    Each chunk's logits are this rank's block of the classes of the chunk's rows:
-    ``row_losses`` merges them over the group (one all-gather per chunk) and, for a reduction
-    to one value, writes the block's gradient over the logits. The rows' statistics (3 per
-    row) are kept, so a backward that recomputes (``none``, a second backward) writes the
-    gradient from them with ``grad_from_stats``, with no collective. The input's gradient of
-    each rank is its block's share; ``reduce_input_grad_`` sums the shares over the group:
-    one all-reduce per backward, in ``input_grad_dtype`` (the call's ``accum_dtype``, so a
-    half-precision input's gradient is rounded once, after the sum)."""
+    Forward, per chunk: ``row_losses`` merges the block's statistics over the group (one
+    all-gather per chunk) and, for a reduction to one value, writes the block's gradient
+    over the logits. The rows' statistics (3 per row) are kept, so a backward that
+    recomputes (``none``, a second backward) writes the gradient from them with
+    ``grad_from_stats``, with no collective. The input's gradient of each rank is its
+    block's share; ``reduce_input_grad_`` sums the shares over the group: one all-reduce per
+    backward, in ``input_grad_dtype`` (the call's ``accum_dtype``, so a half-precision
+    input's gradient is rounded once, after the sum)."""
 
-    def __init__(self, group, shard: VocabShard, kernels: bool, error,
-                 input_grad_dtype: torch.dtype | None):
+    def __init__(self, opts: eager.Options, plan, out_dtype: torch.dtype, group,
+                 shard: VocabShard, error, input_grad_dtype: torch.dtype | None):
+        """``error``: this rank's own, found before the first all-gather (raised after
+        it)."""
+        super().__init__(opts, plan, out_dtype)
         self._hold(group)
-        self.shard, self.kernels = shard, kernels
-        self.error = error  # this rank's own error, raised after the first chunk's gather
+        self.shard, self.error = shard, error
         self.input_grad_dtype = input_grad_dtype
-        self.ops = _backend(kernels)
-        self.stats: dict = {}  # (first row, end) -> the chunk's rows' statistics (3, rows)
-        self.scales = None  # the forward's upstream factors (one upstream gradient of 1)
+        self.ops = _backend(self.kernels)
 
-    def call_denominators(self, target, weight, opts: eager.Options, n_classes: int):
-        """The mean's denominators over the whole vocabulary (``n_classes`` is the block's)."""
-        if opts.reduction != "mean":
-            return None
-        return self.ops.denominators(target, weight, opts.ignore_index, self.shard.vocab_size)
+    def allocate(self, n_tokens, dtype, device, operands):
+        """(loss, z-loss term, the rows' statistics (3, N * d), kept for the backward)."""
+        weight = operands[1]
+        stats = torch.float32 if self.kernels else eager.compute_dtype(
+            dtype, *(() if weight is None else (weight.dtype,)))
+        return (*super().allocate(n_tokens, dtype, device, operands),
+                torch.empty(3, n_tokens * self.per_token, dtype=stats, device=device))
 
-    def chunk_loss(self, logits, target, weight, opts: eager.Options, denom, n_rows: int,
-                   grad_out=None, write_grad: bool = False, grad_target=None, *, rows: slice):
-        """The forward (``grad_out`` None): the chunk's part of the reduced loss and z-loss
-        term, the gradient over ``logits`` with ``write_grad``. The backward: the gradient
-        over ``logits`` for ``grad_out``, from the statistics the forward kept."""
-        shard, key = self.shard, (rows.start, rows.stop)
-        if grad_out is None:
-            scales = None
-            if write_grad:
-                if self.scales is None:
-                    self.scales = eager.upstream_scales(opts, denom, n_rows, None,
-                                                              logits.device)
-                scales = self.scales
-            error, self.error = self.error, None
-            loss, z, stats = row_losses(logits, target, weight, opts, shard, self.group,
-                                        kernels=self.kernels,
-                                        grad=logits if write_grad else None, scales=scales,
-                                        error=error)
-            self.stats[key] = stats
-            return eager.reduce_rows(loss, z, opts, denom, n_rows)
-        if write_grad and logits.numel():
-            scales = eager.upstream_scales(opts, denom, n_rows, grad_out, logits.device)
-            plan = ({"n_splits": self.ops.split_plan(*logits.shape, logits.device)}
-                    if self.kernels else {})
-            x3 = logits.unsqueeze(0)
-            self.ops.grad_from_stats(x3, target, weight, self.stats[key], scales, opts,
-                                     grad=x3, class_offset=shard.offset,
-                                     n_classes=shard.vocab_size, **plan)
-        return None
+    def saved(self, buffers):
+        return (buffers[2],)
 
-    def scale_grad_(self, grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        if grad.numel():
-            (_dispatch.kernels("cross_entropy") if self.kernels else eager).scale_grad_(
-                grad, grad_out)
-        return grad
+    def workspace(self, logits, operands, backward):
+        """(the mean's denominators over the whole vocabulary, the forward's upstream
+        factors for an upstream gradient of 1)."""
+        target, weight = operands
+        opts = self.opts
+        dens = None if opts.reduction != "mean" else self.ops.denominators(
+            target, weight, opts.ignore_index, self.shard.vocab_size)
+        scales = None if not self.reduced else eager.upstream_scales(
+            opts, dens, target.shape[0], None, logits.device)
+        return dens, scales
+
+    def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
+        target, weight = operands
+        dens, scales = work
+        t, x = self._target_rows(target, rows), self._logit_rows(logits)
+        loss, z, stats = row_losses(x, t, weight, self.opts, self.shard, self.group,
+                                    kernels=self.kernels,
+                                    grad=None if dlogits is None else x,
+                                    scales=None if dlogits is None else scales,
+                                    error=self.error if rows.start == 0 else None)
+        buffers[2][:, self._call_rows(rows)] = stats
+        self._store(buffers, rows, *eager.reduce_rows(loss, z, self.opts, dens,
+                                                      target.shape[0]))
+
+    def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
+                       operand_grads):
+        if dlogits is None or not logits.numel():
+            return
+        target, weight = operands
+        x3 = self._logit_rows(logits).unsqueeze(0)
+        scales = eager.upstream_scales(self.opts, work[0], target.shape[0],
+                                       self._upstream_rows(upstream, rows), logits.device)
+        plan = ({"n_splits": self.ops.split_plan(*x3.shape[1:], logits.device)}
+                if self.kernels else {})
+        stats = saved[0][:, self._call_rows(rows)].contiguous()
+        self.ops.grad_from_stats(x3, self._target_rows(target, rows), weight, stats, scales,
+                                 self.opts, grad=x3, class_offset=self.shard.offset,
+                                 n_classes=self.shard.vocab_size, **plan)
+
+    def differentiable(self, logits, operands):
+        raise RuntimeError(
+            "linear_cross_entropy over a process group does not support create_graph=True: "
+            "second derivatives would need the other ranks' logits")
 
 
 def _log_prob_extra(outputs: tuple) -> tuple:
