@@ -13,6 +13,9 @@ Triton kernels, everything else eager PyTorch; ``FUSED_LOSSES_BACKEND=auto|trito
 overrides. Importing this package does not import triton.
 """
 
+# (the floor above the functions, process groups and DTensor operands, hands its entry
+# points down to them as it is imported: _dispatch.tensor_parallel)
+from . import distributed  # noqa: F401
 from .distillation import distillation_loss, linear_distillation_loss
 from .functional import binary_cross_entropy_with_logits, cross_entropy, huber_loss
 from .linear_cross_entropy import linear_cross_entropy

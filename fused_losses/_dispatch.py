@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -210,3 +212,39 @@ def cross_entropy_dtype(logits_dtype: torch.dtype, target: torch.Tensor,
 
 def autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None else t.to(autocast_dtype(t.dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# the floor above: process groups and DTensor operands
+# ------------------------------------------------------------------------------------------
+
+
+class TensorParallel(NamedTuple):
+    """What the public functions route a ``process_group=`` call or DTensor operands to: the
+    entry points of the floor above (``fused_losses/distributed``), each documented where it
+    is defined. That floor hands them down here when it is imported (``fused_losses``
+    imports it), so no module of the API floor imports it: a call is turned into local
+    tensors and a group once, up there, and comes back down with a per-chunk loss that
+    knows the group."""
+
+    dtensor_cross_entropy: Callable  # cross_entropy of DTensor logits (vocab-parallel)
+    dtensor_linear_head: Callable  # an LM-head loss of DTensor operands (TP or FSDP2)
+    lm_head_layout: Callable  # (group, this rank's block, its deferred error) of a CE head
+    sharded_chunks: type  # the sharded CE head's per-chunk loss
+    sharded_log_prob_chunks: type  # the sharded RL head's (its ``layout`` too)
+    bad_target: int  # the status a rank's out-of-range target is deferred with
+
+
+_TENSOR_PARALLEL: list = []
+
+
+def provide_tensor_parallel(entry: TensorParallel) -> None:
+    """Called once, by ``fused_losses/distributed`` when it is imported."""
+    _TENSOR_PARALLEL[:] = [entry]
+
+
+def tensor_parallel() -> TensorParallel:
+    """The floor above's entry points (``TensorParallel``)."""
+    if not _TENSOR_PARALLEL:  # (only where this module was imported outside its package)
+        raise RuntimeError("fused_losses.distributed is not imported")
+    return _TENSOR_PARALLEL[0]

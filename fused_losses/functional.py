@@ -137,11 +137,9 @@ def cross_entropy(
     if _dispatch.is_dtensor(input):
         # logits sharded by class over a device mesh (torch's loss_parallel): the
         # vocab-parallel loss, one all-gather of per-row statistics (distributed/vocab_parallel.py)
-        from .distributed.dtensor import dtensor_cross_entropy
-
-        return dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
-                                     label_smoothing, softcap, z_loss, return_z_loss,
-                                     temperature=temperature, logit_scale=logit_scale)
+        return _dispatch.tensor_parallel().dtensor_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss,
+            return_z_loss, temperature=temperature, logit_scale=logit_scale)
     autocast = _dispatch.autocast_on(input)
     if autocast:
         weight = _dispatch.autocast_cast(weight)

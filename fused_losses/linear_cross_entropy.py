@@ -2,13 +2,16 @@
 
 torch's checks and errors first (its own, in its order: the shapes, then ``F.linear``'s and
 ``F.cross_entropy``'s on meta tensors, which cost nothing), then the plan — how many tokens
-per chunk, in which dtypes, on which backend — and the autograd Function that runs it
+per chunk, in which dtypes, on which backend — and the chunked head's driver that runs it
+(``kernels/chunked_head.py``) with the cross-entropy's per-chunk loss
 (``kernels/linear_cross_entropy.py``).
 
 With ``process_group=`` the weight is this rank's block of a head sharded by vocabulary (the
-tensor-parallel LM head): the same chunks, each chunk's rows merged over the group by
-``fused_losses/distributed/lm_head.py`` (``ShardedChunks``, the per-chunk cross-entropy it hands the
-Function). DTensor operands go to ``distributed.dtensor_linear_cross_entropy`` first.
+tensor-parallel LM head): the same chunks, each chunk's rows merged over the group by the
+floor above's per-chunk loss (``fused_losses/distributed/lm_head.py``, ``ShardedChunks``);
+DTensor operands go up to ``distributed/dtensor.py`` first, which calls this function again
+with local tensors. Both are reached through ``_dispatch.tensor_parallel()``: this module
+never imports that floor.
 """
 
 from __future__ import annotations
@@ -144,11 +147,9 @@ def linear_cross_entropy(
     """
     if (_dispatch.is_dtensor(input) or _dispatch.is_dtensor(linear_weight)
             or _dispatch.is_dtensor(linear_bias)):
-        from .distributed.dtensor import dtensor_linear_cross_entropy
-
-        return dtensor_linear_cross_entropy(
-            linear_cross_entropy, input, linear_weight, target, linear_bias, weight,
-            dict(reduction=reduction, ignore_index=ignore_index,
+        return _dispatch.tensor_parallel().dtensor_linear_head(
+            linear_cross_entropy, "linear_cross_entropy", input, linear_weight, target,
+            linear_bias, dict(weight=weight, reduction=reduction, ignore_index=ignore_index,
                  label_smoothing=label_smoothing, options=options, softcap=softcap,
                  z_loss=z_loss, return_z_loss=return_z_loss, chunk_size=chunk_size,
                  accum_dtype=accum_dtype, process_group=process_group,
@@ -229,9 +230,7 @@ def linear_cross_entropy(
                     raise
                 # a rank's own error: raised after the first all-gather (every rank reaches
                 # it, and the others learn of it there), after any found before
-                from .distributed.protocol import BAD_TARGET
-
-                tp = (*tp[:2], tp[2] or (BAD_TARGET, e))
+                tp = (*tp[:2], tp[2] or (_dispatch.tensor_parallel().bad_target, e))
         elif uint8_weighted_smoothed_mean(target, spec, weight, reduction):
             raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
@@ -291,10 +290,9 @@ def linear_cross_entropy(
         if tp is None:
             loss_chunks = CrossEntropyChunks(opts, plan, out_dtype)
         else:
-            from .distributed.lm_head import ShardedChunks
-
-            loss_chunks = ShardedChunks(opts, plan, out_dtype, *tp, None if accum_dtype is None
-                                        else torch.promote_types(accum_dtype, x.dtype))
+            loss_chunks = _dispatch.tensor_parallel().sharded_chunks(
+                opts, plan, out_dtype, *tp,
+                None if accum_dtype is None else torch.promote_types(accum_dtype, x.dtype))
         loss, z = ChunkedHeadFunction.apply(x, w, b, plan, loss_chunks, t, weight)
     if reduction == "none":
         out_shape = tuple(target.shape) if not spec.prob_target else (*n_batch, *out_features)
@@ -346,8 +344,6 @@ def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, ta
                             reduction, ignore_index, label_smoothing, z_loss, transform):
     """(group, this rank's VocabShard, None or its deferred error) of a tensor-parallel head,
     after the checks every rank makes alike (raised before any collective)."""
-    from .distributed.lm_head import lm_head_layout
-
     fn = "linear_cross_entropy"
     if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):
         raise NotImplementedError(f"{fn} over a process group runs neither under "
@@ -361,5 +357,6 @@ def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, ta
             f"{str(target.dtype).removeprefix('torch.')}")
     opts = eager.Options(ignore_index=ignore_index, reduction=reduction,
                          smoothing=max(label_smoothing, 0.0), z_loss=z_loss, **transform)
-    return lm_head_layout(process_group, shard_sizes, input.device, linear_weight.shape[0],
-                          target.numel(), opts, weight, input.dtype)
+    return _dispatch.tensor_parallel().lm_head_layout(
+        process_group, shard_sizes, input.device, linear_weight.shape[0], target.numel(), opts,
+        weight, input.dtype)

@@ -297,9 +297,7 @@ def linear_log_probs(
     requested = _requested(fn, return_entropy, outputs)
     if any(_dispatch.is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         # tensor parallelism over the weight's mesh, or FSDP2's gather (distributed/dtensor)
-        from .distributed.dtensor import dtensor_linear_head
-
-        return dtensor_linear_head(
+        return _dispatch.tensor_parallel().dtensor_linear_head(
             linear_log_probs, fn, input, linear_weight, target, linear_bias,
             dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                  ignore_index=ignore_index, return_entropy=return_entropy, outputs=outputs,
@@ -343,9 +341,7 @@ def linear_log_probs(
                 raise
             # this rank's own error: raised after the first all-gather, which every rank
             # reaches (the others learn of it there)
-            from .distributed.protocol import BAD_TARGET
-
-            tp = (*tp[:2], tp[2] or (BAD_TARGET, e))
+            tp = (*tp[:2], tp[2] or (_dispatch.tensor_parallel().bad_target, e))
 
     n_tokens = math.prod(n_batch)
     x = input.reshape(n_tokens, hidden)
@@ -377,11 +373,10 @@ def linear_log_probs(
         if tp is None:
             loss = LogProbChunks(opts, kernels, requested)
         else:
-            from .distributed.lm_head import ShardedLogProbChunks
-
             t = t.long()  # (the protocol's fingerprint and kernels read int64 targets)
-            loss = ShardedLogProbChunks(opts, kernels, requested, *tp, input.dtype,
-                                        torch.promote_types(accum, input.dtype))
+            loss = _dispatch.tensor_parallel().sharded_log_prob_chunks(
+                opts, kernels, requested, *tp, input.dtype,
+                torch.promote_types(accum, input.dtype))
         x, w, b, t = detached_without_grad_mode(x, linear_weight, linear_bias,
                                                 t.contiguous())
         rows = eager.unpack(ChunkedHeadFunction.apply(x, w, b, plan, loss, t), requested)
@@ -393,11 +388,9 @@ def _sharded_layout(fn: str, process_group, shard_sizes, input, linear_weight, t
                     opts: eager.Options, requested: tuple):
     """(group, this rank's VocabShard, None or its deferred error) of a vocab-sharded head,
     after the checks every rank makes alike (raised before any collective)."""
-    from .distributed.lm_head import ShardedLogProbChunks
-
     if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):
         raise NotImplementedError(f"{fn} over a process group runs neither under "
                                   "torch.compile nor under torch.func transforms")
-    return ShardedLogProbChunks.layout(process_group, shard_sizes, input.device,
-                                       linear_weight.shape[0], math.prod(target.shape), opts,
-                                       input.dtype, requested)
+    return _dispatch.tensor_parallel().sharded_log_prob_chunks.layout(
+        process_group, shard_sizes, input.device, linear_weight.shape[0],
+        math.prod(target.shape), opts, input.dtype, requested)

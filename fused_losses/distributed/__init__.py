@@ -87,7 +87,7 @@ Design points:
   gradient (float32 for a half-precision input). The statistics' layout is fixed (7 a row
   whatever is requested): a rank that asks for other outputs disagrees in its header's
   argument hash, not in the all-gather's size.
-- **DTensor weights** (``dtensor_linear_cross_entropy``): a replicated DTensor input with a
+- **DTensor weights** (``dtensor_linear_head``): a replicated DTensor input with a
   weight sharded ``Shard(0)`` over one mesh dimension is tensor parallelism (the head above,
   over that dimension's group); a plain input with a DTensor weight (FSDP2's sharded
   parameter, outside the module's forward) gathers it as FSDP2 would, its gradient
@@ -99,7 +99,17 @@ would need the other ranks' logits), ``torch.compile`` of the collective.
 
 from __future__ import annotations
 
-from .protocol import VocabShard, reset_vocab_layout
+from .. import _dispatch
+from .dtensor import dtensor_cross_entropy, dtensor_linear_head
+from .lm_head import ShardedChunks, ShardedLogProbChunks, lm_head_layout
+from .protocol import BAD_TARGET, VocabShard, reset_vocab_layout
 from .vocab_parallel import vocab_parallel_cross_entropy
+
+# The public functions' process_group= and DTensor operands come here (the API floor below
+# never imports this one): its entry points handed down once.
+_dispatch.provide_tensor_parallel(_dispatch.TensorParallel(
+    dtensor_cross_entropy=dtensor_cross_entropy, dtensor_linear_head=dtensor_linear_head,
+    lm_head_layout=lm_head_layout, sharded_chunks=ShardedChunks,
+    sharded_log_prob_chunks=ShardedLogProbChunks, bad_target=BAD_TARGET))
 
 __all__ = ["VocabShard", "reset_vocab_layout", "vocab_parallel_cross_entropy"]

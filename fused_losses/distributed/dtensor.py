@@ -109,15 +109,6 @@ def _gathered_as_fsdp(t):
         grad_placements=[Partial("avg")] * mesh.ndim)
 
 
-def dtensor_linear_cross_entropy(call, input, linear_weight, target, linear_bias, weight,
-                                 kwargs: dict):
-    """``linear_cross_entropy`` with DTensor operands (``dtensor_linear_head``); ``weight``:
-    the class weights, a plain tensor or a replicated DTensor."""
-    return dtensor_linear_head(call, "linear_cross_entropy", input, linear_weight, target,
-                               linear_bias, dict(kwargs, weight=_replicated_local(weight,
-                                                                                  "weight")))
-
-
 def dtensor_linear_head(call, fn: str, input, linear_weight, target, linear_bias,
                         kwargs: dict):
     """An LM-head loss ``fn`` (``linear_cross_entropy``, ``linear_log_probs``) with DTensor
@@ -132,14 +123,17 @@ def dtensor_linear_head(call, fn: str, input, linear_weight, target, linear_bias
       gathered as FSDP2 does (``_gathered_as_fsdp``), the loss of this rank's batch a plain
       tensor, the weight's gradient reduce-scattered and averaged over the mesh as FSDP2's.
 
-    ``call``: ``fn`` on plain tensors; ``kwargs``: its other arguments. The target: a plain
-    tensor or a replicated DTensor. What ``call`` returns, a tensor or a tuple of them (a
+    ``call``: ``fn`` on plain tensors; ``kwargs``: its other arguments. The target and the
+    class ``weight`` (in ``kwargs``: the cross-entropy's): plain tensors or replicated
+    DTensors. What ``call`` returns, a tensor or a tuple of them (a
     named one stays named; None stays None), comes back as replicated DTensors in the
     tensor-parallel case."""
     if kwargs.get("process_group") is not None or kwargs.get("shard_sizes") is not None:
         raise ValueError(f"{fn} with DTensor operands takes their layout from their meshes: "
                          "pass no process_group or shard_sizes")
     target = _replicated_local(target, "target")
+    if kwargs.get("weight") is not None:
+        kwargs = dict(kwargs, weight=_replicated_local(kwargs["weight"], "weight"))
     if not _dispatch.is_dtensor(input):
         return call(input, _gathered_as_fsdp(linear_weight), target,
                     linear_bias=_gathered_as_fsdp(linear_bias), **kwargs)
