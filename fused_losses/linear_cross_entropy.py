@@ -53,6 +53,9 @@ CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 64 << 20}
 # From this many tokens on, a chunk is at most an eighth of them: no tensor of the logits'
 # order of size exists, however small the vocabulary.
 EIGHTH_FROM = 1024
+# A backward that tiles the classes (``grad_tiles``) does so only in tiles at least this wide
+# (narrower ones make small GEMMs).
+MIN_TILE_CLASSES = 2048
 
 
 def linear_cross_entropy(
@@ -332,6 +335,24 @@ def chunk_tokens(n_tokens: int, token_bytes: int, device_type: str, chunk_size, 
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     return max(1, min(chunk_size, n_tokens))
+
+
+def grad_tiles(n_tokens: int, n_classes: int, item_bytes: int, device_type: str, chunk_size,
+               budgets: dict) -> tuple[int, int]:
+    """(tokens, classes) of the tiles of a recomputing backward whose loss tiles its classes
+    (``chunked_head._tiles``): every token at once, the classes split into as few tiles as
+    fit ``budgets``' bytes and the memory rule (at most an eighth of the logits from
+    ``EIGHTH_FROM`` tokens on); (0, 0), the forward's chunks, where tiles would be narrower
+    than ``MIN_TILE_CLASSES`` (small GEMMs) or where the caller set ``chunk_size``."""
+    if chunk_size is not None or not n_tokens or not n_classes:
+        return 0, 0
+    budget = budgets["cuda" if device_type == "cuda" else "cpu"]
+    n_tiles = max(8 if n_tokens >= EIGHTH_FROM else 1,
+                  -(-n_tokens * n_classes * item_bytes // budget))
+    width = n_classes // n_tiles
+    if n_tiles == 1 or width < MIN_TILE_CLASSES:
+        return 0, 0
+    return n_tokens, width
 
 
 def _uint8_smoothing_quirk(target, smoothing: float, ignore_index: int) -> bool:

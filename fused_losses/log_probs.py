@@ -28,7 +28,7 @@ from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode
 from .kernels.chunked_head import ChunkedHeadFunction, Plan
 from .kernels.linear_log_probs import LogProbChunks
-from .linear_cross_entropy import chunk_tokens
+from .linear_cross_entropy import chunk_tokens, grad_tiles
 
 __all__ = ["LogProbOutputs", "LogProbs", "linear_log_probs", "log_probs"]
 
@@ -190,6 +190,8 @@ def log_probs(
 # chunks of 523 tokens made the RL head's 16 chunks cost 16 ms of its 17.7 over 4 GEMMs at
 # N=8192, H=4096, V=128256; 1 GiB makes 8). On the CPU likewise: the RL head at 4096 x 512 x
 # 32000 took 4.49 s a step in 16 MiB chunks (131 tokens), 3.36 s in 64 MiB ones (512).
+# The backward's tiles (``grad_tiles``: every token by a block of classes) take the same
+# budget, and pass over the weight's gradient once.
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 
 
@@ -367,11 +369,15 @@ def linear_log_probs(
         # a sharded head's chunks: the same rows on every rank (one all-gather size), planned
         # from the widest block
         budget = n_vocab if tp is None else max(tp[1].widths)
+        # the backward in tiles of every token by a block of this rank's classes
+        # (``grad_tiles``: the weight's gradient accumulated over once, not once a chunk)
+        tiles = grad_tiles(n_tokens, linear_weight.shape[0], 4, input.device.type, chunk_size,
+                           CHUNK_BYTES)
         plan = Plan(linear_weight.shape[0], 1,
                     _chunk(n_tokens, budget, input.device.type, chunk_size), compute, accum,
-                    kernels)
+                    kernels, *tiles)
         if tp is None:
-            loss = LogProbChunks(opts, kernels, requested)
+            loss = LogProbChunks(opts, kernels, requested, linear_weight.shape[0])
         else:
             t = t.long()  # (the protocol's fingerprint and kernels read int64 targets)
             loss = _dispatch.tensor_parallel().sharded_log_prob_chunks(

@@ -25,8 +25,9 @@ as arguments, and what it writes are buffers the driver allocates and hands back
   ``non_differentiable(outputs)``: those of them that carry no gradient (statistics kept for
   logging); ``saved(buffers)``: what the backward needs of them (through
   ``save_for_backward``);
-- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work, operand_grads)``:
-  d out / d logits of the chunk into ``dlogits`` (the logits themselves where they are in
+- ``backward_chunk(logits, rows, operands, saved, upstream, dlogits, work, operand_grads,
+  cols)``: d out / d logits of the chunk (of its classes ``cols``, a tile, for a loss that
+  sets ``tiles_classes``: ``_tiles``) into ``dlogits`` (the logits themselves where they are in
   the GEMMs' dtype; None where only an operand needs a gradient) for the upstream gradients
   of the outputs (None where none came: an output without a gradient costs nothing), and
   the chunk's rows of the operands' gradients into ``operand_grads`` (``operand_grads(
@@ -70,6 +71,9 @@ class Plan(NamedTuple):
     compute_dtype: torch.dtype  # the GEMMs' dtype
     accum_dtype: torch.dtype  # the weight's and bias's gradient accumulators
     kernels: bool  # the Triton row kernels (else the eager formula) on each chunk
+    # a recomputing backward's tiles, for a loss that ``tiles_classes`` (0: its chunks):
+    grad_chunk: int = 0  # tokens per tile
+    grad_classes: int = 0  # classes (the weight's rows) per tile
 
 
 def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -119,14 +123,17 @@ class _Grads:
         if needs[2]:
             self.b = torch.zeros(b.shape, dtype=plan.accum_dtype, device=b.device)
 
-    def add(self, rows: slice, x_chunk, dlogits, w_c) -> None:
-        """The chunk's share: ``dlogits`` (R, V) is d out / d logits of tokens ``rows``."""
+    def add(self, rows: slice, x_chunk, dlogits, w_c, cols: slice | None = None) -> None:
+        """The chunk's share: ``dlogits`` (R, V) is d out / d logits of tokens ``rows``
+        (of the classes ``cols`` of a tile: the input's gradient then adds over the tiles)."""
+        if cols is None:
+            cols = slice(0, w_c.shape[0])
         if self.x is not None:
-            _mm(self.x[rows], dlogits, w_c, accumulate=False)
+            _mm(self.x[rows], dlogits, w_c[cols], accumulate=cols.start > 0)
         if self.w is not None:
-            _mm(self.w, dlogits.t(), x_chunk, accumulate=True)
+            _mm(self.w[cols], dlogits.t(), x_chunk, accumulate=True)
         if self.b is not None:
-            self.b += dlogits.sum(0, dtype=self.b.dtype)
+            self.b[cols] += dlogits.sum(0, dtype=self.b.dtype)
 
     def results(self, x, w, b):
         """(grad_x, grad_w, grad_b) in the operands' dtypes."""
@@ -144,6 +151,12 @@ def _plan_dtypes(x: torch.Tensor):
 
 def chunks(n_tokens: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
+
+
+def shaped(buf: torch.Tensor, shape) -> torch.Tensor:
+    """The first elements of the reused buffer ``buf`` (made for the largest chunk or tile)
+    as a contiguous tensor of ``shape`` (a narrower tile's too)."""
+    return buf.view(-1)[:shape[0] * shape[1]].view(shape)
 
 
 def chunk_logits(x_chunk, w_c, b_wide, dtype: torch.dtype,
@@ -166,6 +179,9 @@ class ChunkLoss:
     fuses_gradient = False  # one scalar output: its gradient written in the forward
     input_grad_dtype = None  # the input's gradient accumulated in it (None: the input's)
     kernels = False  # the Triton kernels (else torch's ops) on each chunk
+    # a recomputing backward may hand ``backward_chunk`` a tile of the classes (``cols``):
+    # its gradient needs only what the forward kept of each row, not the whole row
+    tiles_classes = False
 
     def logits_dtype(self, plan: Plan) -> torch.dtype:
         return torch.promote_types(torch.float32, plan.compute_dtype)
@@ -193,7 +209,8 @@ class ChunkLoss:
         return (None,) * len(operands)
 
     def backward_chunk(self, logits, rows: slice, operands: tuple, saved: tuple,
-                       upstream: tuple, dlogits, work, operand_grads: tuple) -> None:
+                       upstream: tuple, dlogits, work, operand_grads: tuple,
+                       cols: slice | None = None) -> None:
         raise NotImplementedError
 
     def scale_grad_(self, grad: torch.Tensor, upstream: torch.Tensor) -> None:
@@ -221,7 +238,7 @@ def _dlogits(logits: torch.Tensor, dbuf: torch.Tensor | None, plan: Plan):
         return logits, dbuf
     if dbuf is None:
         dbuf = torch.empty(logits.shape, dtype=plan.compute_dtype, device=logits.device)
-    return dbuf[:logits.shape[0]], dbuf
+    return shaped(dbuf, logits.shape), dbuf
 
 
 def _logits_once(x, w, b, plan: Plan, dtype: torch.dtype):
@@ -230,6 +247,18 @@ def _logits_once(x, w, b, plan: Plan, dtype: torch.dtype):
     w_c = w.to(plan.compute_dtype)
     b_wide = None if b is None else b.to(plan.compute_dtype).to(dtype)
     return w_c, b_wide
+
+
+def _tiles(n_classes: int, plan: Plan, loss: ChunkLoss) -> list:
+    """The tiles of classes of a recomputing backward: ``[None]`` (each chunk's whole rows)
+    unless the loss tiles its classes and the plan sets tiles. Tiles of ``plan.grad_chunk``
+    tokens by ``plan.grad_classes`` classes let the backward take many more tokens at once
+    in the same memory: the weight's float32 gradient accumulator (8 V H bytes read and
+    written per token chunk, the LM heads' largest cost past their GEMMs) is then passed
+    over once or twice instead of once per chunk; the input's, N H float32, once per tile."""
+    if not (loss.tiles_classes and plan.grad_chunk and plan.grad_classes):
+        return [None]
+    return chunks(n_classes, plan.grad_classes)
 
 
 class ChunkedHeadFunction(torch.autograd.Function):
@@ -307,25 +336,31 @@ class ChunkedHeadFunction(torch.autograd.Function):
                 loss.reduce_input_grad_(grads.x)
             return (*grads.results(x, w, b), None, None, *(None,) * ctx.n_operands)
 
-        grads = _Grads(x, w, b, needs, plan, loss.input_grad_dtype)
+        tiles = _tiles(w.shape[0], plan, loss)
+        x_dtype = loss.input_grad_dtype
+        if tiles != [None] and x_dtype is None:  # (summed over the tiles: rounded once)
+            x_dtype = torch.promote_types(torch.float32, x.dtype)
+        grads = _Grads(x, w, b, needs, plan, x_dtype)
         operand_grads = loss.operand_grads(operands, op_needs)
         w_c, b_wide = _logits_once(x, w, b, plan, dtype)
         buf = dbuf = work = None
         with _plan_dtypes(x):
-            for rows in chunks(x.shape[0], plan.chunk):
+            for rows in chunks(x.shape[0], plan.grad_chunk if tiles != [None] else plan.chunk):
                 x_chunk = x[rows].to(plan.compute_dtype)
-                r = x_chunk.shape[0]
-                logits = chunk_logits(x_chunk, w_c, b_wide, dtype,
-                                      None if buf is None else buf[:r])
-                if buf is None:
-                    buf, work = logits, loss.workspace(logits, operands, backward=True)
-                dlogits = None
-                if any(needs):
-                    dlogits, dbuf = _dlogits(logits, dbuf, plan)
-                loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits, work,
-                                    operand_grads)
-                if dlogits is not None:
-                    grads.add(rows, x_chunk, dlogits, w_c)
+                for cols in tiles:
+                    w_t = w_c if cols is None else w_c[cols]
+                    b_t = b_wide if b_wide is None or cols is None else b_wide[cols]
+                    logits = chunk_logits(x_chunk, w_t, b_t, dtype, None if buf is None else
+                                          shaped(buf, (x_chunk.shape[0], w_t.shape[0])))
+                    if buf is None:
+                        buf, work = logits, loss.workspace(logits, operands, backward=True)
+                    dlogits = None
+                    if any(needs):
+                        dlogits, dbuf = _dlogits(logits, dbuf, plan)
+                    loss.backward_chunk(logits, rows, operands, saved, upstream, dlogits,
+                                        work, operand_grads, cols=cols)
+                    if dlogits is not None:
+                        grads.add(rows, x_chunk, dlogits, w_c, cols)
         if grads.x is not None:
             loss.reduce_input_grad_(grads.x)
         return (*grads.results(x, w, b), None, None, *operand_grads)

@@ -131,7 +131,7 @@ class CrossEntropyChunks(ChunkLoss):
         return g if self.reduced else self._target_rows(g.reshape(-1), rows)
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
-                       operand_grads):
+                       operand_grads, cols=None):
         target, weight = operands
         grad_t = operand_grads[0]
         _ce(self.kernels).chunk_loss(

@@ -82,7 +82,7 @@ class DistillationChunks(ChunkLoss):
         return loss.sum() if self.reduced else loss
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
-                       operand_grads):
+                       operand_grads, cols=None):
         counted = operands[3][rows].to(logits.dtype)
         g = upstream[0]
         scale = counted * (g.to(logits.dtype) if self.reduced else g[rows].to(logits.dtype))

@@ -14,9 +14,14 @@ bfloat16 before the log-softmax) as ``LogProbChunks``:
   class with a class offset and one all-gather of row statistics per chunk) runs on the same
   kernels: ``log_probs.log_prob_partial_stats`` and ``log_prob_grad(class_offset=)``.
 - backward: the upstream gradients are per token (advantages), unknown in the forward, so the
-  driver forms each chunk's logits again (a fourth GEMM) and the row kernel writes their
-  gradient from the kept statistics (``log_probs.log_prob_grad``), the entropy's term only
-  where the entropy's gradient came.
+  driver forms the logits again (a fourth GEMM) and the row kernel writes their gradient
+  from the kept statistics (``log_probs.log_prob_grad``), the entropy's term only where the
+  entropy's gradient came. The kept statistics are all a logit's gradient needs of its row,
+  so the backward runs in tiles of every token by a block of the classes
+  (``tiles_classes``; the plan's ``grad_chunk`` x ``grad_classes``, the memory rule's size):
+  the weight's float32 gradient accumulator, 8 V H bytes, is read and written once, where
+  chunks of tokens pass over it once each (8 times at N=8192: about 7 ms of the H200's
+  4.2 TB/s at V=128256, H=4096).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from . import eager
-from .chunked_head import ChunkLoss
+from .chunked_head import ChunkLoss, shaped
 
 
 def _ops(kernels: bool):
@@ -44,8 +49,13 @@ class LogProbChunks(ChunkLoss):
     (``eager.present``), in the chunks' logits' dtype (float32; is_top1 bool); kept for the
     backward: each row's (m~, log2 s) and the entropy."""
 
-    def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple = ()):
+    tiles_classes = True  # (the gradient of a tile needs each row's kept (m~, log2 s), H)
+
+    def __init__(self, opts: eager.Options, kernels: bool, outputs: tuple = (),
+                 n_classes: int | None = None):
+        """``n_classes``: the weight's rows (the classes a tile of the backward lies in)."""
         self.opts, self.kernels, self.requested = opts, kernels, outputs
+        self.n_classes = n_classes
 
     def allocate(self, n_tokens, dtype, device, operands):
         """(the ``RowOutputs`` fields' buffers, the statistics (N, 2)) as one flat tuple."""
@@ -68,7 +78,7 @@ class LogProbChunks(ChunkLoss):
                                      outputs=self.requested, out=out)
         else:
             eager.chunk_log_probs_(logits, target[rows], self.opts, outputs=self.requested,
-                                   out=out, work=work[0][:logits.shape[0]])
+                                   out=out, work=shaped(work[0], logits.shape))
 
     def outputs(self, buffers):
         return eager.present(eager.RowOutputs(*buffers[:-1]))
@@ -82,23 +92,26 @@ class LogProbChunks(ChunkLoss):
         return buffers[-1], eager.RowOutputs(*buffers[:-1]).entropy  # (m~, log2 s), H
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
-                       operand_grads):
+                       operand_grads, cols=None):
         (target,), (stats, h) = operands, saved
         g = upstream[0]
         g_h = upstream[1] if h is not None else None  # the entropy comes right after log p
         args = (logits, target[rows], stats[rows], None if h is None else h[rows],
                 None if g is None else g[rows], None if g_h is None else g_h[rows], self.opts)
         if self.kernels:
-            _ops(True).log_prob_grad(*args, grad=dlogits, **self.columns())
+            _ops(True).log_prob_grad(*args, grad=dlogits, **self.columns(cols))
         else:
             eager.chunk_log_prob_grad_(*args, grad=dlogits,
-                                       work=tuple(t[:logits.shape[0]] for t in work),
-                                       **self.columns())
+                                       work=tuple(shaped(t, logits.shape) for t in work),
+                                       **self.columns(cols))
 
-    def columns(self) -> dict:
-        """Where the chunk's columns lie among the classes (the gradient's ``class_offset``
-        and ``n_classes``): here the whole vocabulary; a vocab-sharded head's block says."""
-        return {}
+    def columns(self, cols: slice | None = None) -> dict:
+        """Where the logits' columns lie among the classes (the gradient's ``class_offset``
+        and ``n_classes``): the whole vocabulary, or the tile ``cols`` of it; a vocab-sharded
+        head's block says."""
+        if cols is None:
+            return {}
+        return dict(class_offset=cols.start, n_classes=self.n_classes)
 
     def differentiable(self, logits, operands):
         rows, _ = eager.row_log_probs(logits, operands[0], self.opts, outputs=self.requested)

@@ -42,18 +42,20 @@ def _backend(name: str) -> None:
     os.environ["FUSED_LOSSES_BACKEND"] = name
 
 
-def sharded(x, w, t, b=None, **kwargs):
+def sharded(x, w, t, b=None, chunk_size=CHUNK, **kwargs):
     import fused_losses as fl
 
     return fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True,
-                               process_group=dist.group.WORLD, chunk_size=CHUNK, **kwargs)
+                               process_group=dist.group.WORLD, chunk_size=chunk_size, **kwargs)
 
 
 def compare(rank, widths, dtype=torch.float32, which="both", ignore=(), bias=True,
             via="shard_sizes", **opts):
-    """This rank's block of the head against torch's ops on the whole head in float64."""
+    """This rank's block of the head against torch's ops on the whole head in float64
+    (``chunk_size=None`` in ``opts``: the default plan, not ``CHUNK``)."""
     import fused_losses as fl
 
+    chunk = opts.pop("chunk_size", CHUNK)
     v = sum(widths)
     block = slice(sum(widths[:rank]), sum(widths[:rank + 1]))
     x, w, b, t = operands((N,), H, v, dtype, "cpu")
@@ -61,7 +63,7 @@ def compare(rank, widths, dtype=torch.float32, which="both", ignore=(), bias=Tru
     b = b if bias else None
     layout = dict(shard_sizes=widths) if via == "shard_sizes" else {}
     lp, h, grads = run(sharded, x, w[block], t, None if b is None else b[block], which,
-                       **layout, **opts)
+                       chunk_size=chunk, **layout, **opts)
     what = f"rank {rank}, widths {widths}, {dtype}, {which}, {opts}"
     assert lp.dtype == h.dtype == torch.float32 and lp.shape == t.shape, what
 
@@ -202,6 +204,24 @@ def check_layouts(rank, widths):
             assert_close(got, ref.double(), torch.float32, f"{what}: gradients")
 
 
+def check_tiles(rank, widths):
+    """The backward in tiles of every token by 2 classes of each rank's block (the gradient
+    kernel told the tile's offset in the block and the block's in the vocabulary)."""
+    import sys
+
+    lce, lp = (sys.modules[f"fused_losses.{name}"] for name in ("linear_cross_entropy",
+                                                                 "log_probs"))
+    saved = lce.MIN_TILE_CLASSES, lp.CHUNK_BYTES
+    lce.MIN_TILE_CLASSES, lp.CHUNK_BYTES = 1, {"cuda": 4 * N * 3, "cpu": 4 * N * 3}
+    try:
+        assert lce.grad_tiles(N, 5, 4, "cpu", None, lp.CHUNK_BYTES) == (N, 2)
+        for backend in BACKENDS:
+            _backend(backend)
+            compare(rank, widths, chunk_size=None, temperature=0.7, ignore=(2,))
+    finally:
+        lce.MIN_TILE_CLASSES, lp.CHUNK_BYTES = saved
+
+
 def check_world_2(rank, world):
     sweep(rank, (5, 8))
     _backend("triton")  # bfloat16 operands on the kernels: float32 logits and sums
@@ -212,10 +232,12 @@ def check_world_2(rank, world):
     check_outputs(rank, (5, 8))
     check_collectives(rank, (5, 8))
     check_layouts(rank, (5, 8))
+    check_tiles(rank, (5, 8))
 
 
 def check_world_3(rank, world):
     sweep(rank, (4, 0, 7), OPTIONS[::3])  # an empty block in the middle
+    check_tiles(rank, (4, 0, 7))
     check_outputs(rank, (3, 3, 5))
     from fused_losses.distributed import reset_vocab_layout
 

@@ -11,6 +11,7 @@ logit gradients and GEMMs: twice torch's own bfloat16 error is allowed on top.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -251,9 +252,68 @@ def test_requested_outputs_no_grad_and_compile(backend, device):
     torch._dynamo.reset()
 
 
-def test_never_an_eighth_of_the_logits(backend, device):
+def tile_the_backward(monkeypatch, budget: int, min_classes: int = 1) -> list:
+    """Make the backward tile the classes of heads this small (``grad_tiles``: a budget of
+    ``budget`` bytes, tiles from ``min_classes`` classes on); returns the list each
+    backward's count of tiles is appended to (so a test sees that it tiled)."""
+    from fused_losses.kernels import chunked_head
+
+    monkeypatch.setattr(sys.modules["fused_losses.linear_cross_entropy"], "MIN_TILE_CLASSES",
+                        min_classes)
+    monkeypatch.setattr(sys.modules["fused_losses.log_probs"], "CHUNK_BYTES",
+                        {"cuda": budget, "cpu": budget})
+    counts, tiles = [], chunked_head._tiles
+
+    def counted(*args):
+        out = tiles(*args)
+        counts.append(len(out))
+        return out
+
+    monkeypatch.setattr(chunked_head, "_tiles", counted)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("case", "which"), [("plain", "both"), ("temperature", "log_probs"),
+                                             ("everything", "entropy")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_in_tiles_of_classes(backend, device, dtype, which, case, bias, monkeypatch):
+    # the backward in tiles of every token by a block of the classes (the weight's gradient
+    # accumulated over once): 37 tokens, 101 classes, tiles of 25 classes and a ragged one
+    # of 1; the input's gradient summed over the tiles in float32, rounded once
+    counts = tile_the_backward(monkeypatch, budget=37 * 30 * 4)
+    x, w, b, t = operands((37,), 16, 101, dtype, device)
+    t[::4] = -100
+    t[1], t[2] = 100, 25  # targets in the last tile and at a tile's first class
+    check(x, w, t, b if bias else None, which, **OPTIONS[case])
+    assert counts == [5], counts
+
+
+def test_default_grad_tiles():
+    """Every token at once, the classes in as few tiles as the budget and the memory rule
+    allow (an eighth from 1,024 tokens on); none where tiles would be narrow GEMMs, or where
+    the caller set the chunk."""
+    from fused_losses.linear_cross_entropy import grad_tiles
+    from fused_losses.log_probs import CHUNK_BYTES
+
+    for (n, v, device, chunk), want in [
+        ((8192, 128256, "cuda", None), (8192, 16032)),  # an eighth of the classes
+        ((16384, 151936, "cuda", None), (16384, 15193)),  # the 1 GiB budget: 10 tiles
+        ((4096, 32000, "cpu", None), (4096, 4000)),  # the CPU's 64 MiB
+        ((512, 32000, "cuda", None), (0, 0)),  # the logits fit one chunk
+        ((8192, 8000, "cuda", None), (0, 0)),  # tiles of 1,000 classes: the chunks instead
+        ((8192, 128256, "cuda", 512), (0, 0)),  # the caller's chunk_size
+    ]:
+        assert grad_tiles(n, v, 4, device, chunk, CHUNK_BYTES) == want, (n, v, device)
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+def test_never_an_eighth_of_the_logits(backend, device, tiles, monkeypatch):
     # 1,024 tokens, an 800-class head of 16 features: no tensor of the forward or the
-    # backward holds an eighth of the logits' elements; under no_grad, one chunk
+    # backward holds an eighth of the logits' elements (the backward's tiles of every token
+    # neither); under no_grad, one chunk
+    if tiles:
+        counts = tile_the_backward(monkeypatch, budget=64 << 20, min_classes=8)
     n, h, v = 1024, 16, 800
     x, w, b, t = operands((n,), h, v, torch.bfloat16, device)
     x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)
@@ -262,6 +322,7 @@ def test_never_an_eighth_of_the_logits(backend, device):
                                       temperature=0.7)
         backward(lp, ent, *upstream(t.shape, "both"))
     assert mode.largest <= n * v // 8, mode.largest
+    assert not tiles or counts == [8], counts
     with torch.no_grad(), LargestTensor() as mode:
         fl.linear_log_probs(x, w, t, linear_bias=b, return_entropy=True, chunk_size=32)
     assert mode.largest <= 32 * v, mode.largest

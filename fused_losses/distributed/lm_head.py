@@ -132,7 +132,7 @@ class ShardedChunks(_OnGroup, CrossEntropyChunks):
                                                       target.shape[0]))
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
-                       operand_grads):
+                       operand_grads, cols=None):
         if dlogits is None or not logits.numel():
             return
         target, weight = operands
@@ -218,9 +218,11 @@ class ShardedLogProbChunks(_OnGroup, LogProbChunks):
                                      self.opts, shard.vocab_size, self.requested,
                                      out=(eager.RowOutputs(*fields), stats))
 
-    def columns(self) -> dict:
-        """This rank's block of the classes: the gradient's target test and range."""
-        return dict(class_offset=self.shard.offset, n_classes=self.shard.vocab_size)
+    def columns(self, cols=None) -> dict:
+        """This rank's block of the classes (a tile ``cols`` of it): the gradient's target
+        test and range."""
+        start = 0 if cols is None else cols.start
+        return dict(class_offset=self.shard.offset + start, n_classes=self.shard.vocab_size)
 
     def differentiable(self, logits, operands):
         raise RuntimeError(
