@@ -116,12 +116,15 @@ class _Grads:
             # the backward scales it as one block (a transposed input's empty_like would not)
             self.x = torch.empty(x.shape, dtype=x_dtype or x.dtype, device=x.device)
         self.w = self.b = None
+        # (written by the first chunk's GEMM, not zeroed then added to: a pass over the
+        # weight's float32 gradient saved, 8 V H bytes; zeros for a call of no tokens)
+        new = torch.zeros if x.shape[0] == 0 else torch.empty
         if needs[1]:
             # float32 accumulation straight into a float32 weight's gradient; a half one
             # gets a float32 buffer, rounded once at the end
-            self.w = torch.zeros(w.shape, dtype=plan.accum_dtype, device=w.device)
+            self.w = new(w.shape, dtype=plan.accum_dtype, device=w.device)
         if needs[2]:
-            self.b = torch.zeros(b.shape, dtype=plan.accum_dtype, device=b.device)
+            self.b = new(b.shape, dtype=plan.accum_dtype, device=b.device)
 
     def add(self, rows: slice, x_chunk, dlogits, w_c, cols: slice | None = None) -> None:
         """The chunk's share: ``dlogits`` (R, V) is d out / d logits of tokens ``rows``
@@ -130,10 +133,12 @@ class _Grads:
             cols = slice(0, w_c.shape[0])
         if self.x is not None:
             _mm(self.x[rows], dlogits, w_c[cols], accumulate=cols.start > 0)
+        first = rows.start == 0  # (the first chunk of tokens writes the weight's rows)
         if self.w is not None:
-            _mm(self.w[cols], dlogits.t(), x_chunk, accumulate=True)
+            _mm(self.w[cols], dlogits.t(), x_chunk, accumulate=not first)
         if self.b is not None:
-            self.b[cols] += dlogits.sum(0, dtype=self.b.dtype)
+            bias = dlogits.sum(0, dtype=self.b.dtype)
+            self.b[cols].copy_(bias) if first else self.b[cols].add_(bias)
 
     def results(self, x, w, b):
         """(grad_x, grad_w, grad_b) in the operands' dtypes."""
