@@ -252,10 +252,11 @@ def test_requested_outputs_no_grad_and_compile(backend, device):
     torch._dynamo.reset()
 
 
-def tile_the_backward(monkeypatch, budget: int, min_classes: int = 1) -> list:
+def tile_the_backward(monkeypatch, budget: int, min_classes: int = 1, spy: bool = True) -> list:
     """Make the backward tile the classes of heads this small (``grad_tiles``: a budget of
     ``budget`` bytes, tiles from ``min_classes`` classes on); returns the list each
-    backward's count of tiles is appended to (so a test sees that it tiled)."""
+    backward's count of tiles is appended to (so a test sees that it tiled; not with
+    ``spy=False``, for torch.compile, which refuses the spy's side effect)."""
     from fused_losses.kernels import chunked_head
 
     monkeypatch.setattr(sys.modules["fused_losses.linear_cross_entropy"], "MIN_TILE_CLASSES",
@@ -263,6 +264,8 @@ def tile_the_backward(monkeypatch, budget: int, min_classes: int = 1) -> list:
     monkeypatch.setattr(sys.modules["fused_losses.log_probs"], "CHUNK_BYTES",
                         {"cuda": budget, "cpu": budget})
     counts, tiles = [], chunked_head._tiles
+    if not spy:
+        return counts
 
     def counted(*args):
         out = tiles(*args)
@@ -431,13 +434,20 @@ def test_errors(backend, case):
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
-def test_torch_compile_fullgraph(backend, device, compiler):
-    # the chunked driver traced as it is on the kernel path; the formula whole on the eager
-    # path
+@pytest.mark.parametrize("tiles", [False, True])
+def test_torch_compile_fullgraph(backend, device, compiler, tiles, monkeypatch):
+    # the chunked driver traced as it is on the kernel path (its backward in tiles of the
+    # classes too); the formula whole on the eager path
     torch._dynamo.reset()
     x, w, b, t = operands((3, 7), 16, 50, torch.float32, device)
     t[1, 2] = -100
-    fn = torch.compile(lambda x, w, t, b: ours(x, w, t, b, temperature=0.8, chunk_size=4),
+    if tiles:
+        tile_the_backward(monkeypatch, budget=21 * 12 * 4, spy=False)
+        from fused_losses.linear_cross_entropy import grad_tiles
+
+        assert grad_tiles(21, 50, 4, device, None, {"cuda": 1008, "cpu": 1008}) == (21, 10)
+    chunk = None if tiles else 4  # (tiles of 10 classes: the default plan's)
+    fn = torch.compile(lambda x, w, t, b: ours(x, w, t, b, temperature=0.8, chunk_size=chunk),
                        backend=compiler, fullgraph=True)
     lp, h, grads = run(fn, x, w, t, b, "both")
     ref_lp, ref_h, ref_grads = run(reference, x.double().cpu(), w.double().cpu(), t.cpu(),
