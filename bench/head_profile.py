@@ -16,7 +16,9 @@ one chunk into the driver's steps, so that the gap has a name:
 
 Each line gives the median time, and for the passes over memory the bytes they must move
 over the copy bandwidth measured here (their roofline). Then the sum of one chunk's steps
-times the chunks, against the whole head's time measured the same way.
+times the chunks, against the whole head's time measured the same way, and the head as
+planned by default (its backward in tiles of every token by a block of classes: the
+accumulator passed over once), whose difference is the tiles' gain.
 
     python -m bench.head_profile                # CUDA: N=8192, H=4096, V=128256, bf16
     python -m bench.head_profile --device cpu --tokens 256 --hidden 64 --vocab 4096
@@ -129,13 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     x_l, w_l = x.clone().requires_grad_(), w.clone().requires_grad_()
     g2 = torch.randn(n, device=dev)
 
-    def head():
-        x_l.grad = w_l.grad = None
-        lp, en = fl.linear_log_probs(x_l, w_l, t, temperature=0.7, return_entropy=True,
-                                     chunk_size=r)
-        (lp * g + en * g2).sum().backward()
+    def head(chunk_size):
+        def step():
+            x_l.grad = w_l.grad = None
+            lp, en = fl.linear_log_probs(x_l, w_l, t, temperature=0.7, return_entropy=True,
+                                         chunk_size=chunk_size)
+            (lp * g + en * g2).sum().backward()
 
-    whole = ms_of(head)
+        return step
+
+    # the whole head as a user runs it (the backward in tiles of every token by a block of
+    # classes where the plan makes them), and in chunks of r tokens both ways (the steps')
+    from fused_losses.linear_cross_entropy import grad_tiles
+    from fused_losses.log_probs import CHUNK_BYTES
+
+    tiles = grad_tiles(n, v, 4, dev, a.chunk, CHUNK_BYTES)
+    default = ms_of(head(a.chunk))
+    whole = ms_of(head(r))
     ours = n_chunks * (2 * times["GEMM x W^T -> fp32 (ours)"] + times["row pass: log p + entropy"]
                        + times["grad pass: log p + entropy"]
                        + times["GEMM dlogits @ W (grad x)"]
@@ -145,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sum of the steps (log p + H)':32s} {ours:9.2f} ms; the whole head {whole:.2f} ms "
           f"(the rest: {whole - ours:.2f} ms of casts, launches, allocations); 4 bf16 GEMMs "
           f"{four:.2f} ms")
+    if tiles[0]:
+        print(f"the head as planned, its backward in tiles of {tiles[0]} tokens x {tiles[1]} "
+              f"classes: {default:.2f} ms ({whole - default:+.2f} ms against chunks)")
     acc = n_chunks * 8 * v * h
     at = "" if gbps is None else f", {acc / gbps / 1e6:.2f} ms at the copy bandwidth"
     print(f"the weight gradient's float32 accumulator, read and written once a chunk: "
           f"{n_chunks} x {8 * v * h / 1e9:.2f} GB = {acc / 1e9:.1f} GB{at} (fewer, larger "
-          "chunks: less)")
+          "chunks: less; the backward's tiles: once)")
     return 0
 
 
