@@ -246,7 +246,7 @@ def _dlogits(logits: torch.Tensor, dbuf: torch.Tensor | None, plan: Plan):
     return shaped(dbuf, logits.shape), dbuf
 
 
-def _logits_once(x, w, b, plan: Plan, dtype: torch.dtype):
+def _logits_once(w, b, plan: Plan, dtype: torch.dtype):
     """The GEMMs' weight and the bias as the chunks' logits add it: made once a pass. (The
     bias rounded to the GEMMs' dtype first, as F.linear under autocast.)"""
     w_c = w.to(plan.compute_dtype)
@@ -281,7 +281,7 @@ class ChunkedHeadFunction(torch.autograd.Function):
         fused = (loss.fuses_gradient and any(needs) and not any(ctx.needs_input_grad[5:])
                  and may_fuse_gradient())
         grads = _Grads(x, w, b, needs, plan, loss.input_grad_dtype) if fused else None
-        w_c, b_wide = _logits_once(x, w, b, plan, dtype)
+        w_c, b_wide = _logits_once(w, b, plan, dtype)
         buf = dbuf = work = None  # one chunk's logits, reused (the first chunk is the largest)
         with _plan_dtypes(x):
             for rows in chunks(x.shape[0], plan.chunk):
@@ -342,15 +342,16 @@ class ChunkedHeadFunction(torch.autograd.Function):
             return (*grads.results(x, w, b), None, None, *(None,) * ctx.n_operands)
 
         tiles = _tiles(w.shape[0], plan, loss)
+        tiled = tiles != [None]
         x_dtype = loss.input_grad_dtype
-        if tiles != [None] and x_dtype is None:  # (summed over the tiles: rounded once)
+        if tiled and x_dtype is None:  # (summed over the tiles: rounded once)
             x_dtype = torch.promote_types(torch.float32, x.dtype)
         grads = _Grads(x, w, b, needs, plan, x_dtype)
         operand_grads = loss.operand_grads(operands, op_needs)
-        w_c, b_wide = _logits_once(x, w, b, plan, dtype)
+        w_c, b_wide = _logits_once(w, b, plan, dtype)
         buf = dbuf = work = None
         with _plan_dtypes(x):
-            for rows in chunks(x.shape[0], plan.grad_chunk if tiles != [None] else plan.chunk):
+            for rows in chunks(x.shape[0], plan.grad_chunk if tiled else plan.chunk):
                 x_chunk = x[rows].to(plan.compute_dtype)
                 for cols in tiles:
                     w_t = w_c if cols is None else w_c[cols]

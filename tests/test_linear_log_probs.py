@@ -292,6 +292,33 @@ def test_backward_in_tiles_of_classes(backend, device, dtype, which, case, bias,
     assert counts == [5], counts
 
 
+@pytest.mark.parametrize("tiles", [False, True])
+def test_operands_as_views(backend, device, tiles, monkeypatch):
+    # every tensor argument as a view (the input a column slice of a transposed buffer, the
+    # weight transposed in memory, the bias strided, the targets a strided column): the
+    # same outputs and gradients as contiguous operands, in chunks and in the backward's
+    # tiles of the classes
+    counts = tile_the_backward(monkeypatch, budget=37 * 30 * 4) if tiles else []
+    chunk = None if tiles else 8
+    n, h, v = 37, 16, 101
+    x, w, b, t = operands((n,), h, v, torch.float32, device)
+    t[::4] = -100
+    want = run(ours, x, w, t, b, "both", temperature=0.7, chunk_size=chunk)
+    xv = torch.zeros(h + 3, n, device=device).t()[:, 1:h + 1].copy_(x).requires_grad_(True)
+    wv = w.t().contiguous().t().requires_grad_(True)
+    bv = torch.zeros(2 * v, device=device)[::2].copy_(b).requires_grad_(True)
+    tv = torch.stack([t, t], 1)[:, 1]
+    assert not any(u.is_contiguous() for u in (xv, wv, bv, tv))
+    lp, ent = ours(xv, wv, tv, bv, temperature=0.7, chunk_size=chunk)
+    backward(lp, ent, *upstream(t.shape, "both"))
+    assert_close(lp, want[0].double(), torch.float32, "log_probs (views)")
+    assert_close(ent, want[1].double(), torch.float32, "entropy (views)")
+    for name, got, ref in zip(("input", "weight", "bias"), (xv.grad, wv.grad, bv.grad),
+                              want[2], strict=True):
+        assert_close(got, ref.double(), torch.float32, f"d out / d {name} (views)")
+    assert counts == ([5, 5] if tiles else []), counts
+
+
 def test_default_grad_tiles():
     """Every token at once, the classes in as few tiles as the budget and the memory rule
     allow (an eighth from 1,024 tokens on); none where tiles would be narrow GEMMs, or where

@@ -26,7 +26,7 @@ from .protocol import (
     exchange,
     vocab_shard,
 )
-from .vocab_parallel import row_losses
+from .vocab_parallel import row_losses, stats_dtype
 
 # ------------------------------------------------------------------------------------------
 # the tensor-parallel LM head: linear_cross_entropy with a vocabulary-sharded weight
@@ -98,9 +98,7 @@ class ShardedChunks(_OnGroup, CrossEntropyChunks):
 
     def allocate(self, n_tokens, dtype, device, operands):
         """(loss, z-loss term, the rows' statistics (3, N * d), kept for the backward)."""
-        weight = operands[1]
-        stats = torch.float32 if self.kernels else eager.compute_dtype(
-            dtype, *(() if weight is None else (weight.dtype,)))
+        stats = stats_dtype(self.kernels, dtype, operands[1])
         return (*super().allocate(n_tokens, dtype, device, operands),
                 torch.empty(3, n_tokens * self.per_token, dtype=stats, device=device))
 

@@ -38,6 +38,14 @@ from .protocol import (
 # ------------------------------------------------------------------------------------------
 
 
+def stats_dtype(kernels: bool, dtype: torch.dtype, weight) -> torch.dtype:
+    """The dtype of the row statistics ``row_losses`` merges and returns, for logits of
+    ``dtype``: float32 on the kernels, the eager formula's compute dtype elsewhere."""
+    if kernels:
+        return torch.float32
+    return eager.compute_dtype(dtype, *(() if weight is None else (weight.dtype,)))
+
+
 def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Options,
                shard: VocabShard, group, *, kernels: bool, grad=None, scales=None,
                error: tuple[int, Exception] | None = None):
@@ -56,8 +64,7 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     device = x.device
     ops = _backend(kernels)
     world = len(shard.widths)
-    dtype = torch.float32 if kernels else eager.compute_dtype(
-        x.dtype, *(() if weight is None else (weight.dtype,)))
+    dtype = stats_dtype(kernels, x.dtype, weight)
     x3 = x.unsqueeze(0)
     # parts per rank: the kernels split few long rows among programs (the same count on
     # every rank: the all-gather's blocks have one size)
