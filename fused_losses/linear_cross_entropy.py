@@ -280,10 +280,17 @@ def linear_cross_entropy(
                        else meta_logits.dtype)
         else:  # the eager formula: float32 (float64 for float64 operands) GEMMs and math
             compute = eager.compute_dtype(x.dtype, w.dtype)
+        # the backward in tiles of every token by a block of the classes where it
+        # recomputes anyway (``none``, a compiled graph): class targets of (N, C) logits
+        tiles = (not spec.prob_target and n_out == 1
+                 and (reduction == "none" or torch.compiler.is_compiling())
+                 and torch.is_grad_enabled()
+                 and any(t is not None and t.requires_grad for t in (x, w, b))
+                 and not _uint8_smoothing_quirk(target, spec.smoothing, ignore_index))
         plan = _plan(x.shape[0], x.device.type, compute, w.dtype, n_classes, n_out, kernels,
                      chunk_size, options, accum_dtype,
                      # the chunks' rows agree across a group (one all-gather size)
-                     budget_classes=None if tp is None else max(tp[1].widths))
+                     budget_classes=None if tp is None else max(tp[1].widths), tiles=tiles)
         x, w, b, t, weight = detached_without_grad_mode(x, w, b, t, weight)
         # class targets and class weights contiguous, as the kernels read them (small: a
         # copy of a strided one costs nothing next to the GEMMs); probability targets as
@@ -305,11 +312,12 @@ def linear_cross_entropy(
 
 def _plan(n_tokens: int, device_type: str, compute: torch.dtype, weight_dtype: torch.dtype,
           n_classes: int, n_out: int, kernels: bool, chunk_size, options, accum_dtype,
-          budget_classes: int | None = None) -> Plan:
+          budget_classes: int | None = None, tiles: bool = False) -> Plan:
     """Tokens per chunk and the dtypes of a call: ``chunk_size``, else the options'
     ``batch_chunk_size``, else the most whose logits fit ``CHUNK_BYTES`` (at most an eighth
     of the tokens from ``EIGHTH_FROM`` on) for rows of ``budget_classes`` (default:
-    ``n_classes``, the classes of the logits this process forms)."""
+    ``n_classes``, the classes of the logits this process forms); with ``tiles``, the
+    backward's tiles of this process's ``n_classes`` (``grad_tiles``)."""
     accum = weight_dtype if accum_dtype is None else torch.promote_types(accum_dtype,
                                                                          weight_dtype)
     if chunk_size is None and options is not None:
@@ -317,7 +325,9 @@ def _plan(n_tokens: int, device_type: str, compute: torch.dtype, weight_dtype: t
     classes = n_classes if budget_classes is None else budget_classes
     chunk = chunk_tokens(n_tokens, n_out * classes * compute.itemsize, device_type, chunk_size,
                          "linear_cross_entropy", CHUNK_BYTES)
-    return Plan(n_classes, n_out, chunk, compute, accum, kernels)
+    grad = (0, 0) if not tiles else grad_tiles(n_tokens, n_classes, compute.itemsize,
+                                               device_type, chunk_size, CHUNK_BYTES)
+    return Plan(n_classes, n_out, chunk, compute, accum, kernels, *grad)
 
 
 def chunk_tokens(n_tokens: int, token_bytes: int, device_type: str, chunk_size, fn: str,

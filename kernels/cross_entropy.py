@@ -748,20 +748,23 @@ def call_denominators(target, weight, opts: Options, n_classes: int):
 
 
 def chunk_loss(logits, target, weight, opts: Options, denom, n_rows: int, grad_out=None,
-               write_grad: bool = False, grad_target=None):
+               write_grad: bool = False, grad_target=None, stats=None):
     """A block of rows (R, C) of a call of ``n_rows`` rows (``denom``: the whole call's
     ``call_denominators``): (its part of the reduced loss, of the z-loss term or None). With
     ``write_grad``, d out / d logits is written into ``logits`` in place, and d out / d
     probabilities into ``grad_target``, for ``grad_out`` (None: 1; one value, or the block's
-    rows for ``none``). The LM head's chunks run through here (``linear_cross_entropy.py``).
+    rows for ``none``); with ``stats`` (3, R), the rows' statistics for ``grad_from_stats``
+    copied there. The LM head's chunks run through here (``linear_cross_entropy.py``).
     """
     x = logits.unsqueeze(0)
     scales = None
     if write_grad or grad_target is not None:
         scales = eager.upstream_scales(opts, denom, n_rows, grad_out, logits.device)
     if grad_target is None:
-        loss, z, _ = row_losses(x, target, weight, opts, grad=x if write_grad else None,
-                                scales=scales)
+        loss, z, row_stats = row_losses(x, target, weight, opts,
+                                        grad=x if write_grad else None, scales=scales)
+        if stats is not None:
+            stats.copy_(row_stats)
     else:
         loss, z, stats = row_losses(x, target, weight, opts)
         grad_from_stats(x, target, weight, stats, scales, opts, grad=x if write_grad else None,

@@ -284,14 +284,18 @@ def call_denominators(target, weight, opts: Options, n_classes: int) -> Parts:
 
 
 def chunk_loss(logits, target, weight, opts: Options, dens: Parts, n_rows: int, grad_out=None,
-               write_grad: bool = False, grad_target=None, grad=None):
+               write_grad: bool = False, grad_target=None, grad=None, stats=None):
     """A block of rows (R, C) of a larger call, float32 logits (``dens``: the whole call's
     ``call_denominators``): (its part of the reduced loss, of the z-loss term or None). With
     ``write_grad``, d out / d logits is written into ``logits`` in place, or into ``grad``
     (and d out / d probabilities into ``grad_target``), for ``grad_out`` (None: 1; one value,
-    or the block's rows for ``none``). The contract of ``cross_entropy.chunk_loss``, the
-    kernels' twin. Runs as ``HalfCrossEntropy`` does, blocks of rows over the CPU's cores
-    (``_run_blocks``), so its float32 temporaries are a few blocks', not the chunk's."""
+    or the block's rows for ``none``); with ``stats`` (3, R), the rows' statistics for
+    ``grad_from_stats`` written there (class targets; not with ``write_grad``). The contract
+    of ``cross_entropy.chunk_loss``, the kernels' twin. Runs as ``HalfCrossEntropy`` does,
+    blocks of rows over the CPU's cores (``_run_blocks``), so its float32 temporaries are a
+    few blocks', not the chunk's."""
+    if stats is not None:
+        _chunk_stats(logits, target, weight, opts, stats)
     if grad_target is not None:
         return _formula_block(logits, target, weight, opts, dens, grad_out, write_grad,
                               grad_target, grad)
@@ -605,8 +609,13 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def _stats_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
-    return compute_dtype(x.dtype, *(() if weight is None else (weight.dtype,)))
+def stats_dtype(kernels: bool, dtype: torch.dtype, weight) -> torch.dtype:
+    """The dtype of the cross-entropy's row statistics (``combine_stats``' (3, rows)) for
+    logits of ``dtype``: float32 on the kernels, the eager formula's compute dtype
+    elsewhere."""
+    if kernels:
+        return torch.float32
+    return compute_dtype(dtype, *(() if weight is None else (weight.dtype,)))
 
 
 def _stat_targets(target, weight, opts: Options, n_rows: int, n_classes: int, dtype):
@@ -654,7 +663,7 @@ def partial_stats(x, target, weight, opts: Options, *, class_offset: int = 0,
     x2 = _as_rows(x)
     n_rows, width = x2.shape
     n_classes = n_classes or width
-    dtype = _stats_dtype(x2, weight)
+    dtype = stats_dtype(False, x2.dtype, weight)
     out = torch.zeros(1, STATS, n_rows, dtype=dtype, device=x2.device)
     y, ok, _, _ = _stat_targets(target, weight, opts, n_rows, n_classes, dtype)
     out[0, 0] = -math.inf
@@ -773,6 +782,37 @@ def grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad=Non
         log_p = z - lse.unsqueeze(1)
         dt = (opts.smoothing - 1.0) * w_c * log_p * scale.unsqueeze(1)
         grad_target.copy_(torch.where(rows, dt, nan).view(grad_target.shape))
+
+
+def _chunk_stats(logits, target, weight, opts: Options, out: torch.Tensor) -> None:
+    """Each row's statistics (``combine_stats``') of a chunk of logits (R, C) against its
+    class targets into ``out`` (3, R), a block of rows at a time over the CPU's cores."""
+    blocks = _blocks(logits)
+
+    def one(i, scratch):
+        rows = blocks[i]
+        t = target[rows]
+        parts = partial_stats(logits[rows], t, weight, opts)
+        out[:, rows] = combine_stats(parts, t, weight, opts, logits.shape[1])[2]
+
+    _threads.run_blocks(one, len(blocks), logits.device)
+
+
+def chunk_grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad,
+                          class_offset: int = 0, n_classes: int | None = None) -> None:
+    """``grad_from_stats`` of a chunk or tile of logits (R, width) of class targets, a block
+    of rows at a time over the CPU's cores: its temporaries a few blocks', not the tile's
+    (``grad`` may be ``x``)."""
+    blocks = _blocks(x)
+    per_row = scales.dim() == 2
+
+    def one(i, scratch):
+        rows = blocks[i]
+        grad_from_stats(x[rows], target[rows], weight, stats[:, rows],
+                        scales[rows] if per_row else scales, opts, grad=grad[rows],
+                        class_offset=class_offset, n_classes=n_classes)
+
+    _threads.run_blocks(one, len(blocks), x.device)
 
 
 def denominators(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,

@@ -14,7 +14,12 @@ Design (see ../shared/PERFORMANCE.md, "The LM head"):
   cross-entropy over each chunk, and the largest tensor alive is one chunk of logits.
 - ``none``, a second backward, a compiled graph and gradients for probability targets
   recompute each chunk's logits in the backward (a fourth GEMM), with each row's upstream
-  gradient.
+  gradient. Where the plan sets the backward's tiles (``tiles_classes``: class targets,
+  where the backward recomputes anyway: ``none``, a compiled graph), the forward keeps each
+  row's statistics (3 a row: max, log2 of the sum of exponentials, the smoothing's sum) and
+  the backward runs in tiles of every token by a block of the classes, each tile's
+  gradient from them (``grad_from_stats``): the weight's float32 gradient accumulator is
+  then read and written once, not once per chunk (the log-prob head's tiles).
 - Precision: unlike the log-prob head's, the logits and d loss / d logits are in the GEMMs'
   dtype (the input's; bfloat16 for an LM in bf16), as torch's ``F.linear`` then
   ``F.cross_entropy`` has them: the loss is torch's of the same rounded logits. d loss / d
@@ -62,6 +67,10 @@ class CrossEntropyChunks(ChunkLoss):
         self.reduced = opts.reduction != "none"
         # (one upstream scalar: the forward writes the chunks' gradients)
         self.fuses_gradient = self.reduced
+        # the backward in tiles of the classes (planned only where it recomputes), each
+        # tile's gradient from the rows' statistics the forward keeps
+        self.tiles_classes = bool(plan.grad_classes)
+        self.keeps_stats = self.tiles_classes
 
     def logits_dtype(self, plan):
         return plan.compute_dtype
@@ -80,15 +89,20 @@ class CrossEntropyChunks(ChunkLoss):
         return target[self._call_rows(rows)].contiguous()
 
     def allocate(self, n_tokens, dtype, device, operands):
-        """(loss, z-loss term or None): per row for ``none``, else per chunk (summed in
-        ``outputs``), as wide as the chunks' results."""
+        """(loss, z-loss term or None, the rows' statistics (3, N * d) or None): the loss per
+        row for ``none``, else per chunk (summed in ``outputs``), as wide as the chunks'
+        results; the statistics where the backward needs them (``keeps_stats``)."""
         wide = torch.promote_types(torch.float32, dtype)
         for t in operands:
             if t is not None and t.is_floating_point():
                 wide = torch.promote_types(wide, t.dtype)
         n = n_tokens * self.per_token if not self.reduced else -(-n_tokens // self.chunk)
-        return tuple(torch.empty(n, dtype=wide, device=device) if keep else None
-                     for keep in (True, bool(self.opts.z_loss)))
+        stats = None
+        if self.keeps_stats:
+            stats = torch.empty(3, n_tokens * self.per_token, device=device,
+                                dtype=eager.stats_dtype(self.kernels, dtype, operands[1]))
+        return (*(torch.empty(n, dtype=wide, device=device) if keep else None
+                  for keep in (True, bool(self.opts.z_loss))), stats)
 
     def _store(self, buffers: tuple, rows: slice, loss, z) -> None:
         where = rows.start // self.chunk if self.reduced else self._call_rows(rows)
@@ -97,17 +111,27 @@ class CrossEntropyChunks(ChunkLoss):
                 buf[where] = value
 
     def workspace(self, logits, operands, backward):
-        """The whole call's denominators (a mean's: made again in a recomputing backward)."""
+        """The whole call's denominators (a mean's: made again in a recomputing backward;
+        for the tiles' ``grad_from_stats``, as ``upstream_scales`` takes them)."""
         target, weight = operands
-        return _ce(self.kernels).call_denominators(target, weight, self.opts, self.n_classes)
+        ops = _ce(self.kernels)
+        if backward and self.tiles_classes:
+            return None if self.opts.reduction != "mean" else ops.denominators(
+                target, weight, self.opts.ignore_index, self.n_classes)
+        return ops.call_denominators(target, weight, self.opts, self.n_classes)
 
     def forward_chunk(self, logits, rows, operands, buffers, work, dlogits=None):
         target, weight = operands
         assert dlogits is None or dlogits is logits  # (the GEMMs' dtype: in place)
+        stats = buffers[2]
         loss, z = _ce(self.kernels).chunk_loss(
             self._logit_rows(logits), self._target_rows(target, rows), weight, self.opts,
-            work, target.shape[0], write_grad=dlogits is not None)
+            work, target.shape[0], write_grad=dlogits is not None,
+            stats=None if stats is None else stats[:, self._call_rows(rows)])
         self._store(buffers, rows, loss, z)
+
+    def saved(self, buffers):
+        return () if buffers[2] is None else (buffers[2],)
 
     def outputs(self, buffers):
         loss, z = buffers[:2]
@@ -132,6 +156,10 @@ class CrossEntropyChunks(ChunkLoss):
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
                        operand_grads, cols=None):
+        if cols is not None:  # a tile of the classes: from the kept statistics
+            self._grad_from_stats(logits, rows, operands, saved[0], upstream, dlogits, work,
+                                  cols.start, self.n_classes)
+            return
         target, weight = operands
         grad_t = operand_grads[0]
         _ce(self.kernels).chunk_loss(
@@ -139,6 +167,30 @@ class CrossEntropyChunks(ChunkLoss):
             work, target.shape[0], self._upstream_rows(upstream, rows),
             write_grad=dlogits is not None,
             grad_target=None if grad_t is None else grad_t[self._call_rows(rows)])
+
+    def _grad_from_stats(self, logits, rows, operands, stats, upstream, dlogits, dens,
+                         class_offset: int, n_classes: int) -> None:
+        """d out / d logits of tokens ``rows`` into ``dlogits`` (the logits, in place), the
+        logits being the classes ``[class_offset, class_offset + width)`` of rows of
+        ``n_classes``, from the rows' kept statistics ``stats`` (3, N * d) and the mean's
+        denominators ``dens`` (``denominators``' (2,), or None)."""
+        if dlogits is None or not logits.numel():
+            return
+        target, weight = operands
+        x = self._logit_rows(logits)
+        t = self._target_rows(target, rows)
+        scales = eager.upstream_scales(self.opts, dens, target.shape[0],
+                                       self._upstream_rows(upstream, rows), logits.device)
+        stats = stats[:, self._call_rows(rows)].contiguous()
+        if self.kernels:
+            ops = _ce(True)
+            x3 = x.unsqueeze(0)
+            ops.grad_from_stats(x3, t, weight, stats, scales, self.opts, grad=x3,
+                                class_offset=class_offset, n_classes=n_classes,
+                                n_splits=ops.split_plan(*x.shape, logits.device))
+        else:
+            eager.chunk_grad_from_stats(x, t, weight, stats, scales, self.opts, grad=x,
+                                        class_offset=class_offset, n_classes=n_classes)
 
     def differentiable(self, logits, operands):
         target, weight = operands

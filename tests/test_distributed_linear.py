@@ -102,8 +102,9 @@ def compare(rank, widths, dtype=torch.float32, target=None, bias=True, class_wei
         cw = (torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.25).to(dtype)
     layout = dict(shard_sizes=widths) if via == "shard_sizes" else {}
     block = slice(offset, offset + width)
+    chunk = kwargs.pop("chunk_size", CHUNK)  # (None: the default plan)
     ours = run(sharded, x, w[block], None if b is None else b[block], t=t, weight=cw,
-               process_group=dist.group.WORLD, chunk_size=CHUNK, **layout, **kwargs)
+               process_group=dist.group.WORLD, chunk_size=chunk, **layout, **kwargs)
 
     def wide(v, to):
         return None if v is None else v.to(to)
@@ -149,6 +150,42 @@ def sweep(rank, widths, arguments=ARGUMENTS):
                         reduction=reduction, **kwargs)
 
 
+def check_tiles(rank, widths):
+    """reduction='none': the backward in tiles of every token by 2 classes of each rank's
+    block, each tile's gradient from the rows' statistics the forward merged over the group
+    (the gradient kernel told the tile's offset in the block and the block's in the
+    vocabulary); the chunks of the forward one token each."""
+    import sys
+
+    from fused_losses.kernels import chunked_head
+
+    lce = sys.modules["fused_losses.linear_cross_entropy"]
+    saved = lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES, chunked_head._tiles
+    counts = []
+
+    def counted(*args):
+        out = saved[2](*args)
+        counts.append(len(out))
+        return out
+
+    lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES = 1, {"cuda": 4 * N * 3, "cpu": 4 * N * 3}
+    chunked_head._tiles = counted
+    try:
+        assert lce.grad_tiles(N, 5, 4, "cpu", None, lce.CHUNK_BYTES) == (N, 2)
+        t = targets(sum(widths), ignore=(2,))
+        for backend in BACKENDS:
+            _backend(backend)
+            for kwargs in ARGUMENTS:
+                counts.clear()
+                ignore = kwargs.get("ignore_index", -100)
+                compare(rank, widths, target=torch.where(t == -100, ignore, t),
+                        reduction="none", chunk_size=None, **kwargs)
+                want = -(-widths[rank] // 2) if widths[rank] > 1 else 1
+                assert counts == [want], (rank, counts)
+    finally:
+        lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES, chunked_head._tiles = saved
+
+
 # ------------------------------------------------------------------------------------------
 # the checks each world runs
 # ------------------------------------------------------------------------------------------
@@ -173,10 +210,12 @@ def check_world_2(rank, world):
                        **kwargs)
         _, ref_z = reference(x.double(), w.double(), t, b.double(), **kwargs)
         assert_close(z, ref_z, torch.float32, "z-loss term")
+    check_tiles(rank, (5, 8))
 
 
 def check_world_3(rank, world):
     sweep(rank, (4, 0, 7), ARGUMENTS[::3])  # an empty block in the middle
+    check_tiles(rank, (4, 0, 7))
     for backend in BACKENDS:
         _backend(backend)
         # a K-dimensional head (C, 2, H), the widths exchanged on the group's first call

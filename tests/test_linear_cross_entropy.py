@@ -10,6 +10,7 @@ own bfloat16 error is allowed on top of the tolerance policy.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -32,12 +33,20 @@ HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy")  # torch >= 2.13
 
 def reference(input, linear_weight, target, linear_bias=None, weight=None, ignore_index=None,
               **kwargs):
-    """``cross_entropy(linear(...))``, as torch's reference path, with softcap and z-loss."""
+    """``cross_entropy(linear(...))``, as torch's reference path, with the logits' transform
+    (``softcap * tanh(logit_scale * logits / softcap) / temperature``) and z-loss."""
     kwargs.pop("chunk_size", None), kwargs.pop("accum_dtype", None)
     n_classes, out_features = linear_weight.shape[0], linear_weight.shape[1:-1]
     logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]),
                       None if linear_bias is None else linear_bias.reshape(-1))
     logits = logits.reshape(*input.shape[:-1], n_classes, *out_features)
+    temperature, logit_scale = kwargs.pop("temperature", 1.0), kwargs.pop("logit_scale", 1.0)
+    if temperature != 1.0 or logit_scale != 1.0:
+        softcap = kwargs.pop("softcap", None)
+        logits = logits * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits / temperature
     return reference_cross_entropy(logits, target, weight,
                                    -100 if ignore_index is None else ignore_index, **kwargs)
 
@@ -279,17 +288,102 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def tile_the_backward(monkeypatch, budget: int, min_classes: int = 1, spy: bool = True) -> list:
+    """Make the backward of the LM heads (cross-entropy and log-probs) tile the classes of
+    heads this small (``grad_tiles``: a budget of ``budget`` bytes, which the forward's
+    chunks take too; tiles from ``min_classes`` classes on); returns the list each
+    backward's count of tiles is appended to (so a test sees that it tiled; not with
+    ``spy=False``, for torch.compile, which refuses the spy's side effect)."""
+    from fused_losses.kernels import chunked_head
+
+    monkeypatch.setattr(sys.modules["fused_losses.linear_cross_entropy"], "MIN_TILE_CLASSES",
+                        min_classes)
+    for name in ("linear_cross_entropy", "log_probs"):
+        monkeypatch.setattr(sys.modules[f"fused_losses.{name}"], "CHUNK_BYTES",
+                            {"cuda": budget, "cpu": budget})
+    counts, tiles = [], chunked_head._tiles
+    if not spy:
+        return counts
+
+    def counted(*args):
+        out = tiles(*args)
+        counts.append(len(out))
+        return out
+
+    monkeypatch.setattr(chunked_head, "_tiles", counted)
+    return counts
+
+
+def logits_bytes(backend: str, dtype: torch.dtype) -> int:
+    """Bytes of a logit of the CE head's chunks: the GEMMs' dtype on the kernels, float32
+    in the eager formula."""
+    return dtype.itemsize if backend == "triton" else 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES) + ["softcap, temperature, logit_scale"])
+def test_backward_in_tiles_of_classes(backend, device, dtype, case, monkeypatch):
+    # reduction='none' (per-token upstream gradients: the backward recomputes) in tiles of
+    # every token by a block of the classes: 37 tokens, 101 classes, tiles of 25 classes and
+    # a ragged one of 1, each tile's gradient from the rows' statistics the forward kept;
+    # the input's gradient summed over the tiles in float32, rounded once. A bias but in
+    # the plain case.
+    bias = case != "plain"
+    counts = tile_the_backward(monkeypatch, budget=37 * 30 * logits_bytes(backend, dtype))
+    kw = dict(CASES.get(case, dict(softcap=3.0, temperature=0.7, logit_scale=1.3)))
+    x, w, b, t = operands(37, 16, 101, dtype, device)
+    if kw.pop("ignore", False):
+        t[::4] = -100
+    t[1], t[2] = 100, 25  # targets in the last tile and at a tile's first class
+    weight = class_weight(101, dtype, device) if kw.pop("weight", False) else None
+    check(x, w, t, b if bias else None, weight, reduction="none", **kw)
+    assert counts == [5], counts
+
+
+def test_tiles_planned_where_the_backward_recomputes(monkeypatch):
+    # tiles for a backward that forms the logits again anyway (reduction='none' here; a
+    # compiled graph in test_torch_compile): not for a reduced loss, whose forward writes
+    # its gradient (its backward forms no logits), nor for probability targets, a
+    # K-dimensional head, or a chunk_size the caller set (those backwards run in chunks: 1)
+    counts = tile_the_backward(monkeypatch, budget=37 * 30 * 4)
+    x, w, _, t = operands(37, 16, 101, torch.float32, "cpu")
+    probs = torch.softmax(torch.randn(37, 101, dtype=torch.float64), 1).float()
+    x4, w4, _, t4 = operands(37, 16, 50, torch.float32, "cpu", out_features=(2,))
+    calls = {
+        "none": ((x, w, t), dict(reduction="none"), [5]),
+        "mean": ((x, w, t), dict(), []),
+        "sum": ((x, w, t), dict(reduction="sum"), []),
+        "none, chunk_size": ((x, w, t), dict(reduction="none", chunk_size=8), [1]),
+        "none, probabilities": ((x, w, probs), dict(reduction="none"), [1]),
+        "none, K-dimensional": ((x4, w4, t4), dict(reduction="none"), [1]),
+    }
+    for what, ((xi, wi, ti), kwargs, want) in calls.items():
+        counts.clear()
+        fl.linear_cross_entropy(xi.detach().requires_grad_(True), wi, ti,
+                                **kwargs).sum().backward()
+        assert counts == want, (what, counts)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(), dict(label_smoothing=0.1, weight=True, softcap=30.0, z_loss=1e-4),
-     dict(reduction="none")],
-    ids=["plain", "everything", "none"],
+     dict(reduction="none"),
+     dict(reduction="none", label_smoothing=0.1, weight=True, softcap=30.0, tiles=True)],
+    ids=["plain", "everything", "none", "none in tiles"],
 )
-def test_never_an_eighth_of_the_logits(backend, device, kwargs):
+def test_never_an_eighth_of_the_logits(backend, device, kwargs, monkeypatch):
     # 1,024 tokens, an 800-class head of 16 features (so the weight is small): no tensor of
-    # the forward or the backward holds an eighth of the logits' elements
+    # the forward or the backward holds an eighth of the logits' elements. The backward's
+    # tiles of every token by a block of the classes (8 tiles of 100) on 128 tokens, the
+    # rule taken from there on (a program per row of each tile: 8 times the rows for the
+    # Triton interpreter to run)
     n, h, v = 1024, 16, 800
     kwargs = dict(kwargs)
+    tiled = kwargs.pop("tiles", False)
+    if tiled:
+        n = 128
+        monkeypatch.setattr(sys.modules["fused_losses.linear_cross_entropy"], "EIGHTH_FROM", n)
+        counts = tile_the_backward(monkeypatch, budget=64 << 20, min_classes=8)
     x, w, b, t = operands(n, h, v, torch.bfloat16, device)
     x.requires_grad_(True), w.requires_grad_(True)
     if kwargs.pop("weight", False):
@@ -301,6 +395,7 @@ def test_never_an_eighth_of_the_logits(backend, device, kwargs):
     with torch.no_grad(), LargestTensor() as mode:  # one chunk of logits
         fl.linear_cross_entropy(x, w, t, **kwargs)
     assert mode.largest <= n * v // 8, mode.largest
+    assert not tiled or counts == [8], counts
 
 
 def test_confident_rows_keep_their_digits(backend, device):

@@ -11,13 +11,12 @@ logit gradients and GEMMs: twice torch's own bfloat16 error is allowed on top.
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_close
-from test_linear_cross_entropy import LargestTensor
+from test_linear_cross_entropy import LargestTensor, tile_the_backward
 from test_log_probs import ALL_OUTPUTS, backward, check_extras, reference_log_probs, upstream
 
 import fused_losses as fl
@@ -250,30 +249,6 @@ def test_requested_outputs_no_grad_and_compile(backend, device):
     for got, want in zip((v.grad for v in leaves), ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
-
-
-def tile_the_backward(monkeypatch, budget: int, min_classes: int = 1, spy: bool = True) -> list:
-    """Make the backward tile the classes of heads this small (``grad_tiles``: a budget of
-    ``budget`` bytes, tiles from ``min_classes`` classes on); returns the list each
-    backward's count of tiles is appended to (so a test sees that it tiled; not with
-    ``spy=False``, for torch.compile, which refuses the spy's side effect)."""
-    from fused_losses.kernels import chunked_head
-
-    monkeypatch.setattr(sys.modules["fused_losses.linear_cross_entropy"], "MIN_TILE_CLASSES",
-                        min_classes)
-    monkeypatch.setattr(sys.modules["fused_losses.log_probs"], "CHUNK_BYTES",
-                        {"cuda": budget, "cpu": budget})
-    counts, tiles = [], chunked_head._tiles
-    if not spy:
-        return counts
-
-    def counted(*args):
-        out = tiles(*args)
-        counts.append(len(out))
-        return out
-
-    monkeypatch.setattr(chunked_head, "_tiles", counted)
-    return counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,6 +23,7 @@ from _helpers import (
     random_logits,
     reference_cross_entropy,
 )
+from test_linear_cross_entropy import tile_the_backward
 
 import fused_losses as fl
 
@@ -119,10 +120,15 @@ def test_cross_entropy_softcap_z_loss(backend, device, compiler, case):
 
 @pytest.mark.parametrize("compiler", COMPILERS)
 @pytest.mark.parametrize("case", ["mean", "none, smoothing, softcap, z-loss"])
-def test_linear_cross_entropy(backend, device, compiler, case):
-    # the fused LM head in a compiled graph: the kernels' chunked Function (its gradients in
-    # the forward, or recomputed for none); the eager formula whole on the torch backend
+@pytest.mark.parametrize("tiles", [False, True])
+def test_linear_cross_entropy(backend, device, compiler, case, tiles, monkeypatch):
+    # the fused LM head in a compiled graph: the kernels' chunked Function (its gradients
+    # recomputed in the backward, in chunks or in tiles of the classes from the rows' kept
+    # statistics); the eager formula whole on the torch backend
     kw = dict(chunk_size=7)
+    if tiles:  # the default plan: tiles of 10 classes (the budget of 7 tokens' logits)
+        tile_the_backward(monkeypatch, budget=20 * 12 * 4, spy=False)
+        kw = {}
     if case != "mean":
         kw.update(reduction="none", label_smoothing=0.1, softcap=3.0, z_loss=0.01)
     g = torch.Generator().manual_seed(3)

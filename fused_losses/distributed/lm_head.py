@@ -26,7 +26,7 @@ from .protocol import (
     exchange,
     vocab_shard,
 )
-from .vocab_parallel import row_losses, stats_dtype
+from .vocab_parallel import row_losses
 
 # ------------------------------------------------------------------------------------------
 # the tensor-parallel LM head: linear_cross_entropy with a vocabulary-sharded weight
@@ -91,19 +91,11 @@ class ShardedChunks(_OnGroup, CrossEntropyChunks):
         """``error``: this rank's own, found before the first all-gather (raised after
         it)."""
         super().__init__(opts, plan, out_dtype)
+        self.keeps_stats = True  # (the rows' merged statistics, for any backward)
         self._hold(group)
         self.shard, self.error = shard, error
         self.input_grad_dtype = input_grad_dtype
         self.ops = _backend(self.kernels)
-
-    def allocate(self, n_tokens, dtype, device, operands):
-        """(loss, z-loss term, the rows' statistics (3, N * d), kept for the backward)."""
-        stats = stats_dtype(self.kernels, dtype, operands[1])
-        return (*super().allocate(n_tokens, dtype, device, operands),
-                torch.empty(3, n_tokens * self.per_token, dtype=stats, device=device))
-
-    def saved(self, buffers):
-        return (buffers[2],)
 
     def workspace(self, logits, operands, backward):
         """(the mean's denominators over the whole vocabulary, the forward's upstream
@@ -131,18 +123,11 @@ class ShardedChunks(_OnGroup, CrossEntropyChunks):
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
                        operand_grads, cols=None):
-        if dlogits is None or not logits.numel():
-            return
-        target, weight = operands
-        x3 = self._logit_rows(logits).unsqueeze(0)
-        scales = eager.upstream_scales(self.opts, work[0], target.shape[0],
-                                       self._upstream_rows(upstream, rows), logits.device)
-        plan = ({"n_splits": self.ops.split_plan(*x3.shape[1:], logits.device)}
-                if self.kernels else {})
-        stats = saved[0][:, self._call_rows(rows)].contiguous()
-        self.ops.grad_from_stats(x3, self._target_rows(target, rows), weight, stats, scales,
-                                 self.opts, grad=x3, class_offset=self.shard.offset,
-                                 n_classes=self.shard.vocab_size, **plan)
+        """From the kept statistics, no collective: this rank's block of the classes (a
+        tile ``cols`` of it)."""
+        start = 0 if cols is None else cols.start
+        self._grad_from_stats(logits, rows, operands, saved[0], upstream, dlogits, work[0],
+                              self.shard.offset + start, self.shard.vocab_size)
 
     def differentiable(self, logits, operands):
         raise RuntimeError(

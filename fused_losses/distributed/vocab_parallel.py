@@ -38,14 +38,6 @@ from .protocol import (
 # ------------------------------------------------------------------------------------------
 
 
-def stats_dtype(kernels: bool, dtype: torch.dtype, weight) -> torch.dtype:
-    """The dtype of the row statistics ``row_losses`` merges and returns, for logits of
-    ``dtype``: float32 on the kernels, the eager formula's compute dtype elsewhere."""
-    if kernels:
-        return torch.float32
-    return eager.compute_dtype(dtype, *(() if weight is None else (weight.dtype,)))
-
-
 def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Options,
                shard: VocabShard, group, *, kernels: bool, grad=None, scales=None,
                error: tuple[int, Exception] | None = None):
@@ -64,7 +56,7 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     device = x.device
     ops = _backend(kernels)
     world = len(shard.widths)
-    dtype = stats_dtype(kernels, x.dtype, weight)
+    dtype = eager.stats_dtype(kernels, x.dtype, weight)
     x3 = x.unsqueeze(0)
     # parts per rank: the kernels split few long rows among programs (the same count on
     # every rank: the all-gather's blocks have one size)
