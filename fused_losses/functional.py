@@ -168,8 +168,11 @@ def cross_entropy(
     # as 156): only the eager path reproduces that, where the two comparisons can differ.
     uint8_quirk = (target.dtype == torch.uint8 and spec.smoothing > 0.0
                    and not 0 <= ignore_index < 256)
+    # a class weight differentiated (probability targets: class targets refuse it above):
+    # the kernels give it no gradient, the eager formula's autograd does
+    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
     if _dispatch.use_kernels(input, target, weight, other_dtypes=(torch.int64, torch.uint8),
-                             supported=not uint8_quirk):
+                             supported=not (uint8_quirk or weight_grad)):
         loss, z = _dispatch.kernels("cross_entropy").cross_entropy(input, target, weight, opts,
                                                                    out_dtype)
     else:
