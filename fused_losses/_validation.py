@@ -154,7 +154,8 @@ def check_cross_entropy(
         rule = _target_dtype_rule()
         dtype_error = RuntimeError(rule.message(target.dtype))
     reads_targets = target.numel() > 0 or reduction not in ("mean", "sum")
-    _check_class_target_shape(input, target, dtype_error if rule and rule.early else None)
+    _check_class_target_shape(input, target, dtype_error if rule and rule.early else None,
+                              _weight_grad_error(input.dim(), weight))
 
     if input.dim() == 4:
         # nll_loss2d: the weight's size, then the sizes, then (below) the weight's dtype
@@ -280,11 +281,27 @@ def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _weight_grad_error(input_dim: int, weight: torch.Tensor | None) -> RuntimeError | None:
+    """torch's refusal of a class weight that requires grad where a graph is built, for
+    class-index targets: its ``nll_loss`` has no derivative for the weight (the kernels'
+    Functions give it none either), so a gradient would silently be missing."""
+    if weight is None or not weight.requires_grad or not torch.is_grad_enabled():
+        return None
+    fn = "nll_loss_forward" if input_dim <= 2 else "nll_loss2d_forward"
+    return RuntimeError(f"The function '{fn}' is not differentiable with respect to argument "
+                        "'weight'. This input cannot have requires_grad True.")
+
+
 def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor,
-                              dtype_error: RuntimeError | None) -> None:
+                              dtype_error: RuntimeError | None,
+                              weight_grad_error: RuntimeError | None = None) -> None:
     """Shape checks of ``nll_loss_nd`` for class-index targets, in torch's order, with
-    ``dtype_error`` (a target dtype refused among them) where torch raises it."""
+    ``dtype_error`` (a target dtype refused among them) where torch raises it, and
+    ``weight_grad_error`` where torch reaches its autograd op (``nll_loss`` or
+    ``nll_loss2d``: after the batch check, and the K-dimensional target's size check)."""
     if input.dim() == 1:
+        if weight_grad_error is not None:
+            raise weight_grad_error
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
         if dtype_error is not None:
@@ -302,6 +319,8 @@ def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor,
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
             f"({target_batch})."
         )
+    if weight_grad_error is not None and input.dim() in (2, 4):
+        raise weight_grad_error
     if input.dim() == 2:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
@@ -317,6 +336,8 @@ def _check_class_target_shape(input: torch.Tensor, target: torch.Tensor,
             raise RuntimeError(
                 f"Expected target size [{', '.join(map(str, expected))}], got {_shape(target)}"
             )
+        if weight_grad_error is not None:
+            raise weight_grad_error
     if dtype_error is not None:
         raise dtype_error
 

@@ -66,10 +66,11 @@ def cross_entropy(
     (Gemma 2/3's final-logit softcapping); with ``logit_scale`` and ``temperature`` the
     logits are ``softcap * tanh(logit_scale * logits / softcap) / temperature`` (the scale,
     the softcap, the temperature). With ``z_loss`` each counted row adds
-    ``z_loss * lse**2`` (PaLM's auxiliary loss, ``lse`` the log-sum-exp of the softcapped
-    logits), reduced like the loss but **unweighted**: ``none`` adds it per row, ``sum`` sums
-    it, ``mean`` divides it by the number of non-ignored rows (by every row for probability
-    targets), whatever the class weights.
+    ``z_loss * lse**2`` (PaLM's auxiliary loss, ``lse`` the log-sum-exp of the transformed
+    logits: scaled, softcapped, divided by the temperature), reduced like the loss but
+    **unweighted**: ``none`` adds it per row, ``sum`` sums it, ``mean`` divides it by the
+    number of non-ignored rows (by every row for probability targets), whatever the class
+    weights.
 
     On CUDA the loss and its gradient come from fused Triton kernels (float32 math inside);
     elsewhere from eager PyTorch in float32. The result has the input's dtype (for probability
@@ -168,8 +169,11 @@ def cross_entropy(
     # as 156): only the eager path reproduces that, where the two comparisons can differ.
     uint8_quirk = (target.dtype == torch.uint8 and spec.smoothing > 0.0
                    and not 0 <= ignore_index < 256)
+    # a class weight differentiated (probability targets: class targets refuse it above):
+    # the kernels give it no gradient, the eager formula's autograd does
+    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
     if _dispatch.use_kernels(input, target, weight, other_dtypes=(torch.int64, torch.uint8),
-                             supported=not uint8_quirk):
+                             supported=not (uint8_quirk or weight_grad)):
         loss, z = _dispatch.kernels("cross_entropy").cross_entropy(input, target, weight, opts,
                                                                    out_dtype)
     else:

@@ -88,7 +88,9 @@ def linear_cross_entropy(
     ``(N, H)``; weights ``(C, H)`` or, K-dimensional, ``(C, d_1, ..., d_K, H)``; class-index
     or probability targets; class ``weight``; ``linear_bias``; ``ignore_index`` (None: -100,
     refused with probability targets); ``label_smoothing``; every reduction; gradients for
-    the input, the weight, the bias and probability targets. ``options`` (torch's
+    the input, the weight, the bias and probability targets (and for a class ``weight`` that
+    requires grad, with probability targets, as torch: that call forms the logits whole, the
+    chunks have no gradient for it). ``options`` (torch's
     ``LinearCrossEntropyOptions``) is accepted; its ``batch_chunk_size`` sets the chunk.
 
     On CUDA each chunk's logits come from cuBLAS and its loss and gradient from the Triton
@@ -263,13 +265,17 @@ def linear_cross_entropy(
         other_dtypes=(torch.int64, torch.uint8),
         supported=not _uint8_smoothing_quirk(target, spec.smoothing, ignore_index),
     )
-    whole = x.shape[0] == 0 or (not kernels and (torch.compiler.is_compiling()
-                                                  or _dispatch.functorch_wrapped(x)))
+    # a class weight differentiated (probability targets: class targets refuse it in the
+    # checks): the chunks give it no gradient
+    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    whole = x.shape[0] == 0 or weight_grad or (not kernels and (
+        torch.compiler.is_compiling() or _dispatch.functorch_wrapped(x)))
     if whole:
         # torch.func transforms, and a compiled graph without the kernels, take the eager
         # formula whole (its chunks compute their gradients with autograd, which neither can
         # trace): autograd and the compiler see every op; the logits are materialized there.
-        # (So does an input of no tokens, whose logits are empty.)
+        # (So do an input of no tokens, whose logits are empty, and a class weight that
+        # requires grad, which only autograd's formula differentiates.)
         logits = F.linear(x, w, b).view(-1, n_classes)
         loss, z = eager.cross_entropy_float(logits, t, weight, opts)
         z = z if z is not None else torch.zeros_like(loss)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._validation import check_cross_entropy_extras
+from ._validation import check_cross_entropy_extras, check_logit_transform
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "LinearCrossEntropyLoss"]
@@ -25,9 +25,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     Args:
         weight, size_average, ignore_index, reduce, reduction, label_smoothing: as
             :class:`torch.nn.CrossEntropyLoss`.
-        softcap, z_loss, return_z_loss, inplace_backward (keyword-only): see
-            :func:`fused_losses.cross_entropy`. Defaults: ``None``, ``0.0``, ``False``,
-            ``False``
+        softcap, z_loss, return_z_loss, inplace_backward, temperature, logit_scale
+            (keyword-only): see :func:`fused_losses.cross_entropy`. Defaults: ``None``,
+            ``0.0``, ``False``, ``False``, ``1.0``, ``1.0``
     """
 
     def __init__(
@@ -43,9 +43,12 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         return_z_loss: bool = False,
         inplace_backward: bool = False,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.softcap, self.z_loss = check_cross_entropy_extras(softcap, z_loss)
+        self.temperature, self.logit_scale = check_logit_transform(temperature, logit_scale)
         self.return_z_loss = return_z_loss
         self.inplace_backward = inplace_backward
 
@@ -61,13 +64,20 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             z_loss=self.z_loss,
             return_z_loss=self.return_z_loss,
             inplace_backward=self.inplace_backward,
+            temperature=self.temperature,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:
-        extras = [f"{name}={getattr(self, name)}" for name, default in
-                  (("softcap", None), ("z_loss", 0.0), ("return_z_loss", False))
-                  if getattr(self, name) != default]
-        return ", ".join(extras)
+        return _extras_repr(self)
+
+
+def _extras_repr(module) -> str:
+    """The keyword-only extras a loss module was built with, where not their defaults."""
+    return ", ".join(f"{name}={getattr(module, name)}" for name, default in
+                     (("softcap", None), ("z_loss", 0.0), ("return_z_loss", False),
+                      ("temperature", 1.0), ("logit_scale", 1.0))
+                     if getattr(module, name) != default)
 
 
 class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
@@ -110,8 +120,8 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or nn.modules.loss._We
     Args:
         in_features, num_classes, out_features, bias, device, dtype, reduction, weight,
             ignore_index, label_smoothing, options: as :class:`torch.nn.LinearCrossEntropyLoss`.
-        softcap, z_loss, return_z_loss, chunk_size, accum_dtype (keyword-only): see
-            :func:`fused_losses.linear_cross_entropy`.
+        softcap, z_loss, return_z_loss, chunk_size, accum_dtype, temperature, logit_scale
+            (keyword-only): see :func:`fused_losses.linear_cross_entropy`.
     """
 
     def __init__(
@@ -133,6 +143,8 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or nn.modules.loss._We
         return_z_loss: bool = False,
         chunk_size: int | None = None,
         accum_dtype: torch.dtype | None = torch.float32,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
     ) -> None:
         kwargs = dict(out_features=out_features, bias=bias, device=device, dtype=dtype,
                       reduction=reduction, weight=weight, ignore_index=ignore_index,
@@ -153,6 +165,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or nn.modules.loss._We
                                     bias=bias, device=device, dtype=dtype)
             self.options = options
         self.softcap, self.z_loss = check_cross_entropy_extras(softcap, z_loss)
+        self.temperature, self.logit_scale = check_logit_transform(temperature, logit_scale)
         self.return_z_loss, self.chunk_size, self.accum_dtype = (return_z_loss, chunk_size,
                                                                  accum_dtype)
 
@@ -167,5 +180,6 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or nn.modules.loss._We
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, options=self.options, softcap=self.softcap,
             z_loss=self.z_loss, return_z_loss=self.return_z_loss, chunk_size=self.chunk_size,
-            accum_dtype=self.accum_dtype,
+            accum_dtype=self.accum_dtype, temperature=self.temperature,
+            logit_scale=self.logit_scale,
         )

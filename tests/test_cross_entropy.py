@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from _helpers import (
     assert_close,
+    assert_raises_like_torch,
     check_upstream_gradients,
     class_target,
     class_weight,
@@ -229,6 +230,50 @@ def test_probability_targets(backend, device, shape, reduction, weighted):
     w = class_weight(n_classes, torch.float32, device) if weighted else None
     check(x, t, w, grad_target=True, reduction=reduction, label_smoothing=0.1)
     check(x, t, w, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_targets_weight_gradient(backend, device, dtype, reduction):
+    # torch differentiates a class weight that requires grad for probability targets: the
+    # gradient must come (not silently None), with the input's and the target's, through
+    # the logits' transform too
+    x = random_logits((5, 7), dtype, device)
+    g = torch.Generator().manual_seed(3)
+    t = torch.softmax(torch.randn(5, 7, generator=g, dtype=torch.float64), -1).to(dtype)
+    inputs = {"input": x, "target": t.to(device), "weight": class_weight(7, dtype, device)}
+    names = {"input", "target", "weight"}
+    kw = dict(reduction=reduction, label_smoothing=0.1, temperature=0.7, logit_scale=1.5)
+    ours, grads = loss_and_grads(fl.cross_entropy, inputs, names, round_to=dtype, **kw)
+
+    def ref(input, target, weight, temperature, logit_scale, **kwargs):
+        return F.cross_entropy(input * logit_scale / temperature, target, weight, **kwargs)
+
+    wide = {k: v.cpu().double() for k, v in inputs.items()}
+    expected, ref_grads = loss_and_grads(ref, wide, names, round_to=dtype, **kw)
+    assert_close(ours, expected, dtype, "loss")
+    for name in names:
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert_close(grads[name], ref_grads[name], dtype, f"d loss / d {name}")
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 7), (3, 7, 2), (3, 7, 2, 2)])
+def test_class_targets_weight_requiring_grad_raise(backend, device, shape):
+    # torch's nll_loss has no derivative for the class weight: it refuses one that requires
+    # grad where a graph is built, with its words (no silent None gradient)
+    w = class_weight(7, torch.float32, device).requires_grad_(True)
+    x = random_logits(shape, torch.float32, device)
+    t = (class_target(shape[:1] + shape[2:], 7, device) if len(shape) > 1
+         else torch.tensor(3, device=device))
+    assert_raises_like_torch(lambda: fl.cross_entropy(x, t, w, label_smoothing=0.1),
+                             lambda: F.cross_entropy(x, t, w, label_smoothing=0.1))
+    # the batch check comes first, as torch's
+    if len(shape) > 1:
+        assert_raises_like_torch(lambda: fl.cross_entropy(x, t[:1], w),
+                                 lambda: F.cross_entropy(x, t[:1], w))
+    with torch.no_grad():  # no graph: torch computes it
+        assert_close(fl.cross_entropy(x, t, w), F.cross_entropy(
+            x.double().cpu(), t.cpu(), w.detach().double().cpu()), torch.float32, "loss")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -241,6 +241,54 @@ def edge_cases(rank: int, widths) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def check_logit_transform(rank, world):
+    """temperature and logit_scale with the softcap (scale, softcap, temperature: TRL's
+    order) and every other option: the vocab-parallel loss and the DTensor path against the
+    reference on the transformed full logits (its z-loss on their log-sum-exp)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.device_mesh import init_device_mesh
+
+    import fused_losses as fl
+    from fused_losses.distributed import vocab_parallel_cross_entropy
+
+    widths = (5, 8, 3)[:world]
+    n_classes = sum(widths)
+    offset, width = sum(widths[:rank]), widths[rank]
+    full = random_logits((N, n_classes), torch.float32, "cpu")
+    t = targets(n_classes, ignore=(2,))
+    w = torch.rand(n_classes, generator=torch.Generator().manual_seed(3)) + 0.5
+    transform = dict(temperature=0.7, logit_scale=-1.5, softcap=4.0)
+    mesh = init_device_mesh("cpu", (world,))
+
+    def reference(x, temperature, logit_scale, softcap, **kwargs):
+        z = softcap * torch.tanh(x * logit_scale / softcap) / temperature
+        return reference_cross_entropy(z, t, w.double(), **kwargs)
+
+    for backend in BACKENDS:
+        _backend(backend)
+        for reduction in ("mean", "none"):
+            kwargs = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.01, **transform)
+            ref, ref_grads = loss_and_grads(reference, {"x": full.double()}, {"x"},
+                                            round_to=torch.float32, **kwargs)
+            what = f"{backend}, {reduction}"
+            ours, grads = loss_and_grads(
+                vocab_parallel_cross_entropy, {"local_logits": full[:, offset:offset + width]},
+                {"local_logits"}, round_to=torch.float32, target=t, weight=w,
+                shard_sizes=widths, **kwargs)
+            assert_close(ours, ref, torch.float32, f"vocab-parallel loss ({what})")
+            assert_close(grads["local_logits"], ref_grads["x"][:, offset:offset + width],
+                         torch.float32, f"vocab-parallel gradient ({what})",
+                         terms=1.0 / n_classes)
+            dx = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_(True)
+            loss = fl.cross_entropy(dx, t, w, **kwargs)
+            g_out = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(1),
+                                dtype=torch.float64) + 0.5).float()
+            loss.backward(distribute_tensor(g_out, mesh, [Replicate()]))
+            assert_close(loss.to_local(), ref, torch.float32, f"DTensor loss ({what})")
+            assert_close(dx.grad.full_tensor(), ref_grads["x"], torch.float32,
+                         f"DTensor gradient ({what})", terms=1.0 / n_classes)
+
+
 def check_world_2(rank, world):
     sweep(rank, (5, 8))
     edge_cases(rank, (5, 8))
@@ -589,7 +637,8 @@ def restore_collectives() -> None:
 
 def test_world_2(tmp_path):
     run_world(2, ["check_world_2", "check_collective_count", "check_exchanged_layout",
-                  "check_row_losses_in_place", "check_training_loop", "check_group_released"],
+                  "check_row_losses_in_place", "check_training_loop", "check_group_released",
+                  "check_logit_transform"],
               tmp_path)
 
 

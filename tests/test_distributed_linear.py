@@ -213,6 +213,38 @@ def check_world_2(rank, world):
     check_tiles(rank, (5, 8))
 
 
+def check_logit_transform(rank, world):
+    """temperature and logit_scale with the softcap (TRL's order: scale, softcap,
+    temperature) on the sharded head, every reduction: against the whole head's reference on
+    the transformed logits (its z-loss on their log-sum-exp)."""
+    widths = (5, 8, 3)[:world]
+    n_classes = sum(widths)
+    block = slice(sum(widths[:rank]), sum(widths[:rank + 1]))
+    x, w, b = head(n_classes)
+    t = targets(n_classes, ignore=(2,))
+    cw = torch.rand(n_classes, generator=torch.Generator().manual_seed(7)) + 0.5
+    transform = dict(temperature=1.3, logit_scale=-0.8, softcap=2.5)
+
+    def transformed(x, w, b=None, *, temperature, logit_scale, softcap, **kwargs):
+        z = F.linear(x, w, b) * logit_scale
+        z = softcap * torch.tanh(z / softcap) / temperature
+        return reference_cross_entropy(z, t, cw.double(), **kwargs)
+
+    for backend in BACKENDS:
+        _backend(backend)
+        for reduction in ("mean", "sum", "none"):
+            kwargs = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.01, **transform)
+            ours = run(sharded, x, w[block], b[block], t=t, weight=cw,
+                       process_group=dist.group.WORLD, shard_sizes=widths, chunk_size=CHUNK,
+                       **kwargs)
+            ref = run(transformed, x.double(), w.double(), b.double(), **kwargs)
+            what = f"rank {rank}, {backend}, {reduction}"
+            assert_close(ours[0], ref[0], torch.float32, f"loss ({what})")
+            assert_close(ours[1], ref[1], torch.float32, f"input gradient ({what})")
+            assert_close(ours[2], ref[2][block], torch.float32, f"weight gradient ({what})")
+            assert_close(ours[3], ref[3][block], torch.float32, f"bias gradient ({what})")
+
+
 def check_world_3(rank, world):
     sweep(rank, (4, 0, 7), ARGUMENTS[::3])  # an empty block in the middle
     check_tiles(rank, (4, 0, 7))
@@ -433,7 +465,7 @@ def check_fsdp_training_loop(rank, world):
 
 def test_world_2(tmp_path):
     run_world(2, ["check_world_2", "check_collectives", "check_dtensor_fsdp_gather",
-                  "check_fsdp_training_loop"], tmp_path)
+                  "check_fsdp_training_loop", "check_logit_transform"], tmp_path)
 
 
 def test_world_3(tmp_path):

@@ -136,6 +136,36 @@ def test_probability_targets(backend, device, reduction):
           chunk_size=5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_targets_weight_gradient(backend, device, reduction):
+    # a class weight that requires grad gets torch's gradient (not a silent None), with the
+    # logits' transform
+    x, w, b, _ = operands(9, 8, 13, torch.float32, device)
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(9, 13, generator=g, dtype=torch.float64), -1).float()
+    inputs = {"input": x, "linear_weight": w, "target": p.to(device), "linear_bias": b,
+              "weight": class_weight(13, torch.float32, device)}
+    names = set(inputs)
+    kw = dict(reduction=reduction, label_smoothing=0.1, chunk_size=4, temperature=0.8,
+              logit_scale=1.5, softcap=4.0)
+    ours, grads = loss_and_grads(fl.linear_cross_entropy, inputs, names,
+                                 round_to=torch.float32, **kw)
+
+    def ref(temperature, logit_scale, softcap, **kwargs):
+        linear_weight = kwargs.pop("linear_weight") * (logit_scale / softcap)
+        linear_bias = kwargs.pop("linear_bias") * (logit_scale / softcap)
+        logits = F.linear(kwargs.pop("input"), linear_weight, linear_bias)
+        return F.cross_entropy(softcap * torch.tanh(logits) / temperature, **kwargs)
+
+    expected, ref_grads = loss_and_grads(
+        ref, {k: v.cpu().double() for k, v in inputs.items()}, names,
+        round_to=torch.float32, **{k: v for k, v in kw.items() if k != "chunk_size"})
+    assert_close(ours, expected, torch.float32, "loss")
+    for name in names:
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert_close(grads[name], ref_grads[name], torch.float32, f"d loss / d {name}")
+
+
 def test_one_dimensional_input(backend, device):
     x, w, b, t = operands(1, 16, 50, torch.float32, device)
     check(x[0], w, t[0], b, reduction="none")
@@ -466,6 +496,10 @@ BAD_CALLS = {
     "float target of another shape": ((X, W, torch.rand(4)), {}),
     "label smoothing > 1": ((X, W, T), {"label_smoothing": 1.5}),
     "bad reduction": ((X, W, T), {"reduction": "avg"}),
+    # torch's nll_loss has no derivative for the class weight of class targets
+    "class weight requires grad": ((X, W, T), {"weight": torch.rand(10, requires_grad=True)}),
+    "class weight requires grad, K-dim": ((X, torch.randn(10, 3, 8), torch.zeros(4, 3).long()),
+                                          {"weight": torch.rand(10, requires_grad=True)}),
 }
 
 

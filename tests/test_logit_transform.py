@@ -132,3 +132,33 @@ def test_errors():
         fl.cross_entropy(x, t, logit_scale=float("inf"))
     with pytest.raises(ValueError, match="temperature"):
         fl.linear_cross_entropy(x, torch.randn(4, 5), t, temperature=-1.0)
+
+
+@pytest.mark.parametrize("case", ["temperature", "all three"])
+def test_modules(backend, device, case):
+    # the nn.Module drop-ins take the extras too, and give the functions' numbers
+    opts = TRANSFORMS[case]
+    x = random_logits((6, 19), torch.float32, device)
+    t = class_target((6,), 19, device, ignore_frac=0.2)
+    loss = fl.CrossEntropyLoss(label_smoothing=0.1, **opts)
+    assert all(f"{k}={v}" in repr(loss) for k, v in opts.items())
+    torch.testing.assert_close(loss(x, t), fl.cross_entropy(x, t, label_smoothing=0.1, **opts),
+                               rtol=0, atol=0)
+    check(x, t, label_smoothing=0.1, **opts)  # (the function against float64)
+
+    head = fl.LinearCrossEntropyLoss(8, 19, bias=True, device=device, **opts)
+    h = random_logits((6, 8), torch.float32, device, seed=2)
+    expected = fl.linear_cross_entropy(h, head.linear.weight, t, linear_bias=head.linear.bias,
+                                       **opts)
+    torch.testing.assert_close(head(h, t), expected, rtol=0, atol=0)
+    assert head(h, t) != fl.linear_cross_entropy(h, head.linear.weight, t,
+                                                 linear_bias=head.linear.bias)
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        fl.CrossEntropyLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fl.CrossEntropyLoss(temperature=float("nan"))
+    with pytest.raises(ValueError, match="logit_scale"):
+        fl.LinearCrossEntropyLoss(4, 5, logit_scale=0.0)

@@ -14,6 +14,7 @@ from .._validation import (
     check_cross_entropy_extras,
     check_float_argument,
     check_int,
+    check_logit_transform,
     check_target_values,
     check_tensor,
     resolve_reduction,
@@ -218,6 +219,8 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     return_z_loss: bool = False,
     shard_sizes=None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Cross-entropy of logits sharded by class over ``process_group``: the loss and the
     gradients ``fused_losses.cross_entropy`` gives on the gathered logits, with one
@@ -246,6 +249,9 @@ def vocab_parallel_cross_entropy(
         z_loss (float, optional): PaLM's z-loss weight, as ``cross_entropy``'s. Default:
             ``0.0``
         return_z_loss (bool, optional): return ``(loss, z_term)``. Default: ``False``
+        temperature, logit_scale (float, optional): the logits become ``softcap *
+            tanh(logit_scale * logits / softcap) / temperature``, as ``cross_entropy``'s.
+            Default: ``1.0``
         shard_sizes (sequence of int, optional): every rank's block width, in rank order, the
             same list on every rank. Default: ``None``: exchanged on the group's first call
             and cached (one small all-gather, once)
@@ -262,6 +268,7 @@ def vocab_parallel_cross_entropy(
     check_tensor(fn, "target", 2, target)
     check_tensor(fn, "weight", 0, weight, optional=True)
     args = _options(fn, ignore_index, reduction, label_smoothing, softcap, z_loss)
+    temperature, logit_scale = check_logit_transform(temperature, logit_scale)
     if local_logits.dim() == 0 or not local_logits.is_floating_point():
         raise ValueError(f"{fn}: local_logits must be a floating tensor of at least one "
                          f"dimension, got {local_logits.dtype} of shape "
@@ -280,7 +287,7 @@ def vocab_parallel_cross_entropy(
                            signature=signature, n_rows=x.shape[0])
 
     loss, z = _sharded_loss(x, target.reshape(-1), weight, group, rank, world, shard_of, *args,
-                            out_dtype, input_dtype)
+                            out_dtype, input_dtype, temperature, logit_scale)
     if args[1] == "none":
         loss, z = loss.view(target.shape), z.view(target.shape)
     return (loss, z) if return_z_loss else loss
