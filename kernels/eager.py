@@ -1010,7 +1010,7 @@ def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
                    torch.where(mine, g, 0.0).unsqueeze(-1))
     if g_h is not None:
         a = a + g_h.reshape(-1).to(dtype).unsqueeze(-1) * (log_p + h.unsqueeze(-1))
-    d = torch.where(p > 0, torch.addcmul(c, p, a, value=-1.0), c)
+    d = torch.where(p == 0, c, torch.addcmul(c, p, a, value=-1.0))  # p NaN: NaN, as torch
     slope = transform_slope(z, opts)
     if not isinstance(slope, float) or slope != 1.0:
         d = d * slope

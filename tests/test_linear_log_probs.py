@@ -369,6 +369,22 @@ def test_no_grad(backend, device):
     assert_close(h, ref_h, torch.float32, "entropy")
 
 
+def test_non_finite_hidden_states_give_nan_as_torch(backend, device):
+    # a NaN (or inf) hidden state makes its row's logits non-finite: every output of that
+    # token is NaN, and so is its input gradient, as torch's formula gives them
+    x, w, _, t = operands((4,), 8, 13, torch.float32, "cpu")
+    x[1, 2] = math.nan
+    x[2, 0] = math.inf
+    x = x.to(device).requires_grad_(True)
+    out = fl.linear_log_probs(x, w.to(device), t.to(device),
+                              outputs=("entropy", "log_sum_sq_probs"))
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    for name, got in (("log_probs", out.log_probs), ("entropy", out.entropy),
+                      ("log_sum_sq_probs", out.log_sum_sq_probs)):
+        assert bool(got[1:3].isnan().all()) and bool(got[::3].isfinite().all()), (name, got)
+    assert bool(x.grad[1:3].isnan().all()) and bool(x.grad[::3].isfinite().all()), x.grad
+
+
 def test_deterministic(backend, device):
     x, w, b, t = operands((40,), 16, 300, torch.bfloat16, device)
     runs = [run(ours, x, w, t, b, "both", chunk_size=7, temperature=0.6) for _ in range(2)]
