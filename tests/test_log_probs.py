@@ -245,6 +245,28 @@ def test_no_grad_and_entropy_without_gradient(backend, device):
     assert torch.equal(fl.log_probs(logits, target), lp)
 
 
+def test_outputs_modified_in_place(backend, device):
+    # an RL loop masks its per-token results in place (lp.masked_fill_, h.mul_(mask)): legal
+    # on torch's formula, so the backward must not read the outputs the caller was handed
+    logits = random_logits((2, 3, 9), torch.float32, device)
+    target = torch.tensor([[1, 4, 8], [0, 2, 5]], device=device)
+    mask = torch.tensor([[True, True, False], [True, False, True]], device=device)
+
+    def masked(fn, x):
+        x = x.detach().clone().requires_grad_(True)
+        lp, h = fn(x)
+        lp.masked_fill_(~mask, 0.0)
+        h.mul_(mask)
+        (lp.sum() * 2 + h.sum()).backward()
+        return x.grad
+
+    got = masked(lambda x: fl.log_probs(x, target, return_entropy=True, temperature=0.8),
+                 logits)
+    want = masked(lambda x: reference_log_probs(x, target.cpu(), temperature=0.8),
+                  logits.cpu().double())
+    assert_close(got, want, torch.float32, "d out / d logits (outputs masked in place)")
+
+
 def test_double_backward(backend, device):
     logits = random_logits((3, 11), torch.float32, device)
     target = torch.tensor([1, 4, 10], device=device)
