@@ -412,6 +412,20 @@ def test_outputs_modified_in_place(backend, device, tiles, monkeypatch):
     assert counts == ([4] if tiles else []), counts  # 13 classes: tiles of 4 (and 1)
 
 
+def test_float64_entropy_gradient_of_tiny_probabilities(backend):
+    # float64 operands: a class of log p = -300 (or -400) has p = 5e-131, not 0 as in
+    # float32; the entropy's gradient -p (log p + H) there keeps float64's relative digits
+    x = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.0], [300.0], [-100.0]], dtype=torch.float64, requires_grad=True)
+    _, h = fl.linear_log_probs(x, w, torch.tensor([1]), return_entropy=True)
+    h.sum().backward()
+    z = torch.tensor([0.0, 300.0, -100.0], dtype=torch.float64)
+    log_p = z - torch.logsumexp(z, 0)
+    want = -log_p.exp() * (log_p + h.detach())
+    for c in (0, 2):
+        assert torch.allclose(w.grad[c, 0], want[c], rtol=1e-12, atol=0.0), (w.grad, want)
+
+
 def test_deterministic(backend, device):
     x, w, b, t = operands((40,), 16, 300, torch.bfloat16, device)
     runs = [run(ours, x, w, t, b, "both", chunk_size=7, temperature=0.6) for _ in range(2)]
