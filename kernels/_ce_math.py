@@ -209,7 +209,10 @@ def row_log_prob(m, s, b, z_y, ok, bad, max_entropy, ENTROPY: tl.constexpr):
     log_p = tl.where(ok, (z_y - m_safe) - ln_s, nan_or_0)
     h = tl.zeros_like(log_p)
     if ENTROPY:
-        h = tl.where(ok, tl.minimum(ln_s - b / s, max_entropy), nan_or_0)
+        # the bound keeps a NaN (a row with a NaN or +inf logit, or only -inf ones: NaN as
+        # torch's); tl.minimum's default would turn it into ln C
+        h = tl.where(ok, tl.minimum(ln_s - b / s, max_entropy,
+                                    propagate_nan=tl.PropagateNan.ALL), nan_or_0)
     return log_p, h, tl.where(ok, m_safe, 0.0), tl.where(ok, log2_s, 0.0)
 
 
@@ -260,7 +263,8 @@ def row_extras(s, q, z_sum, j, y, n_cols, ok, bad):
     0 (False) for rows not counted, NaN (False) for out-of-range targets. log sum p^2 is at
     most 0 (q <= s^2, up to rounding)."""
     nan_or_0 = tl.where(bad, float("nan"), 0.0)
-    log_sum_sq = tl.minimum((tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0)
+    log_sum_sq = tl.minimum((tl.log2(q) - 2.0 * tl.log2(s)) * LN2, 0.0,
+                            propagate_nan=tl.PropagateNan.ALL)  # (row_log_prob's NaN)
     mean = z_sum / n_cols
     top1 = ok & (j.to(tl.int64) == y.to(tl.int64))
     return tl.where(ok, log_sum_sq, nan_or_0), tl.where(ok, mean, nan_or_0), top1
@@ -277,7 +281,8 @@ def log_prob_grad_block(z, cols, y, m_safe, log2_s, h, g, g_h, ok, bad, logit_mu
         c - p a,   c = g [col = y],   a = g + g_H (log p + H)
 
     one fused multiply-add, so a confident row's g (1 - p) keeps its digits; a lane with
-    p = 0 (a -inf logit) is c (its entropy term's limit). Times d z / d x (``times_slope``);
+    p = 0 (a -inf logit) is c (its entropy term's limit), one with p NaN (a row with a NaN
+    or +inf logit, or only -inf ones) NaN, as torch's. Times d z / d x (``times_slope``);
     exact zero for rows not counted, NaN for out-of-range targets."""
     t = (z - m_safe) * LOG2E - log2_s  # log2 p
     p = tl.exp2(t)
@@ -288,7 +293,7 @@ def log_prob_grad_block(z, cols, y, m_safe, log2_s, h, g, g_h, ok, bad, logit_mu
         a += g
     if ENTROPY_GRAD:
         a += g_h * (t * LN2 + h)
-    d = times_slope(tl.where(p > 0.0, tl.fma(p, -a, c), c), z, logit_mult, softcap, SOFTCAP)
+    d = times_slope(tl.where(p == 0.0, c, tl.fma(p, -a, c)), z, logit_mult, softcap, SOFTCAP)
     return tl.where(ok, d, tl.where(bad, float("nan"), 0.0))
 
 

@@ -1050,7 +1050,7 @@ def log_prob_grad(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
                    torch.where(mine, g, 0.0).unsqueeze(-1))
     if g_h is not None:
         a = a + g_h.reshape(-1).to(dtype).unsqueeze(-1) * (log_p + h.unsqueeze(-1))
-    d = torch.where(p > 0, torch.addcmul(c, p, a, value=-1.0), c)
+    d = torch.where(p == 0, c, torch.addcmul(c, p, a, value=-1.0))  # p NaN: NaN, as torch
     slope = transform_slope(z, opts)
     if not isinstance(slope, float) or slope != 1.0:
         d = d * slope
@@ -1115,6 +1115,10 @@ def chunk_log_probs_(logits: torch.Tensor, target: torch.Tensor, opts: Options, 
     stats[:, 1] = torch.where(ok, s.log2(), 0.0)
 
 
+# log p below which exp(log p) is 0 in each dtype (the least subnormal's log, rounded down)
+_LOG_P_FLOOR = {torch.float32: -200.0, torch.float64: -800.0}
+
+
 def chunk_log_prob_grad_(logits: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, h,
                          g, g_h, opts: Options, *, grad: torch.Tensor, work: tuple,
                          class_offset: int = 0, n_classes: int | None = None) -> None:
@@ -1145,8 +1149,9 @@ def chunk_log_prob_grad_(logits: torch.Tensor, target: torch.Tensor, stats: torc
         g_h = g_h.reshape(-1).to(dtype)
         k = k + g_h * h
         # a -inf logit has p = 0 and log p = -inf: clamped, its term is 0 * finite = 0 (a
-        # log p below -200 has p = 0 in float32 anyway)
-        a = torch.addcmul((k * scale).unsqueeze(-1), log_p.clamp_(min=-200.0),
+        # log p below the bound has p = 0 in the dtype anyway: exp(-104) already rounds to 0
+        # in float32, exp(-746) in float64; a fixed -200 clamped float64's p = 1e-87..1e-300)
+        a = torch.addcmul((k * scale).unsqueeze(-1), log_p.clamp_(min=_LOG_P_FLOOR[dtype]),
                           (g_h * scale).unsqueeze(-1), out=log_p)
         d = torch.mul(p, a, out=grad)
     else:

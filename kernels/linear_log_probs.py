@@ -89,7 +89,10 @@ class LogProbChunks(ChunkLoss):
                      if t is not None)
 
     def saved(self, buffers):
-        return buffers[-1], eager.RowOutputs(*buffers[:-1]).entropy  # (m~, log2 s), H
+        """(m~, log2 s) and a copy of H (4 B a token): the caller may modify the entropy it
+        is handed in place (masking it), as torch's formula allows."""
+        h = eager.RowOutputs(*buffers[:-1]).entropy
+        return buffers[-1], None if h is None else h.clone()
 
     def backward_chunk(self, logits, rows, operands, saved, upstream, dlogits, work,
                        operand_grads, cols=None):

@@ -458,7 +458,10 @@ class LogProbsFunction(torch.autograd.Function):
     def forward(ctx, x, target, opts: eager.Options, outputs: tuple):
         ctx.set_materialize_grads(False)
         rows, stats = row_log_probs(x, target, opts, outputs=outputs)
-        ctx.save_for_backward(x, target, stats, rows.entropy)
+        # the backward's own copy of the entropy (4 B a row): the caller may modify the
+        # output in place (masking it), as torch's formula allows
+        ctx.save_for_backward(x, target, stats,
+                              None if rows.entropy is None else rows.entropy.clone())
         ctx.opts = opts
         ctx.mark_non_differentiable(*(getattr(rows, name) for name in eager.NON_DIFFERENTIABLE
                                       if getattr(rows, name) is not None))

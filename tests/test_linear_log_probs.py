@@ -344,6 +344,63 @@ def test_no_grad(backend, device):
     assert_close(h, ref_h, torch.float32, "entropy")
 
 
+def test_non_finite_hidden_states_give_nan_as_torch(backend, device):
+    # a NaN (or inf) hidden state makes its row's logits non-finite: every output of that
+    # token is NaN, and so is its input gradient, as torch's formula gives them
+    x, w, _, t = operands((4,), 8, 13, torch.float32, "cpu")
+    x[1, 2] = math.nan
+    x[2, 0] = math.inf
+    x = x.to(device).requires_grad_(True)
+    out = fl.linear_log_probs(x, w.to(device), t.to(device),
+                              outputs=("entropy", "log_sum_sq_probs"))
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    for name, got in (("log_probs", out.log_probs), ("entropy", out.entropy),
+                      ("log_sum_sq_probs", out.log_sum_sq_probs)):
+        assert bool(got[1:3].isnan().all()) and bool(got[::3].isfinite().all()), (name, got)
+    assert bool(x.grad[1:3].isnan().all()) and bool(x.grad[::3].isfinite().all()), x.grad
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+def test_outputs_modified_in_place(backend, device, tiles, monkeypatch):
+    # the per-token results masked in place by the caller (legal on torch's formula): the
+    # backward reads its own copy of what it keeps, not the outputs handed out
+    counts = tile_the_backward(monkeypatch, budget=6 * 5 * 4) if tiles else []
+    x, w, b, t = operands((2, 3), 8, 13, torch.float32, device)
+    mask = torch.tensor([[True, True, False], [True, False, True]], device=device)
+
+    def masked(fn, x, w, b):
+        x, w, b = (v.detach().clone().requires_grad_(True) for v in (x, w, b))
+        lp, h = fn(x, w, b)
+        lp.masked_fill_(~mask.to(lp.device), 0.0)
+        h.mul_(mask.to(h.device))
+        (lp.sum() * 2 + h.sum()).backward()
+        return x.grad, w.grad, b.grad
+
+    # in chunks of 2 tokens, or the backward in tiles of 4 classes (a set chunk_size tiles
+    # nothing)
+    chunk = None if tiles else 2
+    got = masked(lambda x, w, b: ours(x, w, t, b, temperature=0.8, chunk_size=chunk), x, w, b)
+    want = masked(lambda x, w, b: reference(x, w, t.cpu(), b, temperature=0.8),
+                  *(v.cpu().double() for v in (x, w, b)))
+    for name, g, r in zip(("input", "weight", "bias"), got, want, strict=True):
+        assert_close(g, r, torch.float32, f"d out / d {name} (outputs masked in place)")
+    assert counts == ([4] if tiles else []), counts  # 13 classes: tiles of 4 (and 1)
+
+
+def test_float64_entropy_gradient_of_tiny_probabilities(backend):
+    # float64 operands: a class of log p = -300 (or -400) has p = 5e-131, not 0 as in
+    # float32; the entropy's gradient -p (log p + H) there keeps float64's relative digits
+    x = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.0], [300.0], [-100.0]], dtype=torch.float64, requires_grad=True)
+    _, h = fl.linear_log_probs(x, w, torch.tensor([1]), return_entropy=True)
+    h.sum().backward()
+    z = torch.tensor([0.0, 300.0, -100.0], dtype=torch.float64)
+    log_p = z - torch.logsumexp(z, 0)
+    want = -log_p.exp() * (log_p + h.detach())
+    for c in (0, 2):
+        assert torch.allclose(w.grad[c, 0], want[c], rtol=1e-12, atol=0.0), (w.grad, want)
+
+
 def test_deterministic(backend, device):
     x, w, b, t = operands((40,), 16, 300, torch.bfloat16, device)
     runs = [run(ours, x, w, t, b, "both", chunk_size=7, temperature=0.6) for _ in range(2)]

@@ -191,6 +191,31 @@ def test_minus_infinity_logits(backend, device):
     assert bool(torch.isfinite(lp).all()) and bool(torch.isfinite(h).all())
 
 
+def test_non_finite_rows_give_nan_as_torch(backend, device):
+    # a NaN logit, a +inf logit, a row of -inf logits: torch's log_softmax is NaN there, and
+    # so is every output and the row's gradient (a NaN must not be hidden as ln C, 0 or a
+    # finite gradient); the finite row alongside is untouched
+    logits = random_logits((4, 6), torch.float32, "cpu")
+    logits[0, 2] = math.nan
+    logits[1, 0] = math.inf
+    logits[2] = -math.inf
+    target = torch.tensor([1, 0, 1, 3])
+    x = logits.clone().to(device).requires_grad_(True)
+    out = fl.log_probs(x, target.to(device), outputs=("entropy", "log_sum_sq_probs"))
+    g_lp, g_h = upstream((4,), "both")
+    backward(out.log_probs, out.entropy, g_lp, g_h)
+    ref_x = logits.clone().double().requires_grad_(True)
+    ref_lp, ref_h = reference_log_probs(ref_x, target)
+    backward(ref_lp, ref_h, g_lp.double(), g_h.double())
+    for name, got in (("log_probs", out.log_probs), ("entropy", out.entropy),
+                      ("log_sum_sq_probs", out.log_sum_sq_probs)):
+        assert bool(got[:3].isnan().all()), (name, got)
+        assert bool(got[3].isfinite()), (name, got)
+    assert bool(ref_x.grad[:3].isnan().all())
+    assert bool(x.grad[:3].isnan().all()), x.grad
+    assert_close(x.grad[3], ref_x.grad[3], torch.float32, "the finite row's gradient")
+
+
 def test_bounds(backend, device):
     # log p <= 0 and 0 <= H <= log C, exactly: uniform rows (H = log C, where a float32 sum
     # of C equal terms rounds above it), one-hot rows (H = 0, log p = 0), random rows
@@ -218,6 +243,28 @@ def test_no_grad_and_entropy_without_gradient(backend, device):
     reference_log_probs(ref, target.cpu())[0].sum().backward()
     assert_close(logits.grad, ref.grad, torch.float32, "d log p / d logits")
     assert torch.equal(fl.log_probs(logits, target), lp)
+
+
+def test_outputs_modified_in_place(backend, device):
+    # an RL loop masks its per-token results in place (lp.masked_fill_, h.mul_(mask)): legal
+    # on torch's formula, so the backward must not read the outputs the caller was handed
+    logits = random_logits((2, 3, 9), torch.float32, device)
+    target = torch.tensor([[1, 4, 8], [0, 2, 5]], device=device)
+    mask = torch.tensor([[True, True, False], [True, False, True]], device=device)
+
+    def masked(fn, x):
+        x = x.detach().clone().requires_grad_(True)
+        lp, h = fn(x)
+        lp.masked_fill_(~mask, 0.0)
+        h.mul_(mask)
+        (lp.sum() * 2 + h.sum()).backward()
+        return x.grad
+
+    got = masked(lambda x: fl.log_probs(x, target, return_entropy=True, temperature=0.8),
+                 logits)
+    want = masked(lambda x: reference_log_probs(x, target.cpu(), temperature=0.8),
+                  logits.cpu().double())
+    assert_close(got, want, torch.float32, "d out / d logits (outputs masked in place)")
 
 
 def test_double_backward(backend, device):
