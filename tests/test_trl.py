@@ -272,6 +272,28 @@ def test_torch_compile(tmp_path):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_trainer_torch_compile_reference_model(tmp_path, monkeypatch):
+    """torch_compile=True: the trainer's accelerator compiles the reference model when the
+    trainer is built (``ref_model`` is the compiled wrapper); apply serves the module it calls,
+    with the same log-probs as TRL's head there."""
+    t = trainer(tmp_path, saved(tmp_path), applied=False, torch_compile=True,
+                torch_compile_backend="eager")
+    assert isinstance(t.ref_model, torch._dynamo.eval_frame.OptimizedModule)
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    calls = Calls(monkeypatch)
+    with torch.no_grad():
+        stock = t.ref_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        fl_trl.apply(t)
+        fused = t.ref_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert calls.trl == 1 and calls.ours == 1
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-6)
+    fl_trl.revert(t)
+    assert not fl_trl.is_applied(t)
+    assert t.ref_model._orig_mod.forward.__func__.__code__ is fl_trl._TRL_FORWARD
+
+
 def sft_trainer(tmp_path, path, *, applied, **config):
     options = dict(per_device_train_batch_size=4, max_steps=2, logging_steps=1,
                    learning_rate=1e-2, seed=0, max_length=16, packing=False,

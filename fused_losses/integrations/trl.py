@@ -38,7 +38,9 @@ and :func:`fused_losses.linear_log_probs` as the head; a call without ``fused_lm
 (generation) goes to TRL's forward, and so to the stock one, untouched. Under mixed precision
 (``bf16=True``) accelerate's ``prepare_model`` has wrapped that forward in its autocast (the
 reference model's when the trainer is built, the policy's when training starts): ours then goes
-inside the same wrapper, and :func:`revert` puts TRL's back inside it. The trainer itself is
+inside the same wrapper, and :func:`revert` puts TRL's back inside it. Under
+``torch_compile=True`` the reference model is the compiled wrapper of the model that carries
+the head. The trainer itself is
 not changed, so everything it does around the log-probs (batching, masks, accelerate's
 autocast and DDP wrapper, gradient checkpointing) stays TRL's; only the head's arithmetic is
 ours. The temperature, the softcap and the requested outputs are read off TRL's head, and
@@ -195,13 +197,22 @@ def is_applied(trainer) -> bool:
 def _models(trainer) -> list[nn.Module]:
     """The models whose forward carries the head: the policy (its base model under PEFT),
     then the reference model if there is one."""
-    policy = getattr(trainer, "model", None)
+    policy = _uncompiled(getattr(trainer, "model", None))
     if policy is None:
         return []
     if _is_peft(policy):
         policy = policy.get_base_model()
-    ref = getattr(trainer, "ref_model", None)
+    ref = _uncompiled(getattr(trainer, "ref_model", None))
     return [policy] if ref is None else [policy, ref]
+
+
+def _uncompiled(model):
+    """The module a ``torch.compile`` wrapper calls (under ``torch_compile=True`` the
+    trainer's accelerator compiles the reference model when the trainer is built), whose
+    instance ``forward`` that call runs."""
+    from accelerate.utils import is_compiled_module
+
+    return model._orig_mod if model is not None and is_compiled_module(model) else model
 
 
 def _own_forward(model):
