@@ -141,7 +141,7 @@ def apply(trainer, *, chunk_size: int | None = None):
     Args:
         trainer: a ``trl.GRPOTrainer``, ``RLOOTrainer``, ``KTOTrainer`` or ``SFTTrainer``
             (TRL >= 1.16, whose models carry TRL's fused head) of a text causal LM. Apply
-            before ``trainer.train()``.
+            before ``trainer.train()`` (or between two of its calls).
         chunk_size: tokens per chunk of the head (default: as
             :func:`fused_losses.linear_log_probs`).
 
