@@ -572,6 +572,14 @@ def test_refusals(tmp_path):
     with pytest.raises(TypeError, match="has no TRL fused head"):
         fl_trl.apply(t)
 
+    # a wrapper that keeps TRL's forward as accelerate's does, but does not call it
+    t = trainer(tmp_path, path, applied=False, beta=0.0)
+    t.model._original_forward = t.model.forward
+    t.model.forward = lambda *args, **kwargs: None
+    with pytest.raises(TypeError, match="something other than accelerate's"):
+        fl_trl.apply(t)
+    assert not fl_trl.is_applied(t)
+
 
 # ------------------------------------------------------------------------------------------
 # PEFT
