@@ -87,10 +87,10 @@ def trainer(tmp_path, model, *, applied, dtype=torch.float32, peft_config=None, 
     options = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                    max_steps=2, logging_steps=1, learning_rate=1e-2, temperature=0.7, seed=0,
                    beta=0.05, num_iterations=2, entropy_coef=0.02, top_entropy_quantile=0.5,
-                   model_init_kwargs={"dtype": dtype})
+                   model_init_kwargs={"dtype": dtype}, bf16=False)
     options.update(config)
     args = trl.GRPOConfig(str(tmp_path / ("fused" if applied else "stock")), report_to=[],
-                          use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+                          use_cpu=True, save_strategy="no", disable_tqdm=True,
                           dataloader_num_workers=0, **options)
     t = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=PROMPTS,
                         processing_class=tokenizer(), callbacks=[Grads()],
@@ -270,6 +270,28 @@ def test_torch_compile(tmp_path):
         results.append((out.log_probs, out.entropy, t.model.model.norm.weight.grad))
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_torch_compile_reference_model(tmp_path, monkeypatch):
+    """torch_compile=True: the trainer's accelerator compiles the reference model when the
+    trainer is built (``ref_model`` is the compiled wrapper); apply serves the module it calls,
+    with the same log-probs as TRL's head there."""
+    t = trainer(tmp_path, saved(tmp_path), applied=False, torch_compile=True,
+                torch_compile_backend="eager")
+    assert isinstance(t.ref_model, torch._dynamo.eval_frame.OptimizedModule)
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    calls = Calls(monkeypatch)
+    with torch.no_grad():
+        stock = t.ref_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        fl_trl.apply(t)
+        fused = t.ref_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert calls.trl == 1 and calls.ours == 1
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-6)
+    fl_trl.revert(t)
+    assert not fl_trl.is_applied(t)
+    assert t.ref_model._orig_mod.forward.__func__.__code__ is fl_trl._TRL_FORWARD
 
 
 def sft_trainer(tmp_path, path, *, applied, **config):
@@ -466,6 +488,38 @@ def test_revert_and_generate_unchanged(tmp_path):
     assert [m.forward for m in fl_trl._models(t)] == trl_forwards
 
 
+def test_accelerate_mixed_precision_wrapper(tmp_path, monkeypatch):
+    """bf16=True: accelerate's prepare_model sets each model's forward to an autocast wrapper
+    of TRL's, the reference model's when the trainer is built, the policy's when training
+    starts. apply serves both models, before and after that, the fused calls under the
+    wrapper's autocast; revert gives back the wrapper of TRL's head."""
+    t = trainer(tmp_path, saved(tmp_path), applied=False, bf16=True, max_steps=1)
+    ref = t.ref_model
+    assert "_original_forward" in ref.__dict__ and "_original_forward" not in t.model.__dict__
+    dtypes = []
+    for m in fl_trl._models(t):
+        m.model.layers[0].mlp.down_proj.register_forward_hook(
+            lambda module, args, out: dtypes.append(out.dtype))
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    fl_trl.apply(t)
+    calls = Calls(monkeypatch)
+    out = ref(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert calls.ours == 1 and dtypes == [torch.bfloat16] and out.log_probs.dtype == torch.float32
+    t.train()  # the policy is wrapped now, around the fused head
+    assert "_original_forward" in t.model.__dict__ and fl_trl.is_applied(t) and calls.trl == 0
+    fl_trl.revert(t)
+    for m in fl_trl._models(t):
+        dtypes.clear()
+        m(input_ids=ids, labels=labels, fused_lm_head=True)
+        assert dtypes == [torch.bfloat16]
+    assert calls.trl == 2
+    fl_trl.apply(t)
+    t.model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert calls.trl == 2 and fl_trl.is_applied(t)
+
+
 def test_refusals(tmp_path):
     with pytest.raises(TypeError, match="expected a trl trainer among"):
         fl_trl.apply(object())
@@ -517,6 +571,14 @@ def test_refusals(tmp_path):
     del t.model.forward
     with pytest.raises(TypeError, match="has no TRL fused head"):
         fl_trl.apply(t)
+
+    # a wrapper that keeps TRL's forward as accelerate's does, but does not call it
+    t = trainer(tmp_path, path, applied=False, beta=0.0)
+    t.model._original_forward = t.model.forward
+    t.model.forward = lambda *args, **kwargs: None
+    with pytest.raises(TypeError, match="something other than accelerate's"):
+        fl_trl.apply(t)
+    assert not fl_trl.is_applied(t)
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,7 +35,12 @@ sets the policy's (its base model's under PEFT) and the reference model's ``forw
 that runs the backbone, then its own chunked head, and returns a ``FusedCausalLMOutput``.
 :func:`apply` replaces that instance ``forward`` with one that runs the backbone the same way
 and :func:`fused_losses.linear_log_probs` as the head; a call without ``fused_lm_head=True``
-(generation) goes to TRL's forward, and so to the stock one, untouched. The trainer itself is
+(generation) goes to TRL's forward, and so to the stock one, untouched. Under mixed precision
+(``bf16=True``) accelerate's ``prepare_model`` has wrapped that forward in its autocast (the
+reference model's when the trainer is built, the policy's when training starts): ours then goes
+inside the same wrapper, and :func:`revert` puts TRL's back inside it. Under
+``torch_compile=True`` the reference model is the compiled wrapper of the model that carries
+the head. The trainer itself is
 not changed, so everything it does around the log-probs (batching, masks, accelerate's
 autocast and DDP wrapper, gradient checkpointing) stays TRL's; only the head's arithmetic is
 ours. The temperature, the softcap and the requested outputs are read off TRL's head, and
@@ -136,7 +141,7 @@ def apply(trainer, *, chunk_size: int | None = None):
     Args:
         trainer: a ``trl.GRPOTrainer``, ``RLOOTrainer``, ``KTOTrainer`` or ``SFTTrainer``
             (TRL >= 1.16, whose models carry TRL's fused head) of a text causal LM. Apply
-            before ``trainer.train()``.
+            before ``trainer.train()`` (or between two of its calls).
         chunk_size: tokens per chunk of the head (default: as
             :func:`fused_losses.linear_log_probs`).
 
@@ -168,7 +173,8 @@ def apply(trainer, *, chunk_size: int | None = None):
             model.__dict__[_ATTR].chunk_size = chunk_size
             continue
         model.__dict__[_ATTR] = state
-        model.forward = types.MethodType(_fused_forward(type(model).forward, state), model)
+        _set_forward(model, types.MethodType(_fused_forward(type(model).forward, state), model),
+                     trainer)
     return trainer
 
 
@@ -178,7 +184,7 @@ def revert(trainer):
     for model in _models(trainer):
         state = model.__dict__.pop(_ATTR, None)
         if state is not None:
-            model.forward = state.stock_forward
+            _set_forward(model, state.stock_forward, trainer)
     return trainer
 
 
@@ -191,13 +197,62 @@ def is_applied(trainer) -> bool:
 def _models(trainer) -> list[nn.Module]:
     """The models whose forward carries the head: the policy (its base model under PEFT),
     then the reference model if there is one."""
-    policy = getattr(trainer, "model", None)
+    policy = _uncompiled(getattr(trainer, "model", None))
     if policy is None:
         return []
     if _is_peft(policy):
         policy = policy.get_base_model()
-    ref = getattr(trainer, "ref_model", None)
+    ref = _uncompiled(getattr(trainer, "ref_model", None))
     return [policy] if ref is None else [policy, ref]
+
+
+def _uncompiled(model):
+    """The module a ``torch.compile`` wrapper calls (under ``torch_compile=True`` the
+    trainer's accelerator compiles the reference model when the trainer is built), whose
+    instance ``forward`` that call runs."""
+    from accelerate.utils import is_compiled_module
+
+    return model._orig_mod if model is not None and is_compiled_module(model) else model
+
+
+def _own_forward(model):
+    """The model's instance ``forward`` that carries the head. Under mixed precision,
+    ``Accelerator.prepare_model`` (the trainer's, for the reference model when it is built and
+    for the policy when training starts) sets the instance ``forward`` to an autocast wrapper of
+    the one before, which it keeps as ``_original_forward``: then that one."""
+    own = model.__dict__
+    return own["_original_forward"] if "_original_forward" in own else own.get("forward")
+
+
+def _set_forward(model, forward, trainer) -> None:
+    """Sets ``model``'s own forward (see :func:`_own_forward`) to the bound ``forward``, inside
+    accelerate's mixed-precision wrapper again where the model has one: its autocast (the
+    accelerator's) and its float32 outputs, as ``prepare_model`` wraps it."""
+    if "_original_forward" not in model.__dict__:
+        model.forward = forward
+        return
+    from accelerate.utils import convert_outputs_to_fp32
+
+    fn, accelerator = forward.__func__, trainer.accelerator
+
+    @functools.wraps(fn)
+    def autocast(*args, **kwargs):
+        with accelerator.autocast():
+            return fn(*args, **kwargs)
+
+    model._original_forward = forward
+    model.forward = types.MethodType(convert_outputs_to_fp32(autocast), model)
+
+
+def _wraps(forward, inner) -> bool:
+    """Whether the chain of ``__wrapped__`` from ``forward`` reaches the function ``inner``."""
+    for _ in range(16):
+        if forward is inner or getattr(forward, "__func__", None) is inner:
+            return True
+        forward = getattr(forward, "__wrapped__", None)
+        if forward is None:
+            return False
+    return False
 
 
 def _is_peft(model) -> bool:
@@ -241,11 +296,14 @@ def _plan(model, what: str, trainer, chunk_size) -> _State:
     state = model.__dict__.get(_ATTR)
     if state is not None:  # applied already
         return state
-    forward = model.__dict__.get("forward")
+    forward = _own_forward(model)
     fn = getattr(forward, "__func__", None)
     if getattr(fn, "__code__", None) is not _TRL_FORWARD or forward.__self__ is not model:
         raise TypeError(f"{what} ({name}) has no TRL fused head (trl.trainer.utils."
                         "add_fused_lm_head), which GRPOTrainer adds when it is built")
+    if not _wraps(model.__dict__.get("forward"), fn):
+        raise TypeError(f"{what} ({name}): its forward wraps TRL's fused head in something other "
+                        "than accelerate's mixed-precision wrapper; apply before wrapping it")
     trl_head = inspect.getclosurevars(fn).nonlocals
     config = model.config
     if config.get_text_config() is not config:
