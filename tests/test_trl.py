@@ -192,6 +192,28 @@ def test_softcap_cast_lm_head_to_fp32_and_bias(tmp_path, monkeypatch):
     assert calls.trl == 0 and calls.ours > 0
 
 
+@pytest.mark.parametrize("model", ["cohere", "granite"])
+def test_scaled_logits_match_stock(tmp_path, monkeypatch, model):
+    """Heads whose forward scales the logits (Cohere's logit_scale, a multiplier; Granite's
+    logits_scaling, a divisor), which TRL's head scales too, before the temperature."""
+    def make():
+        if model == "cohere":
+            return transformers.CohereForCausalLM(transformers.CohereConfig(**TEXT,
+                                                                            logit_scale=3.0))
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            **TEXT, logits_scaling=0.25))
+
+    path = saved(tmp_path, make)
+    stock = trainer(tmp_path, path, applied=False, beta=0.0)
+    stock.train()
+    fused = trainer(tmp_path, path, applied=True, beta=0.0)
+    assert fused.model.__dict__[fl_trl._ATTR].logit_scale == (3.0 if model == "cohere" else 4.0)
+    calls = Calls(monkeypatch)
+    fused.train()
+    assert_same_run(stock, fused)
+    assert calls.trl == 0 and calls.ours > 0
+
+
 def test_lm_head_bias_both_backends(tmp_path, backend):
     """One loss and its gradients through ``compute_loss`` on the same inputs, with a biased
     lm_head: the eager path and the Triton kernels (interpreted on the CPU)."""
@@ -541,12 +563,16 @@ def test_refusals(tmp_path):
         fl_trl.apply(t)
     assert not fl_trl.is_applied(t) and not fl_trl._models(t)[1].__dict__.get(fl_trl._ATTR)
 
-    # a forward that scales its logits (the transformers integration's check)
+    # a forward that scales its logits otherwise than TRL's head does (TRL reads the scale
+    # off the config when it builds its head)
     torch.manual_seed(0)
     cohere = tmp_path / "cohere"
     transformers.CohereForCausalLM(transformers.CohereConfig(**TEXT)).save_pretrained(cohere)
-    with pytest.raises(ValueError, match=r"cannot serve this trainer.*logit_scale"):
-        fl_trl.apply(trainer(tmp_path, str(cohere), applied=False, beta=0.0))
+    t = trainer(tmp_path, str(cohere), applied=False, beta=0.0)
+    t.model.logit_scale = 0.5
+    with pytest.raises(ValueError, match=r"cannot serve this trainer.*scales its logits by "
+                                         r"0.5 in .*TRL's head by 0.0625"):
+        fl_trl.apply(t)
 
     # the MoE load-balancing loss
     mixtral = tmp_path / "mixtral"

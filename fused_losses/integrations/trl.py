@@ -61,8 +61,8 @@ What it does not serve
   text config is a sub-config): TRL's own head serves those; don't apply;
 - a model the transformers integration refuses (an ``lm_head`` that is not a plain
   ``nn.Linear``, a forward that does more to its logits than a scale and the softcapping),
-  or one whose forward scales its logits (Cohere's ``logit_scale``, Granite's
-  ``logits_scaling``): not served here yet (TRL's head scales them; untested);
+  or whose forward scales or softcaps its logits otherwise than TRL's head does (a scale
+  both apply, Cohere's ``logit_scale`` or Granite's ``1 / logits_scaling``, is served);
 - a PEFT adapter on ``lm_head`` (LoRA on it, or ``modules_to_save=["lm_head"]``): the head
   reads ``lm_head.weight``, which is not what the adapter computes;
 - the MoE load-balancing loss (``output_router_logits`` in the config, or the trainer's
@@ -77,6 +77,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import types
 from dataclasses import dataclass
 
@@ -327,17 +328,18 @@ def _plan(model, what: str, trainer, chunk_size) -> _State:
         scale = _hf._logit_scale(model, layout)
     except _hf._Unsupported as e:
         raise _refuse(str(e)) from None
-    if scale != 1.0:  # TRL's head scales them too (`logit_scale`), untested here
-        raise _refuse(f"{name}'s forward scales its logits in {layout.logit_scale.source} "
-                      f"(by {scale}): this integration does not serve a logit scale")
     softcap = _hf._read(model, layout.softcap)
     if softcap != trl_head.get("final_logit_softcapping"):
         raise _refuse(f"{name}'s forward softcaps its logits by {softcap}, TRL's head by "
                       f"{trl_head.get('final_logit_softcapping')}")
+    # the logits' scale (Cohere's logit_scale, Granite's 1 / logits_scaling, ...): TRL's head
+    # applies what it reads off the config, before its softcap and temperature, as
+    # linear_log_probs does; served where the model's forward applies the same
     logit_scale = trl_head.get("logit_scale", 1.0)
-    if logit_scale != 1.0:
-        raise _refuse(f"TRL's head scales {name}'s logits by {logit_scale}, which its forward "
-                      "does not")
+    if not math.isclose(scale, logit_scale, rel_tol=1e-12):
+        source = "" if layout.logit_scale is None else f" in {layout.logit_scale.source}"
+        raise _refuse(f"{name}'s forward scales its logits by {scale}{source}, TRL's head by "
+                      f"{logit_scale}")
     temperature = trl_head.get("temperature")
     sampling = getattr(trainer, "temperature", None)  # (GRPO's and RLOO's; SFT, KTO: none)
     if sampling is not None and temperature != sampling:
@@ -348,7 +350,8 @@ def _plan(model, what: str, trainer, chunk_size) -> _State:
         raise _refuse(f"TRL's head computes {outputs}; the fused head serves "
                       f"{_SERVED_OUTPUTS}")
     return _State(stock_forward=forward, temperature=float(temperature), softcap=softcap,
-                  logit_scale=1.0, outputs=tuple(o for o in outputs if o != "log_probs"),
+                  logit_scale=float(logit_scale),
+                  outputs=tuple(o for o in outputs if o != "log_probs"),
                   cast_lm_head_to_fp32=cast,
                   backbone_attr=trl_head.get("backbone_attr", "base_model"),
                   chunk_size=chunk_size)
