@@ -401,6 +401,41 @@ def test_kto_steps_match_stock(tmp_path, monkeypatch):
     assert_same_run(*runs, metrics=metrics, required=("loss",))
 
 
+@pytest.mark.parametrize("weighting", [False, True])
+def test_dpo_steps_match_stock(tmp_path, monkeypatch, weighting):
+    """DPOTrainer (a reference model; TRL's head returns the entropy, mean logit and is-top-1
+    of its metrics, and log sum p^2 for WPO's weights with ``use_weighting``): two steps as
+    stock."""
+    path = saved(tmp_path)
+    data = datasets.Dataset.from_dict({
+        "prompt": PROMPTS["prompt"],
+        "chosen": [f"w{4 + i} w{9 + 2 * i} w5" for i in range(len(PROMPTS))],
+        "rejected": [f"w{30 + i} w{60 - i}" for i in range(len(PROMPTS))]})
+    runs = []
+    for applied in (False, True):
+        args = trl.DPOConfig(str(tmp_path / f"dpo-{applied}"), report_to=[], use_cpu=True,
+                             bf16=False, save_strategy="no", disable_tqdm=True,
+                             dataloader_num_workers=0, per_device_train_batch_size=4,
+                             max_steps=2, logging_steps=1, learning_rate=1e-2, seed=0,
+                             use_weighting=weighting,
+                             model_init_kwargs={"dtype": torch.float32})
+        t = trl.DPOTrainer(model=path, args=args, train_dataset=data,
+                           processing_class=tokenizer(), callbacks=[Grads()])
+        if applied:
+            fl_trl.apply(t)
+            want = ("entropy", "mean_logits", "is_top1") + ("log_sum_sq_probs",) * weighting
+            assert t.model.__dict__[fl_trl._ATTR].outputs == want
+            calls = Calls(monkeypatch)
+        t.train()
+        runs.append(t)
+    assert calls.trl == 0 and calls.ours >= 2
+    # DPO's metrics: the loss, logits/*, logps/*, rewards/*, the token accuracy, the entropy
+    metrics = tuple(k for k in logs(runs[0])[0]
+                    if k.startswith(("logits/", "logps/", "rewards/", "mean_token", "entropy")))
+    assert any(k.startswith("logits/") for k in metrics), logs(runs[0])[0]
+    assert_same_run(*runs, metrics=metrics, required=("loss",))
+
+
 def test_every_output_of_trls_head(tmp_path, backend):
     """A head set up for all of TRL's per-token outputs: log-probs, entropy, log sum p^2, the
     mean logit and is-top-1 as TRL's head gives them (0 / False where the label is ignored),

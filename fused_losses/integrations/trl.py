@@ -21,7 +21,9 @@ entropy bonus and the entropy-quantile mask are computed from them exactly as st
 
 The same holds for every TRL 1.16 trainer that scores tokens through TRL's fused head
 (``add_fused_lm_head``): ``GRPOTrainer`` and ``RLOOTrainer`` (log-probs and entropy at the
-sampling temperature), ``KTOTrainer`` (with the mean logit of its ``logits/*`` metrics) and
+sampling temperature), ``DPOTrainer`` (with the mean logit and is-top-1 of its ``logits/*``
+and accuracy metrics, log sum p^2 for WPO's weights), ``KTOTrainer`` (with the mean logit of
+its ``logits/*`` metrics) and
 ``SFTTrainer`` (whose loss is then the mean of ``-log p`` over the labelled tokens, with
 ``is_top1`` for its ``mean_token_accuracy`` metric): every output TRL's head was set up to
 return (``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) comes from the same
@@ -102,8 +104,9 @@ __all__ = ["apply", "is_applied", "revert"]
 _ATTR = "_fused_losses_trl"  # the state, on each model whose forward is ours
 _SERVED_OUTPUTS = fl.LogProbOutputs._fields  # every per-token output of TRL's head
 # the trainers whose models carry TRL's fused head (those of this TRL that exist)
-_TRAINERS = tuple(getattr(trl, name) for name in ("GRPOTrainer", "RLOOTrainer", "KTOTrainer",
-                                                  "SFTTrainer") if hasattr(trl, name))
+_TRAINERS = tuple(getattr(trl, name) for name in ("GRPOTrainer", "RLOOTrainer", "DPOTrainer",
+                                                  "KTOTrainer", "SFTTrainer")
+                  if hasattr(trl, name))
 _IGNORE = -100  # TRL marks the positions it does not score with -100
 
 
@@ -140,7 +143,8 @@ def apply(trainer, *, chunk_size: int | None = None):
     policy's and the reference model's; the ``(batch, seq, vocab)`` logits never allocated.
 
     Args:
-        trainer: a ``trl.GRPOTrainer``, ``RLOOTrainer``, ``KTOTrainer`` or ``SFTTrainer``
+        trainer: a ``trl.GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer``, ``KTOTrainer`` or
+            ``SFTTrainer``
             (TRL >= 1.16, whose models carry TRL's fused head) of a text causal LM. Apply
             before ``trainer.train()`` (or between two of its calls).
         chunk_size: tokens per chunk of the head (default: as
