@@ -294,13 +294,11 @@ def chunk_loss(logits, target, weight, opts: Options, dens: Parts, n_rows: int, 
     of ``cross_entropy.chunk_loss``, the kernels' twin. Runs as ``HalfCrossEntropy`` does,
     blocks of rows over the CPU's cores (``_run_blocks``), so its float32 temporaries are a
     few blocks', not the chunk's."""
-    if stats is not None:
-        _chunk_stats(logits, target, weight, opts, stats)
     if grad_target is not None:
         return _formula_block(logits, target, weight, opts, dens, grad_out, write_grad,
                               grad_target, grad)
     out = (logits if grad is None else grad) if write_grad else None
-    return _join(_run_blocks(logits, target, weight, opts, dens, out, grad_out),
+    return _join(_run_blocks(logits, target, weight, opts, dens, out, grad_out, stats),
                  opts.reduction)
 
 
@@ -374,13 +372,15 @@ class HalfCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _run_blocks(x, target, weight, opts: Options, dens: Parts, grad, grad_out) -> list:
+def _run_blocks(x, target, weight, opts: Options, dens: Parts, grad, grad_out,
+                stats=None) -> list:
     """Each block's (loss part, z-loss part or None) of logits ``x`` (N, C, d1, ..., dK)
     split along N (``_blocks``), and with ``grad`` (``x`` itself allowed) their gradient
     written there (``grad_out``: None for 1, else the upstream gradient, per row for
-    ``none``). On the CPU over ``_threads.run_blocks``; (N, C) logits against class targets
-    without softcap in ``_plain_block`` (which folds a temperature and logit scale in), the
-    rest by ``_formula_block``."""
+    ``none``); with ``stats`` ((3, N), (N, C) logits of class targets), each row's
+    ``combine_stats`` statistics written there. On the CPU over ``_threads.run_blocks``;
+    (N, C) logits against class targets without softcap in ``_plain_block`` (which folds a
+    temperature and logit scale in), the rest by ``_formula_block``."""
     x = x.detach()
     blocks = _blocks(x)
     plain = (x.dim() == 2 and x.shape[1] > 0 and x.device.type == "cpu"
@@ -393,7 +393,12 @@ def _run_blocks(x, target, weight, opts: Options, dens: Parts, grad, grad_out) -
         block = blocks[i]
         if rows is not None:
             return _plain_block(x[block], rows.block(block), weight, opts, dens,
-                                None if grad is None else grad[block], scratch)
+                                None if grad is None else grad[block], scratch,
+                                None if stats is None else stats[:, block])
+        if stats is not None:
+            t = target[block]
+            parts = partial_stats(x[block], t, weight, opts)
+            stats[:, block] = combine_stats(parts, t, weight, opts, x.shape[1])[2]
         g = grad_out if grad_out is None or opts.reduction != "none" else grad_out[block]
         return _formula_block(as_dtype(x[block], compute_dtype(x.dtype)), target[block],
                               weight, opts, dens, g, write_grad=grad is not None,
@@ -455,7 +460,8 @@ def _plain_rows(target, weight, opts: Options, dens: Parts, grad_out, n_classes:
     return _Rows(y, ok, smoothed, nan, (1.0 - eps) * w_y, b, a, d, dz)
 
 
-def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scratch):
+def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scratch,
+                 stats=None):
     """One block of rows of ``_run_blocks``: (R, C) half-precision or float32 logits on the
     CPU, class targets, no softcap, float32 math: the block's (loss part, z-loss part or
     None), and with ``grad`` (which may be ``x`` itself) its gradient written, without
@@ -474,7 +480,8 @@ def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scrat
     p_y - 1 after a rounding). Passes over the block: the upcast, two max, the softmax, the
     gradient (and with smoothing a sum, and a second float32 pass where there are class
     weights). Float32 temporaries: p, and z for half logits, reused from block to block
-    (``scratch``)."""
+    (``scratch``). With ``stats`` (3, R), the rows' ``combine_stats`` statistics (m~, log2 s
+    = -log2 max p, the smoothing's W) written there, 0 on rows not counted."""
     n_rows, n_classes = x.shape
     z = x
     mult = opts.logit_scale / opts.temperature  # the transform (no softcap here): z = mult x
@@ -487,12 +494,17 @@ def _plain_block(x, rows: _Rows, weight, opts: Options, dens: Parts, grad, scrat
     p = _scratch(scratch, "p", x.shape)
     torch.softmax(z, 1, out=p)
     # NaN where a logit is NaN or +inf, or every logit -inf, as torch's log_softmax
-    lse = m - p.amax(1).log()
+    max_p = p.amax(1)
+    lse = m - max_p.log()
     z_y = z.gather(1, rows.y[:, None]).squeeze(1)
     terms = [torch.where(rows.ok, rows.w_y * (lse - z_y), rows.nan)]
     w = None if weight is None else weight.reshape(-1).float()
+    total = n_classes if w is None else w.sum()
+    if stats is not None:
+        stats[0] = torch.where(rows.ok & (m != -math.inf), m, 0.0)
+        stats[1] = torch.where(rows.ok, -max_p.log2(), 0.0)
+        stats[2] = torch.where(rows.ok & (opts.smoothing > 0.0), total, 0.0)
     if rows.smoothed is not None:
-        total = n_classes if w is None else w.sum()
         weighted_z = z.sum(1) if w is None else z @ w
         terms.append(torch.where(rows.smoothed, opts.smoothing / n_classes
                                  * (total * lse - weighted_z), rows.nan))
@@ -784,20 +796,6 @@ def grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad=Non
         grad_target.copy_(torch.where(rows, dt, nan).view(grad_target.shape))
 
 
-def _chunk_stats(logits, target, weight, opts: Options, out: torch.Tensor) -> None:
-    """Each row's statistics (``combine_stats``') of a chunk of logits (R, C) against its
-    class targets into ``out`` (3, R), a block of rows at a time over the CPU's cores."""
-    blocks = _blocks(logits)
-
-    def one(i, scratch):
-        rows = blocks[i]
-        t = target[rows]
-        parts = partial_stats(logits[rows], t, weight, opts)
-        out[:, rows] = combine_stats(parts, t, weight, opts, logits.shape[1])[2]
-
-    _threads.run_blocks(one, len(blocks), logits.device)
-
-
 def chunk_grad_from_stats(x, target, weight, stats, scales, opts: Options, *, grad,
                           class_offset: int = 0, n_classes: int | None = None) -> None:
     """``grad_from_stats`` of a chunk or tile of logits (R, width) of class targets, a block
@@ -805,14 +803,55 @@ def chunk_grad_from_stats(x, target, weight, stats, scales, opts: Options, *, gr
     (``grad`` may be ``x``)."""
     blocks = _blocks(x)
     per_row = scales.dim() == 2
+    # float32 logits of class targets, no softcap, overwritten: in place, in a few passes
+    plain = (grad is x and x.dtype == torch.float32 and stats.dtype == torch.float32
+             and opts.softcap is None and not opts.prob_target)
+    row_grad = _plain_tile_grad_ if plain else grad_from_stats
 
     def one(i, scratch):
         rows = blocks[i]
-        grad_from_stats(x[rows], target[rows], weight, stats[:, rows],
-                        scales[rows] if per_row else scales, opts, grad=grad[rows],
-                        class_offset=class_offset, n_classes=n_classes)
+        row_grad(x[rows], target[rows], weight, stats[:, rows],
+                 scales[rows] if per_row else scales, opts, grad=grad[rows],
+                 class_offset=class_offset, n_classes=n_classes)
 
     _threads.run_blocks(one, len(blocks), x.device)
+
+
+def _plain_tile_grad_(x, target, weight, stats, scales, opts: Options, *, grad,
+                      class_offset: int, n_classes: int | None) -> None:
+    """``grad_from_stats`` of float32 logits (R, width) of class targets without softcap,
+    written over them (``grad`` is ``x``) in place: d = mult (p (hot + extra) - kc w_c),
+    less mult hot at the target, p = exp(mult x - lse)."""
+    n_rows, width = x.shape
+    n_classes = n_classes or width
+    if n_rows == 0 or width == 0:
+        return
+    mult = opts.logit_scale / opts.temperature
+    m_safe, log2_s, k = stats[0], stats[1], stats[2]
+    sc = scales.reshape(-1, 2).float()
+    scale, z_scale = sc[:, 0], sc[:, 1]
+    y, ok, bad, w_y = _stat_targets(target, weight, opts, n_rows, n_classes, torch.float32)
+    lse = m_safe + log2_s * LN2
+    extra = z_scale * lse
+    hot = scale * w_y
+    kc = None
+    if opts.smoothing > 0.0:
+        hot = hot * (1.0 - opts.smoothing)
+        kc = scale * (opts.smoothing / n_classes)
+        extra = extra + kc * k
+    if mult != 1.0:
+        x.mul_(mult)
+    x.sub_(lse.unsqueeze(1)).exp_().mul_(((hot + extra) * mult).unsqueeze(1))
+    if kc is not None:  # - mult kc w_c (w_c = 1 without class weights)
+        w_c = (torch.ones(width, dtype=torch.float32) if weight is None
+               else weight.float()[class_offset:class_offset + width])
+        x.addr_((kc * mult).expand(n_rows).contiguous(), w_c, alpha=-1.0)
+    local = y - class_offset
+    mine = ok & (local >= 0) & (local < width)
+    x.scatter_add_(1, torch.where(mine, local, 0).unsqueeze(1),
+                   torch.where(mine, -hot * mult, 0.0).unsqueeze(1))
+    x.masked_fill_(~ok.unsqueeze(1), 0.0)
+    x[bad] = math.nan
 
 
 def denominators(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
