@@ -370,70 +370,58 @@ def test_rloo_steps_match_stock(tmp_path, monkeypatch):
     assert_same_run(*runs)
 
 
-def test_kto_steps_match_stock(tmp_path, monkeypatch):
-    """KTOTrainer (a reference model; TRL's head returns the mean logit of its ``logits/*``
-    metrics): two steps as stock."""
+def offline_steps_match_stock(tmp_path, monkeypatch, name: str, data, outputs: tuple,
+                              prefixes: tuple, **config):
+    """Two steps of the offline trainer ``trl.<name>Trainer`` on ``data``, stock and applied:
+    TRL's head set up for ``outputs`` (beyond log p), every log-prob from the fused head, the
+    same loss, the metrics starting with ``prefixes`` (``logits/*`` among them: the mean
+    logits TRL's head returns) and gradients."""
     path = saved(tmp_path)
-    data = datasets.Dataset.from_dict({
-        "prompt": PROMPTS["prompt"],
-        "completion": [f"w{4 + i} w{9 + 2 * i}" for i in range(len(PROMPTS))],
-        "label": [i % 2 == 0 for i in range(len(PROMPTS))]})
     runs = []
     for applied in (False, True):
-        args = trl.KTOConfig(str(tmp_path / f"kto-{applied}"), report_to=[], use_cpu=True,
-                             bf16=False, save_strategy="no", disable_tqdm=True,
-                             dataloader_num_workers=0, per_device_train_batch_size=4,
-                             max_steps=2, logging_steps=1, learning_rate=1e-2, seed=0,
-                             model_init_kwargs={"dtype": torch.float32})
-        t = trl.KTOTrainer(model=path, args=args, train_dataset=data,
-                           processing_class=tokenizer(), callbacks=[Grads()])
+        args = getattr(trl, f"{name}Config")(
+            str(tmp_path / f"{name}-{applied}"), report_to=[], use_cpu=True, bf16=False,
+            save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            per_device_train_batch_size=4, max_steps=2, logging_steps=1, learning_rate=1e-2,
+            seed=0, model_init_kwargs={"dtype": torch.float32}, **config)
+        t = getattr(trl, f"{name}Trainer")(model=path, args=args, train_dataset=data,
+                                           processing_class=tokenizer(), callbacks=[Grads()])
         if applied:
             fl_trl.apply(t)
-            assert t.model.__dict__[fl_trl._ATTR].outputs == ("entropy", "mean_logits")
+            assert t.model.__dict__[fl_trl._ATTR].outputs == outputs
             calls = Calls(monkeypatch)
         t.train()
         runs.append(t)
     assert calls.trl == 0 and calls.ours >= 2
-    # KTO's metrics: the loss, logits/* (the mean logits TRL's head returns), logps/*, rewards/*
-    metrics = tuple(k for k in logs(runs[0])[0]
-                    if k.startswith(("logits/", "logps/", "rewards/")))
+    metrics = tuple(k for k in logs(runs[0])[0] if k.startswith(prefixes))
     assert any(k.startswith("logits/") for k in metrics), logs(runs[0])[0]
     assert_same_run(*runs, metrics=metrics, required=("loss",))
+
+
+def test_kto_steps_match_stock(tmp_path, monkeypatch):
+    """KTOTrainer (a reference model; TRL's head returns the mean logit of its ``logits/*``
+    metrics): two steps as stock (the loss, logits/*, logps/*, rewards/*)."""
+    data = datasets.Dataset.from_dict({
+        "prompt": PROMPTS["prompt"],
+        "completion": [f"w{4 + i} w{9 + 2 * i}" for i in range(len(PROMPTS))],
+        "label": [i % 2 == 0 for i in range(len(PROMPTS))]})
+    offline_steps_match_stock(tmp_path, monkeypatch, "KTO", data, ("entropy", "mean_logits"),
+                              ("logits/", "logps/", "rewards/"))
 
 
 @pytest.mark.parametrize("weighting", [False, True])
 def test_dpo_steps_match_stock(tmp_path, monkeypatch, weighting):
     """DPOTrainer (a reference model; TRL's head returns the entropy, mean logit and is-top-1
     of its metrics, and log sum p^2 for WPO's weights with ``use_weighting``): two steps as
-    stock."""
-    path = saved(tmp_path)
+    stock (the loss, logits/*, logps/*, rewards/*, the token accuracy, the entropy)."""
     data = datasets.Dataset.from_dict({
         "prompt": PROMPTS["prompt"],
         "chosen": [f"w{4 + i} w{9 + 2 * i} w5" for i in range(len(PROMPTS))],
         "rejected": [f"w{30 + i} w{60 - i}" for i in range(len(PROMPTS))]})
-    runs = []
-    for applied in (False, True):
-        args = trl.DPOConfig(str(tmp_path / f"dpo-{applied}"), report_to=[], use_cpu=True,
-                             bf16=False, save_strategy="no", disable_tqdm=True,
-                             dataloader_num_workers=0, per_device_train_batch_size=4,
-                             max_steps=2, logging_steps=1, learning_rate=1e-2, seed=0,
-                             use_weighting=weighting,
-                             model_init_kwargs={"dtype": torch.float32})
-        t = trl.DPOTrainer(model=path, args=args, train_dataset=data,
-                           processing_class=tokenizer(), callbacks=[Grads()])
-        if applied:
-            fl_trl.apply(t)
-            want = ("entropy", "mean_logits", "is_top1") + ("log_sum_sq_probs",) * weighting
-            assert t.model.__dict__[fl_trl._ATTR].outputs == want
-            calls = Calls(monkeypatch)
-        t.train()
-        runs.append(t)
-    assert calls.trl == 0 and calls.ours >= 2
-    # DPO's metrics: the loss, logits/*, logps/*, rewards/*, the token accuracy, the entropy
-    metrics = tuple(k for k in logs(runs[0])[0]
-                    if k.startswith(("logits/", "logps/", "rewards/", "mean_token", "entropy")))
-    assert any(k.startswith("logits/") for k in metrics), logs(runs[0])[0]
-    assert_same_run(*runs, metrics=metrics, required=("loss",))
+    outputs = ("entropy", "mean_logits", "is_top1") + ("log_sum_sq_probs",) * weighting
+    offline_steps_match_stock(tmp_path, monkeypatch, "DPO", data, outputs,
+                              ("logits/", "logps/", "rewards/", "mean_token", "entropy"),
+                              use_weighting=weighting)
 
 
 def test_every_output_of_trls_head(tmp_path, backend):
