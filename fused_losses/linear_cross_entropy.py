@@ -275,8 +275,11 @@ def linear_cross_entropy(
         # formula whole (its chunks compute their gradients with autograd, which neither can
         # trace): autograd and the compiler see every op; the logits are materialized there.
         # (So do an input of no tokens, whose logits are empty, and a class weight that
-        # requires grad, which only autograd's formula differentiates.)
-        logits = F.linear(x, w, b).view(-1, n_classes)
+        # requires grad, which only autograd's formula differentiates. A tensor-parallel head
+        # comes here only with no tokens: its rows are then of the whole vocabulary, which
+        # its class weight has, however few classes its block has, even none.)
+        logits = F.linear(x, w, b).reshape(
+            x.shape[0] * n_out, n_classes if tp is None else tp[1].vocab_size)
         loss, z = eager.cross_entropy_float(logits, t, weight, opts)
         z = z if z is not None else torch.zeros_like(loss)
         loss, z = loss.to(out_dtype), z.to(out_dtype)

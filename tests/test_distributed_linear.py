@@ -255,6 +255,20 @@ def check_logit_transform(rank, world):
 def check_world_3(rank, world):
     sweep(rank, (4, 0, 7), ARGUMENTS[::3])  # an empty block in the middle
     check_tiles(rank, (4, 0, 7))
+    # no tokens (no collective): torch's results on (0, V) logits with the (V,) class
+    # weight, on a rank with an empty block too; a zero gradient of the block
+    cw = torch.rand(11, generator=torch.Generator().manual_seed(7)) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        wr = head(11)[1][(slice(0, 4), slice(4, 4), slice(4, 11))[rank]].requires_grad_(True)
+        t = torch.zeros(0, dtype=torch.int64)
+        loss = sharded(torch.zeros(0, H), wr, t, weight=cw, reduction=reduction,
+                       label_smoothing=0.1, process_group=dist.group.WORLD,
+                       shard_sizes=(4, 0, 7))
+        want = F.cross_entropy(torch.zeros(0, 11), t, cw, reduction=reduction,
+                               label_smoothing=0.1)
+        torch.testing.assert_close(loss, want, equal_nan=True)
+        loss.sum().backward()
+        assert torch.equal(wr.grad, torch.zeros_like(wr)), reduction
     for backend in BACKENDS:
         _backend(backend)
         # a K-dimensional head (C, 2, H), the widths exchanged on the group's first call
