@@ -202,7 +202,7 @@ def linear_cross_entropy(
     if process_group is not None:
         tp = _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight,
                                      target, weight, reduction, ignore_index, label_smoothing,
-                                     z_loss, transform)
+                                     z_loss, transform, accum_dtype)
         logits_shape = (*n_batch, tp[1].vocab_size, *out_features)
     elif shard_sizes is not None:
         raise ValueError("linear_cross_entropy: shard_sizes is the layout of a sharded head: "
@@ -275,8 +275,11 @@ def linear_cross_entropy(
         # formula whole (its chunks compute their gradients with autograd, which neither can
         # trace): autograd and the compiler see every op; the logits are materialized there.
         # (So do an input of no tokens, whose logits are empty, and a class weight that
-        # requires grad, which only autograd's formula differentiates.)
-        logits = F.linear(x, w, b).view(-1, n_classes)
+        # requires grad, which only autograd's formula differentiates. A tensor-parallel head
+        # comes here only with no tokens: its rows are then of the whole vocabulary, which
+        # its class weight has, however few classes its block has, even none.)
+        logits = F.linear(x, w, b).reshape(
+            x.shape[0] * n_out, n_classes if tp is None else tp[1].vocab_size)
         loss, z = eager.cross_entropy_float(logits, t, weight, opts)
         z = z if z is not None else torch.zeros_like(loss)
         loss, z = loss.to(out_dtype), z.to(out_dtype)
@@ -308,7 +311,8 @@ def linear_cross_entropy(
         else:
             loss_chunks = _dispatch.tensor_parallel().sharded_chunks(
                 opts, plan, out_dtype, *tp,
-                None if accum_dtype is None else torch.promote_types(accum_dtype, x.dtype))
+                None if accum_dtype is None else torch.promote_types(accum_dtype, x.dtype),
+                _reduced_in(input, accum_dtype))
         loss, z = ChunkedHeadFunction.apply(x, w, b, plan, loss_chunks, t, weight)
     if reduction == "none":
         out_shape = tuple(target.shape) if not spec.prob_target else (*n_batch, *out_features)
@@ -378,9 +382,12 @@ def _uint8_smoothing_quirk(target, smoothing: float, ignore_index: int) -> bool:
 
 
 def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, target, weight,
-                            reduction, ignore_index, label_smoothing, z_loss, transform):
+                            reduction, ignore_index, label_smoothing, z_loss, transform,
+                            accum_dtype):
     """(group, this rank's VocabShard, None or its deferred error) of a tensor-parallel head,
-    after the checks every rank makes alike (raised before any collective)."""
+    after the checks every rank makes alike (raised before any collective). The dtype the
+    input's gradient is all-reduced in (``accum_dtype``'s) goes in the arguments' hash: ranks
+    that differ there raise in the forward, not at the backward's all-reduce."""
     fn = "linear_cross_entropy"
     if torch.compiler.is_compiling() or _dispatch.functorch_wrapped(input):
         raise NotImplementedError(f"{fn} over a process group runs neither under "
@@ -396,4 +403,12 @@ def _tensor_parallel_layout(process_group, shard_sizes, input, linear_weight, ta
                          smoothing=max(label_smoothing, 0.0), z_loss=z_loss, **transform)
     return _dispatch.tensor_parallel().lm_head_layout(
         process_group, shard_sizes, input.device, linear_weight.shape[0], target.numel(), opts,
-        weight, input.dtype)
+        weight, input.dtype, _reduced_in(input, accum_dtype))
+
+
+def _reduced_in(input: torch.Tensor, accum_dtype) -> tuple:
+    """What a tensor-parallel head's ranks must ask alike besides ``Options`` (the arguments'
+    hash): the dtype the input's gradient is all-reduced in."""
+    dtype = input.dtype if accum_dtype is None else torch.promote_types(accum_dtype,
+                                                                        input.dtype)
+    return ("input_grad", str(dtype))

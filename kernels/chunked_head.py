@@ -368,5 +368,11 @@ class ChunkedHeadFunction(torch.autograd.Function):
                     if dlogits is not None:
                         grads.add(rows, x_chunk, dlogits, w_c, cols)
         if grads.x is not None:
+            if tiled and loss.input_grad_dtype is None:
+                # the tiles' float32 sum rounded once to the input's dtype before the loss's
+                # reduction: the dtype it reduces in is the call's, never this process's
+                # plan (a vocab-sharded head's ranks tile their blocks differently, or not
+                # at all, and all-reduce the shares together)
+                grads.x = grads.x.to(x.dtype)
             loss.reduce_input_grad_(grads.x)
         return (*grads.results(x, w, b), None, None, *operand_grads)

@@ -103,8 +103,10 @@ def compare(rank, widths, dtype=torch.float32, target=None, bias=True, class_wei
     layout = dict(shard_sizes=widths) if via == "shard_sizes" else {}
     block = slice(offset, offset + width)
     chunk = kwargs.pop("chunk_size", CHUNK)  # (None: the default plan)
+    accum = kwargs.pop("accum_dtype", torch.float32)
     ours = run(sharded, x, w[block], None if b is None else b[block], t=t, weight=cw,
-               process_group=dist.group.WORLD, chunk_size=chunk, **layout, **kwargs)
+               process_group=dist.group.WORLD, chunk_size=chunk, accum_dtype=accum, **layout,
+               **kwargs)
 
     def wide(v, to):
         return None if v is None else v.to(to)
@@ -120,10 +122,10 @@ def compare(rank, widths, dtype=torch.float32, target=None, bias=True, class_wei
     assert_close(loss, ref[0], dtype, f"loss ({what})", torch_own=own[0])
     assert_close(grad_x, ref[1], dtype, f"input gradient ({what})", torch_own=own[1])
     assert_close(grad_w, ref[2][block], dtype, f"weight gradient ({what})",
-                 torch_own=None if own[2] is None else own[2][block])
+                 torch_own=None if own[2] is None or not width else own[2][block])
     if b is not None:
         assert_close(grad_b, ref[3][block], dtype, f"bias gradient ({what})",
-                     torch_own=None if own[3] is None else own[3][block])
+                     torch_own=None if own[3] is None or not width else own[3][block])
     # the loss bitwise the same on every rank, and the input's gradient
     for value in (loss, grad_x):
         assert_same_on_every_rank(value, what)
@@ -182,6 +184,11 @@ def check_tiles(rank, widths):
                         reduction="none", chunk_size=None, **kwargs)
                 want = -(-widths[rank] // 2) if widths[rank] > 1 else 1
                 assert counts == [want], (rank, counts)
+            # bfloat16 with accum_dtype=None: a rank that tiles sums its tiles in float32, one
+            # that does not (an empty block; a narrow one on the kernels: bfloat16 logits
+            # fit) has bfloat16 shares, all-reduced together in the input's dtype
+            compare(rank, widths, torch.bfloat16, target=t, reduction="none", chunk_size=None,
+                    accum_dtype=None, label_smoothing=0.1)
     finally:
         lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES, chunked_head._tiles = saved
 
@@ -248,6 +255,20 @@ def check_logit_transform(rank, world):
 def check_world_3(rank, world):
     sweep(rank, (4, 0, 7), ARGUMENTS[::3])  # an empty block in the middle
     check_tiles(rank, (4, 0, 7))
+    # no tokens (no collective): torch's results on (0, V) logits with the (V,) class
+    # weight, on a rank with an empty block too; a zero gradient of the block
+    cw = torch.rand(11, generator=torch.Generator().manual_seed(7)) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        wr = head(11)[1][(slice(0, 4), slice(4, 4), slice(4, 11))[rank]].requires_grad_(True)
+        t = torch.zeros(0, dtype=torch.int64)
+        loss = sharded(torch.zeros(0, H), wr, t, weight=cw, reduction=reduction,
+                       label_smoothing=0.1, process_group=dist.group.WORLD,
+                       shard_sizes=(4, 0, 7))
+        want = F.cross_entropy(torch.zeros(0, 11), t, cw, reduction=reduction,
+                               label_smoothing=0.1)
+        torch.testing.assert_close(loss, want, equal_nan=True)
+        loss.sum().backward()
+        assert torch.equal(wr.grad, torch.zeros_like(wr)), reduction
     for backend in BACKENDS:
         _backend(backend)
         # a K-dimensional head (C, 2, H), the widths exchanged on the group's first call
@@ -325,6 +346,11 @@ def check_errors(rank, world):
                     shard_sizes=widths)
         with pytest.raises(ValueError, match="process_group too"):
             sharded(x, wr, t, shard_sizes=widths)
+        # accum_dtype sets the dtype of the input gradient's all-reduce: differing, an error
+        # in the forward on every rank, not a collective mismatch in the backward
+        with pytest.raises(RuntimeError, match="different arguments"):
+            sharded(x, wr, t, process_group=group, shard_sizes=widths, chunk_size=CHUNK,
+                    accum_dtype=torch.float64 if rank == 0 else torch.float32)
         with pytest.raises(RuntimeError, match="weight tensor should be defined"):
             sharded(x, wr, t, process_group=group, shard_sizes=widths, weight=torch.ones(3))
         # second derivatives would need the other ranks' logits

@@ -87,14 +87,16 @@ class ShardedChunks(_OnGroup, CrossEntropyChunks):
     input's gradient is rounded once, after the sum)."""
 
     def __init__(self, opts: eager.Options, plan, out_dtype: torch.dtype, group,
-                 shard: VocabShard, error, input_grad_dtype: torch.dtype | None):
+                 shard: VocabShard, error, input_grad_dtype: torch.dtype | None,
+                 extra: tuple = ()):
         """``error``: this rank's own, found before the first all-gather (raised after
-        it)."""
+        it); ``extra``: ``_signature``'s (what else the ranks must ask alike)."""
         super().__init__(opts, plan, out_dtype)
         self.keeps_stats = True  # (the rows' merged statistics, for any backward)
         self._hold(group)
         self.shard, self.error = shard, error
         self.input_grad_dtype = input_grad_dtype
+        self.extra = extra
         self.ops = _backend(self.kernels)
 
     def workspace(self, logits, operands, backward):
@@ -116,7 +118,8 @@ class ShardedChunks(_OnGroup, CrossEntropyChunks):
                                     kernels=self.kernels,
                                     grad=None if dlogits is None else x,
                                     scales=None if dlogits is None else scales,
-                                    error=self.error if rows.start == 0 else None)
+                                    error=self.error if rows.start == 0 else None,
+                                    extra=self.extra)
         buffers[2][:, self._call_rows(rows)] = stats
         self._store(buffers, rows, *eager.reduce_rows(loss, z, self.opts, dens,
                                                       target.shape[0]))

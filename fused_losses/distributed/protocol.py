@@ -136,7 +136,7 @@ def _exchanged_widths(group, rank: int, world: int, width: int, device, signatur
         raise RuntimeError(
             "vocab-parallel cross-entropy: the ranks called the loss with different "
             "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
-            "temperature, logit_scale, weight, dtype or the log-probs' outputs)")
+            "temperature, logit_scale, weight, dtype, accum_dtype or the log-probs' outputs)")
     if sum(widths) == 0:
         raise ValueError("vocab-parallel cross-entropy: every rank's block of logits is empty")
     return tuple(widths)
@@ -230,7 +230,7 @@ def _check_headers_on_host(headers: torch.Tensor, shard: VocabShard) -> None:
         raise RuntimeError(
             "vocab-parallel cross-entropy: the ranks called the loss with different "
             "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
-            "temperature, logit_scale, weight, dtype or the log-probs' outputs)")
+            "temperature, logit_scale, weight, dtype, accum_dtype or the log-probs' outputs)")
     differ = [r for r, h in enumerate(rows) if h[5:7] != rows[shard.rank][5:7]]
     if differ:
         raise RuntimeError(

@@ -41,7 +41,7 @@ from .protocol import (
 
 def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Options,
                shard: VocabShard, group, *, kernels: bool, grad=None, scales=None,
-               error: tuple[int, Exception] | None = None):
+               error: tuple[int, Exception] | None = None, extra: tuple = ()):
     """The loss, z-loss term (None without z-loss) and statistics (3, rows) of rows whose
     classes are sharded over ``group``, from this rank's block ``x`` (rows, width) with unit
     class stride (a row-major block of logits), as ``cross_entropy.row_losses`` gives them for
@@ -52,7 +52,8 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     ``weight``: all ``shard.vocab_size`` class weights or None; ``kernels``: the Triton
     kernels or the eager formula (the same choice on every rank). One all-gather; ``error``,
     (status, exception) of this rank's own error found before it, is raised after it (every
-    rank reaches the collective)."""
+    rank reaches the collective); ``extra``: what else the ranks must ask alike (in the
+    header's arguments' hash, ``_signature``'s)."""
     width, n_rows = x.shape[1], x.shape[0]
     device = x.device
     ops = _backend(kernels)
@@ -78,8 +79,8 @@ def row_losses(x: torch.Tensor, target: torch.Tensor, weight, opts: eager.Option
     if done < n_parts:  # empty parts: no classes (m = -inf, sums 0)
         parts[done:].zero_()
         parts[done:, 0] = -math.inf
-    partials = exchange(block, h, target, _signature(opts, weight, x.dtype), shard, group,
-                        error)
+    partials = exchange(block, h, target, _signature(opts, weight, x.dtype, extra), shard,
+                        group, error)
     partials = partials.view(world * n_parts, STATS, n_rows)
     loss, z, stats = ops.combine_stats(partials, target, weight, opts, shard.vocab_size)
     if grad is not None and width and n_rows:
