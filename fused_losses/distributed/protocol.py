@@ -66,7 +66,7 @@ def _group(process_group):
     """(group, this rank's index in it, its size), or a clear error."""
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("vocab-parallel cross-entropy needs torch.distributed: call "
+        raise RuntimeError("vocab-parallel loss needs torch.distributed: call "
                            "torch.distributed.init_process_group first")
     group = dist.group.WORLD if process_group is None else process_group
     rank = dist.get_rank(group)
@@ -87,7 +87,7 @@ def check_backend(group, device: torch.device) -> None:
     if backend is None or backend in _REFUSED.get(device.type, ()):
         use = {"cpu": "gloo", "cuda": "nccl"}.get(device.type, "a backend for it")
         raise ValueError(
-            f"vocab-parallel cross-entropy: the process group's backend ({name}) cannot "
+            f"vocab-parallel loss: the process group's backend ({name}) cannot "
             f"all-gather {device.type} tensors; use a group with {use} for {device.type} "
             "tensors (init_process_group('cpu:gloo,cuda:nccl') serves both)")
 
@@ -130,15 +130,15 @@ def _exchanged_widths(group, rank: int, world: int, width: int, device, signatur
                                                      strict=True))
     if len(set(rows)) > 1:
         raise RuntimeError(
-            "vocab-parallel cross-entropy: the ranks have different numbers of rows "
+            "vocab-parallel loss: the ranks have different numbers of rows "
             f"({rows}, in rank order): every rank passes the same targets")
     if len(set(signatures)) > 1:
         raise RuntimeError(
-            "vocab-parallel cross-entropy: the ranks called the loss with different "
+            "vocab-parallel loss: the ranks called the loss with different "
             "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
             "temperature, logit_scale, weight, dtype, accum_dtype or the log-probs' outputs)")
     if sum(widths) == 0:
-        raise ValueError("vocab-parallel cross-entropy: every rank's block of logits is empty")
+        raise ValueError("vocab-parallel loss: every rank's block of logits is empty")
     return tuple(widths)
 
 
@@ -165,7 +165,7 @@ def vocab_shard(group, rank: int, world: int, width: int, device, *, shard_sizes
     error = None
     if width != shard.width:
         error = BAD_WIDTH, ValueError(
-            f"vocab-parallel cross-entropy: rank {rank}'s block has {width} classes, but "
+            f"vocab-parallel loss: rank {rank}'s block has {width} classes, but "
             f"{shard.source} give it {shard.width} (widths {list(shard.widths)}); a changed "
             "layout needs shard_sizes=, or reset_vocab_layout() on every rank")
     return shard, error
@@ -218,23 +218,23 @@ def _check_headers_on_host(headers: torch.Tensor, shard: VocabShard) -> None:
     if failed:
         reasons = "; ".join(f"rank {r}: {_STATUS.get(rows[r][0], 'an error')}"
                             for r in failed)
-        raise RuntimeError(f"vocab-parallel cross-entropy failed on another rank ({reasons})")
+        raise RuntimeError(f"vocab-parallel loss failed on another rank ({reasons})")
     offsets, widths, sizes = ([h[i] for h in rows] for i in (1, 2, 3))
     tiled = offsets[0] == 0 and all(offsets[r + 1] == offsets[r] + widths[r]
                                     for r in range(len(rows) - 1))
     if not tiled or len(set(sizes)) > 1 or sizes[0] != offsets[-1] + widths[-1]:
         raise RuntimeError(
-            "vocab-parallel cross-entropy: the ranks' blocks do not tile the vocabulary in "
+            "vocab-parallel loss: the ranks' blocks do not tile the vocabulary in "
             f"rank order (offsets {offsets}, widths {widths}, vocabulary sizes {sizes})")
     if len({h[4] for h in rows}) > 1:
         raise RuntimeError(
-            "vocab-parallel cross-entropy: the ranks called the loss with different "
+            "vocab-parallel loss: the ranks called the loss with different "
             "arguments (ignore_index, reduction, label_smoothing, softcap, z_loss, "
             "temperature, logit_scale, weight, dtype, accum_dtype or the log-probs' outputs)")
     differ = [r for r, h in enumerate(rows) if h[5:7] != rows[shard.rank][5:7]]
     if differ:
         raise RuntimeError(
-            f"vocab-parallel cross-entropy: the targets differ across ranks (ranks {differ} "
+            f"vocab-parallel loss: the targets differ across ranks (ranks {differ} "
             f"disagree with rank {shard.rank}): every rank passes the same targets")
 
 
