@@ -1,6 +1,6 @@
 """Distill a tiny teacher Llama into a smaller student, stock and with ``fused_losses``.
 
-    python examples/distill.py                  # CPU: about two minutes
+    python examples/distill.py                  # CPU: under a minute
     python examples/distill.py --steps 100      # CUDA: bigger shapes, bf16
 
 A teacher Llama (a 32,768-token vocabulary on the CPU, Llama 3's 128,256 on a GPU) is
@@ -34,9 +34,10 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU, which keep
 count, the memory torch's profiler sees each op allocate and free, summed in order
 (``examples/grpo_step.py``'s count). The profiler slows a CPU step, so the step times printed
 there are not the losses' speed (``python -m bench`` measures that). The fused peak is mostly
-the working set of one chunk of the two heads (on the CPU 128 tokens' float32 logits of both,
-their softmaxes and the student's gradient: about ten buffers of 16 MiB), the same at any
-number of tokens; the stock peak grows with the tokens.
+the working set of one chunk of the two heads (on the CPU up to 64 MiB of each head's float32
+logits, 512 tokens at this vocabulary: the 256 tokens here are one chunk; both heads' logits,
+their softmaxes and the student's gradient), the same at any number of tokens from 512 on; the
+stock peak grows with the tokens.
 No download: the corpus is a random walk on a table over 64 of the vocabulary's tokens, each
 followed by one of four; in its twenty steps the teacher learns mostly which 64 (its loss
 falls from ln(vocabulary) to about ln 64 = 4.16, the walk's floor being ln 4), which is
