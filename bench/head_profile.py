@@ -18,7 +18,8 @@ Each line gives the median time, and for the passes over memory the bytes they m
 over the copy bandwidth measured here (their roofline). Then the sum of one chunk's steps
 times the chunks, against the whole head's time measured the same way, and the head as
 planned by default (its backward in tiles of every token by a block of classes: the
-accumulator passed over once), whose difference is the tiles' gain.
+accumulator passed over once), whose difference is the tiles' gain; the same for the
+cross-entropy head with ``reduction='none'`` (tiles from its rows' kept statistics).
 
     python -m bench.head_profile                # CUDA: N=8192, H=4096, V=128256, bf16
     python -m bench.head_profile --device cpu --tokens 256 --hidden 64 --vocab 4096
@@ -156,10 +157,32 @@ def main(argv: list[str] | None = None) -> int:
                        + times["GEMM dlogits^T @ x (grad W)"])
     print(f"{'sum of the steps (log p + H)':32s} {ours:9.2f} ms; the whole head {whole:.2f} ms "
           f"(the rest: {whole - ours:.2f} ms of casts, launches, allocations); 4 bf16 GEMMs "
-          f"{four:.2f} ms")
+          f"{four:.2f} ms", flush=True)
     if tiles[0]:
         print(f"the head as planned, its backward in tiles of {tiles[0]} tokens x {tiles[1]} "
-              f"classes: {default:.2f} ms ({whole - default:+.2f} ms against chunks)")
+              f"classes: {default:.2f} ms ({whole - default:+.2f} ms against chunks)", flush=True)
+    # the CE head where its backward forms the logits again (reduction='none', per-token
+    # upstream gradients): as planned (tiles of the classes from the rows' kept statistics)
+    # against its chunks
+    from fused_losses.linear_cross_entropy import CHUNK_BYTES as CE_BYTES
+    from fused_losses.linear_cross_entropy import chunk_tokens
+
+    item = dtype.itemsize if kernels else 4  # (the CE head's logits: the GEMMs' dtype)
+    ce_tiles = grad_tiles(n, v, item, dev, a.chunk, CE_BYTES)
+    ce_chunk = chunk_tokens(n, v * item, dev, a.chunk, "linear_cross_entropy", CE_BYTES)
+
+    def ce(chunk_size):
+        def step():
+            x_l.grad = w_l.grad = None
+            fl.linear_cross_entropy(x_l, w_l, t, reduction="none",
+                                    chunk_size=chunk_size).mul(g).sum().backward()
+
+        return step
+
+    if ce_tiles[0]:
+        print(f"the CE head, reduction='none': as planned, its backward in tiles of "
+              f"{ce_tiles[1]} classes, {ms_of(ce(a.chunk)):.2f} ms; in chunks of {ce_chunk} "
+              f"tokens, {ms_of(ce(ce_chunk)):.2f} ms", flush=True)
     acc = n_chunks * 8 * v * h
     at = "" if gbps is None else f", {acc / gbps / 1e6:.2f} ms at the copy bandwidth"
     print(f"the weight gradient's float32 accumulator, read and written once a chunk: "
