@@ -214,6 +214,26 @@ def test_scaled_logits_match_stock(tmp_path, monkeypatch, model):
     assert calls.trl == 0 and calls.ours > 0
 
 
+def test_moe_load_balancing_loss_matches_stock(tmp_path, monkeypatch):
+    """A Mixture-of-Experts model (a tiny Mixtral) with its router's load-balancing loss, which
+    TRL's head returns beside the log-probs and GRPO adds to its loss: two steps as stock, the
+    aux_loss metric included."""
+    def mixtral():
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **TEXT, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+            router_aux_loss_coef=0.5))
+
+    path = saved(tmp_path, mixtral)
+    stock = trainer(tmp_path, path, applied=False, beta=0.0)
+    assert stock.aux_loss_enabled
+    stock.train()
+    fused = trainer(tmp_path, path, applied=True, beta=0.0)
+    calls = Calls(monkeypatch)
+    fused.train()
+    assert_same_run(stock, fused, required=("aux_loss",))
+    assert calls.trl == 0 and calls.ours > 0
+
+
 def test_lm_head_bias_both_backends(tmp_path, backend):
     """One loss and its gradients through ``compute_loss`` on the same inputs, with a biased
     lm_head: the eager path and the Triton kernels (interpreted on the CPU)."""
@@ -596,14 +616,6 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"cannot serve this trainer.*scales its logits by "
                                          r"0.5 in .*TRL's head by 0.0625"):
         fl_trl.apply(t)
-
-    # the MoE load-balancing loss
-    mixtral = tmp_path / "mixtral"
-    transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        **TEXT, num_local_experts=2, num_experts_per_tok=1, output_router_logits=True,
-        router_aux_loss_coef=0.01)).save_pretrained(mixtral)
-    with pytest.raises(ValueError, match="load-balancing"):
-        fl_trl.apply(trainer(tmp_path, str(mixtral), applied=False, beta=0.0))
 
     # a vision-language model (given a plain tokenizer, TRL still puts its head on it)
     torch.manual_seed(0)

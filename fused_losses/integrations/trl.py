@@ -67,8 +67,6 @@ What it does not serve
   both apply, Cohere's ``logit_scale`` or Granite's ``1 / logits_scaling``, is served);
 - a PEFT adapter on ``lm_head`` (LoRA on it, or ``modules_to_save=["lm_head"]``): the head
   reads ``lm_head.weight``, which is not what the adapter computes;
-- the MoE load-balancing loss (``output_router_logits`` in the config, or the trainer's
-  ``router_aux_loss_coef``): TRL adds it inside its head's forward;
 - DeepSpeed ZeRO-3 and FSDP (sharded head weights: untested here).
 
 Each reason is one of these checks in :func:`apply`; nothing is left to a silent fallback.
@@ -282,9 +280,6 @@ def _check_trainer(trainer) -> None:
     if isinstance(getattr(trainer, "processing_class", None), ProcessorMixin):
         raise _refuse("its processing_class is a multimodal processor; TRL's own fused head "
                       "serves vision-language models (don't apply)")
-    if getattr(trainer, "aux_loss_enabled", False):
-        raise _refuse("the MoE load-balancing loss (router_aux_loss_coef) is added inside TRL's "
-                      "head; train this model with TRL's own head")
     if getattr(trainer, "is_fsdp_enabled", False):
         raise _refuse("FSDP shards lm_head's weight; the fused head is untested there")
     if getattr(trainer, "is_deepspeed_enabled", False):
@@ -314,9 +309,6 @@ def _plan(model, what: str, trainer, chunk_size) -> _State:
     if config.get_text_config() is not config:
         raise _refuse(f"{what} ({name}) is a multimodal model; TRL's own fused head serves "
                       "vision-language models (don't apply)")
-    if getattr(config, "output_router_logits", False):
-        raise _refuse(f"{what} ({name}) returns its router logits (output_router_logits): the "
-                      "MoE load-balancing loss is added inside TRL's head")
     head = model.get_output_embeddings()
     if type(head).__module__.startswith("peft."):
         raise _refuse(f"{what} ({name}) has a PEFT adapter on lm_head ({type(head).__name__}): "
@@ -395,11 +387,12 @@ def _fused_forward(cls_forward, state: _State):
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels (or shift_labels): the tokens "
                              "whose log-probs to compute")
-        if kwargs.get("output_router_logits"):
-            raise ValueError("fused_losses.integrations.trl does not compute the MoE "
-                             "load-balancing loss (output_router_logits=True)")
         kwargs["use_cache"] = False
-        hidden = getattr(self, state.backbone_attr)(*args, **kwargs).last_hidden_state
+        text_config = self.config.get_text_config()
+        if getattr(text_config, "output_router_logits", False):  # (MoE: as TRL's head)
+            kwargs.setdefault("output_router_logits", True)
+        backbone = getattr(self, state.backbone_attr)(*args, **kwargs)
+        hidden = backbone.last_hidden_state
         if shift_labels is None:  # position t predicts token t + 1
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -410,11 +403,29 @@ def _fused_forward(cls_forward, state: _State):
         out = _head(hidden.to(head.weight.device), head.weight, head.bias, labels, state)
         mask = labels != _IGNORE
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-out.log_probs.sum() / count, label_mask=mask,
+        loss, aux_loss = -out.log_probs.sum() / count, None
+        if kwargs.get("output_router_logits"):  # the MoE load-balancing loss, as TRL's head
+            aux_loss = _load_balancing_loss(self, text_config, backbone.router_logits,
+                                            kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss,
                                    **out._asdict())
 
     forward._fused_losses = True
     return forward
+
+
+def _load_balancing_loss(model, text_config, router_logits, attention_mask):
+    """The MoE router's load-balancing loss TRL's head returns (and adds to its loss, times
+    ``router_aux_loss_coef``): transformers' (Mixtral's, which the MoE families share) over
+    the backbone's router logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    n_experts = getattr(text_config, "num_experts", None)
+    if n_experts is None:
+        n_experts = model.num_experts
+    return load_balancing_loss_func(router_logits, n_experts, text_config.num_experts_per_tok,
+                                    attention_mask)
 
 
 @torch.compiler.disable
