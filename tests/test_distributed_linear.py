@@ -159,20 +159,11 @@ def check_tiles(rank, widths):
     vocabulary); the chunks of the forward one token each."""
     import sys
 
-    from fused_losses.kernels import chunked_head
+    from test_linear_cross_entropy import tile_the_backward
 
     lce = sys.modules["fused_losses.linear_cross_entropy"]
-    saved = lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES, chunked_head._tiles
-    counts = []
-
-    def counted(*args):
-        out = saved[2](*args)
-        counts.append(len(out))
-        return out
-
-    lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES = 1, {"cuda": 4 * N * 3, "cpu": 4 * N * 3}
-    chunked_head._tiles = counted
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        counts = tile_the_backward(mp, budget=4 * N * 3)
         assert lce.grad_tiles(N, 5, 4, "cpu", None, lce.CHUNK_BYTES) == (N, 2)
         t = targets(sum(widths), ignore=(2,))
         for backend in BACKENDS:
@@ -189,8 +180,6 @@ def check_tiles(rank, widths):
             # fit) has bfloat16 shares, all-reduced together in the input's dtype
             compare(rank, widths, torch.bfloat16, target=t, reduction="none", chunk_size=None,
                     accum_dtype=None, label_smoothing=0.1)
-    finally:
-        lce.MIN_TILE_CLASSES, lce.CHUNK_BYTES, chunked_head._tiles = saved
 
 
 # ------------------------------------------------------------------------------------------

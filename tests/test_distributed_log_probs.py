@@ -209,17 +209,18 @@ def check_tiles(rank, widths):
     kernel told the tile's offset in the block and the block's in the vocabulary)."""
     import sys
 
+    from test_linear_cross_entropy import tile_the_backward
+
     lce, lp = (sys.modules[f"fused_losses.{name}"] for name in ("linear_cross_entropy",
                                                                  "log_probs"))
-    saved = lce.MIN_TILE_CLASSES, lp.CHUNK_BYTES
-    lce.MIN_TILE_CLASSES, lp.CHUNK_BYTES = 1, {"cuda": 4 * N * 3, "cpu": 4 * N * 3}
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        counts = tile_the_backward(mp, budget=4 * N * 3)
         assert lce.grad_tiles(N, 5, 4, "cpu", None, lp.CHUNK_BYTES) == (N, 2)
         for backend in BACKENDS:
             _backend(backend)
+            counts.clear()
             compare(rank, widths, chunk_size=None, temperature=0.7, ignore=(2,))
-    finally:
-        lce.MIN_TILE_CLASSES, lp.CHUNK_BYTES = saved
+            assert counts == [-(-widths[rank] // 2) if widths[rank] > 1 else 1], counts
 
 
 def check_world_2(rank, world):
