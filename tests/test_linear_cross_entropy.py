@@ -370,6 +370,41 @@ def test_backward_in_tiles_of_classes(backend, device, dtype, case, monkeypatch)
     assert counts == [5], counts
 
 
+def test_tiles_of_operands_as_views(backend, device, monkeypatch):
+    # every tensor argument as a view (the input a column slice of a transposed buffer, the
+    # weight transposed in memory, the bias, targets and class weights strided) in the
+    # backward's tiles: the same losses and gradients as contiguous operands
+    counts = tile_the_backward(monkeypatch, budget=37 * 30 * logits_bytes(backend,
+                                                                           torch.float32))
+    n, h, v = 37, 16, 101
+    x, w, b, t = operands(n, h, v, torch.float32, device)
+    t[::4] = -100
+    cw = class_weight(v, torch.float32, device)
+    kw = dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, temperature=0.8)
+
+    def run(x, w, b, t, cw):
+        x, w, b = (u.detach().clone().requires_grad_(True) for u in (x, w, b))
+        loss = fl.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, **kw)
+        loss.backward(torch.linspace(0.5, 1.5, n, device=device))
+        return loss.detach(), x.grad, w.grad, b.grad
+
+    want = run(x, w, b, t, cw)
+    xv = torch.zeros(h + 3, n, device=device).t()[:, 1:h + 1].copy_(x)
+    wv = w.t().contiguous().t()
+    bv = torch.zeros(2 * v, device=device)[::2].copy_(b)
+    tv = torch.stack([t, t], 1)[:, 1]
+    cwv = torch.zeros(3 * v, device=device)[::3].copy_(cw)
+    assert not any(u.is_contiguous() for u in (xv, wv, bv, tv, cwv))
+    for u in (xv, wv, bv):
+        u.requires_grad_(True)
+    loss = fl.linear_cross_entropy(xv, wv, tv, linear_bias=bv, weight=cwv, **kw)
+    loss.backward(torch.linspace(0.5, 1.5, n, device=device))
+    for name, got, ref in zip(("loss", "input", "weight", "bias"),
+                              (loss, xv.grad, wv.grad, bv.grad), want, strict=True):
+        assert_close(got, ref.double(), torch.float32, f"{name} (views, tiles)")
+    assert counts == [5, 5], counts
+
+
 def test_tiles_planned_where_the_backward_recomputes(monkeypatch):
     # tiles for a backward that forms the logits again anyway (reduction='none' here; a
     # compiled graph in test_torch_compile): not for a reduced loss, whose forward writes
