@@ -281,11 +281,18 @@ def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def weight_needs_grad(weight: torch.Tensor | None) -> bool:
+    """Whether a class weight is differentiated by this call (it requires grad, and a graph
+    is built): only autograd's formula gives it a gradient, not the kernels' Functions nor
+    the LM head's chunks (for probability targets; class targets refuse it, as torch)."""
+    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
+
+
 def _weight_grad_error(input_dim: int, weight: torch.Tensor | None) -> RuntimeError | None:
     """torch's refusal of a class weight that requires grad where a graph is built, for
     class-index targets: its ``nll_loss`` has no derivative for the weight (the kernels'
     Functions give it none either), so a gradient would silently be missing."""
-    if weight is None or not weight.requires_grad or not torch.is_grad_enabled():
+    if not weight_needs_grad(weight):
         return None
     fn = "nll_loss_forward" if input_dim <= 2 else "nll_loss2d_forward"
     return RuntimeError(f"The function '{fn}' is not differentiable with respect to argument "

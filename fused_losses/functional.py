@@ -25,6 +25,7 @@ from ._validation import (
     check_logit_transform,
     check_tensor,
     resolve_reduction,
+    weight_needs_grad,
 )
 from .kernels import eager
 
@@ -171,7 +172,7 @@ def cross_entropy(
                    and not 0 <= ignore_index < 256)
     # a class weight differentiated (probability targets: class targets refuse it above):
     # the kernels give it no gradient, the eager formula's autograd does
-    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    weight_grad = weight_needs_grad(weight)
     if _dispatch.use_kernels(input, target, weight, other_dtypes=(torch.int64, torch.uint8),
                              supported=not (uint8_quirk or weight_grad)):
         loss, z = _dispatch.kernels("cross_entropy").cross_entropy(input, target, weight, opts,

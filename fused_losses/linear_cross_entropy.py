@@ -32,6 +32,7 @@ from ._validation import (
     check_target_values,
     resolve_reduction,
     uint8_weighted_smoothed_mean,
+    weight_needs_grad,
 )
 from .kernels import eager
 from .kernels._autograd import detached_without_grad_mode
@@ -267,7 +268,7 @@ def linear_cross_entropy(
     )
     # a class weight differentiated (probability targets: class targets refuse it in the
     # checks): the chunks give it no gradient
-    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    weight_grad = weight_needs_grad(weight)
     whole = x.shape[0] == 0 or weight_grad or (not kernels and (
         torch.compiler.is_compiling() or _dispatch.functorch_wrapped(x)))
     if whole:
